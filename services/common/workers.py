@@ -1,0 +1,40 @@
+"""Pieces the model workers (prefill, decode) share: their config and a
+single-thread executor that serialises model calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.common.config import ModelConfig, ServiceConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServiceConfig, ModelConfig):
+    """Settings of a model worker."""
+
+    slots: int = 4  # concurrent requests admitted (b_p for prefill, b_d for decode)
+    kv_checksum: bool = True  # crc32 over the KV payload, verified before decoding
+
+
+class ModelThread:
+    """Runs model calls one at a time off the event loop."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0

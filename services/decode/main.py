@@ -1,0 +1,205 @@
+"""decode: continues requests from their transferred KV.
+
+Lifecycle of the process: load the model and warm it up, bind gRPC, register in
+Redis as role "decode" with ``slots``, then serve until SIGTERM.
+
+Lifecycle of a request (``Decode``, server-streaming):
+  1. Take a slot (RESOURCE_EXHAUSTED when all are busy: the gateway picks another).
+  2. Fetch the KV from the kvstore's data channel (single consumer: the kvstore
+     frees it once sent), verify header, model fingerprint and checksum, and view
+     it as a transformers DynamicCache without copying.
+  3. Step from the first token until EOS, a stop token or max_new_tokens, one
+     message per token. Model calls from all requests share one thread, so
+     concurrent requests interleave step by step.
+  Cancellation (the gateway's call ends) stops at the next step and frees the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+
+from pdserve.v1 import common_pb2
+from pdserve.v1 import decode_service_pb2 as pb
+from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
+from services.common.config import load_config
+from services.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    PdserveError,
+    ResourceExhausted,
+    Unavailable,
+    abort_with,
+)
+from services.common.kvlayout import KvFormatError
+from services.common.registry import InstanceInfo
+from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
+from services.common.telemetry import (
+    ATTR_COMPLETION_TOKENS,
+    ATTR_KV_BYTES,
+    ATTR_KV_TRANSPORT,
+    ATTR_REQUEST_ID,
+    setup_telemetry,
+    tracer,
+)
+from services.common.transport import TransferError, get_transport
+from services.common.workers import ModelThread, WorkerConfig
+
+if TYPE_CHECKING:
+    from services.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
+
+
+class DecodeServicer(pb_grpc.DecodeServiceServicer):
+    def __init__(self, cfg: WorkerConfig, runtime: ServiceRuntime, runner: ModelRunner,
+                 thread: ModelThread) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.runner = runner
+        self.thread = thread
+        self.active: dict[str, int] = {}  # request_id -> KV bytes held
+        self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
+
+    async def _fetch(self, request: pb.DecodeRequest):  # type: ignore[no-untyped-def]
+        from services.engine.kv import cache_from_layers, unpack_kv
+
+        kv, rid = request.kv, request.request_id
+        if kv.model_fingerprint and kv.model_fingerprint != self.runner.fingerprint:
+            raise FailedPrecondition(
+                f"KV comes from model {kv.model_fingerprint[:12]}, this decode serves "
+                f"{self.runner.fingerprint[:12]}", reason="KV_MODEL_MISMATCH",
+                metadata={"request_id": rid})
+        with _tracer.start_as_current_span("kv.fetch") as span:
+            span.set_attribute(ATTR_REQUEST_ID, rid)
+            span.set_attribute(ATTR_KV_BYTES, int(kv.nbytes))
+            span.set_attribute(ATTR_KV_TRANSPORT, kv.transport)
+            try:
+                buf = await get_transport(kv.transport).get(kv.data_address, kv.handle, rid)
+            except (TransferError, ValueError) as e:
+                raise Unavailable(f"fetching KV failed: {e}", reason="KV_FETCH_FAILED",
+                                  metadata={"request_id": rid}) from e
+        try:
+            meta, layers = await self.thread.run(unpack_kv, buf, self.runner.fingerprint)
+            cache = cache_from_layers(layers, self.runner.config)
+        except KvFormatError as e:
+            reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
+            cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted
+            raise cls(str(e), reason=reason, metadata={"request_id": rid}) from e
+        return meta, cache, len(buf)
+
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        from services.engine.sampling import Sampling
+
+        rid = request.request_id
+        if not rid or not request.kv.handle:
+            await abort_with(context, InvalidArgument("request_id and kv.handle are required"))
+        if len(self.active) >= self.cfg.slots:
+            await abort_with(context, ResourceExhausted(
+                f"all {self.cfg.slots} decode slots are busy", reason="DECODE_SLOTS_FULL",
+                metadata={"request_id": rid}))
+        self.active[rid] = 0
+        try:
+            t0 = time.monotonic()
+            meta, cache, nbytes = await self._fetch(request)
+            self.active[rid] = nbytes
+            fetch_ms = (time.monotonic() - t0) * 1e3
+            if meta.num_tokens + request.max_new_tokens > self.runner.info.max_context:
+                raise InvalidArgument("prompt plus max_new_tokens exceeds the model context")
+            sp = request.sampling
+            params = Sampling(sp.temperature, sp.top_p or 1.0,
+                              sp.seed if sp.HasField("seed") else None)
+            stops = set(request.stop_token_ids) or set(self.runner.info.eos_token_ids)
+            token, produced = request.first_token_id, 0
+            finish = common_pb2.FINISH_REASON_LENGTH
+            with _tracer.start_as_current_span("decode.loop") as span:
+                span.set_attribute(ATTR_REQUEST_ID, rid)
+                if token in stops:
+                    finish = common_pb2.FINISH_REASON_STOP
+                while finish != common_pb2.FINISH_REASON_STOP and \
+                        produced < request.max_new_tokens:
+                    token = await self.thread.run(self.runner.decode_step, token, cache, params)
+                    produced += 1
+                    done = token in stops or produced >= request.max_new_tokens
+                    if token in stops:
+                        finish = common_pb2.FINISH_REASON_STOP
+                    yield pb.DecodeResponse(
+                        token_ids=[token], kv_fetch_ms=fetch_ms if produced == 1 else 0.0,
+                        finish_reason=finish if done else common_pb2.FINISH_REASON_UNSPECIFIED)
+                span.set_attribute(ATTR_COMPLETION_TOKENS, produced)
+            if produced == 0:
+                yield pb.DecodeResponse(finish_reason=finish, kv_fetch_ms=fetch_ms)
+            self.stats.completed_total += 1
+        except asyncio.CancelledError:
+            self.stats.cancelled_total += 1
+            raise
+        except PdserveError as e:
+            self.stats.failed_total += 1
+            await abort_with(context, e)
+        finally:
+            self.active.pop(rid, None)
+
+    async def GetDecodeStats(
+        self, request: pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDecodeStatsResponse:
+        out = pb.GetDecodeStatsResponse()
+        out.CopyFrom(self.stats)
+        out.active = len(self.active)
+        out.kv_bytes_held = sum(self.active.values())
+        return out
+
+    def load(self) -> dict[str, float]:
+        return {"active": float(len(self.active)), "slots": float(self.cfg.slots),
+                "kv_bytes_held": float(sum(self.active.values()))}
+
+
+async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
+    from services.engine.runner import ModelRunner
+
+    runtime = ServiceRuntime(cfg, "decode", [SERVICE])
+    thread = ModelThread("decode-model")
+    # Load on the model thread: the event loop keeps serving health and heartbeats.
+    runner = await thread.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
+    await thread.run(runner.warmup)
+    servicer = DecodeServicer(cfg, runtime, runner, thread)
+    await runtime.start(lambda s: pb_grpc.add_DecodeServiceServicer_to_server(servicer, s))
+    info = InstanceInfo(
+        instance_id=runtime.instance_id, role="decode", group=cfg.group,
+        address=runtime.address, slots=cfg.slots, transports=("tcp",),
+        model_fingerprint=servicer.runner.fingerprint, host_id=host_id(),
+        started_unix=time.time())
+    await runtime.serving(info, servicer.load)
+    return runtime, servicer
+
+
+async def stop(runtime: ServiceRuntime, servicer: DecodeServicer) -> None:
+    async def cleanup() -> None:
+        servicer.thread.shutdown()
+
+    await runtime.stop(cleanup)
+
+
+async def serve(cfg: WorkerConfig) -> None:
+    runtime, servicer = await start(cfg)
+    try:
+        await wait_for_signal()
+    finally:
+        await stop(runtime, servicer)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = load_config(WorkerConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-decode")
+    setup_logging(cfg.log_level)
+    setup_telemetry("pdserve-decode")
+    asyncio.run(serve(cfg))

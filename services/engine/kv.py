@@ -1,0 +1,68 @@
+"""A request's KV as one contiguous buffer (see ``services.common.kvlayout``).
+
+``pack_kv`` copies each layer's K and V into one preallocated buffer: one copy,
+laid out layer-major so a layer can be sent on its own. ``unpack_kv`` returns
+per-layer tensors that are views into the received buffer (no copy) and
+rebuilds a transformers ``DynamicCache`` from them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PretrainedConfig
+
+from services.common.kvlayout import (
+    HEADER_BYTES,
+    KvFormatError,
+    KvMeta,
+    encode_header,
+    payload_crc32,
+    verify,
+)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+def pack_kv(cache: DynamicCache, fingerprint: str, checksum: bool = True) -> tuple[KvMeta, np.ndarray]:
+    layers = cache.layers
+    k0 = layers[0].keys
+    if k0.shape[0] != 1:
+        raise ValueError("pack_kv packs one request (batch size 1)")
+    _, heads, tokens, head_dim = k0.shape
+    meta = KvMeta(_NAMES[k0.dtype], len(layers), heads, head_dim, tokens, fingerprint)
+    buf = np.empty(meta.total_nbytes, dtype=np.uint8)
+    payload = torch.from_numpy(buf[HEADER_BYTES:]).view(k0.dtype)
+    payload = payload.view(meta.num_layers, 2, heads, tokens, head_dim)
+    for i, layer in enumerate(layers):
+        payload[i, 0].copy_(layer.keys[0])
+        payload[i, 1].copy_(layer.values[0])
+    if checksum:
+        meta = KvMeta(**{**meta.__dict__, "payload_crc32": payload_crc32(buf[HEADER_BYTES:])})
+    buf[:HEADER_BYTES] = np.frombuffer(encode_header(meta), dtype=np.uint8)
+    return meta, buf
+
+
+def unpack_kv(
+    buf: memoryview | np.ndarray, expected_fingerprint: str
+) -> tuple[KvMeta, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Verify and view the buffer as per-layer ([1, heads, tokens, head_dim]) K, V."""
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    meta = verify(memoryview(arr), expected_fingerprint)
+    if not arr.flags.writeable:
+        arr = arr.copy()  # torch wants writable memory; only read-only sources pay a copy
+    payload = torch.from_numpy(arr[HEADER_BYTES:]).view(_TORCH_DTYPES[meta.dtype])
+    payload = payload.view(meta.num_layers, 2, meta.num_kv_heads, meta.num_tokens, meta.head_dim)
+    return meta, [(payload[i, 0].unsqueeze(0), payload[i, 1].unsqueeze(0))
+                  for i in range(meta.num_layers)]
+
+
+def cache_from_layers(
+    layers: list[tuple[torch.Tensor, torch.Tensor]], config: PretrainedConfig
+) -> DynamicCache:
+    if len(layers) != config.num_hidden_layers:
+        raise KvFormatError(
+            f"KV has {len(layers)} layers, the model has {config.num_hidden_layers}"
+        )
+    return DynamicCache(ddp_cache_data=layers, config=config)

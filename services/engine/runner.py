@@ -1,0 +1,56 @@
+"""``ModelRunner``: one loaded causal LM, and the two operations the workers need.
+
+- ``prefill``: run the prompt, sample the first token, return it with the KV cache.
+- ``decode_step``: feed one token through a request's cache, sample the next.
+
+Calls are synchronous and meant for one dedicated executor thread per process,
+so concurrent requests interleave step by step instead of oversubscribing cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from services.common.modelinfo import ModelInfo, fingerprint
+from services.engine.sampling import Sampling, sample
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, spec: str, cache_dir: str = "", threads: int = 0) -> None:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        t0 = time.monotonic()
+        self.info = ModelInfo.load(spec, cache_dir)
+        self.path: Path = self.info.path
+        self.fingerprint = fingerprint(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        self.model.eval()
+        self.config = self.model.config
+        log.info("loaded %s (%s) in %.1fs", self.info.name, self.fingerprint[:12],
+                 time.monotonic() - t0)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], params: Sampling) -> tuple[int, DynamicCache]:
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        cache = DynamicCache(config=self.config)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return sample(out.logits[0, -1], params, len(token_ids)), out.past_key_values
+
+    @torch.inference_mode()
+    def decode_step(self, token: int, cache: DynamicCache, params: Sampling) -> int:
+        position = cache.get_seq_length() + 1
+        out = self.model(input_ids=torch.tensor([[token]], dtype=torch.long),
+                         past_key_values=cache, use_cache=True)
+        return sample(out.logits[0, -1], params, position)
+
+    def warmup(self) -> None:
+        _, cache = self.prefill([0, 1, 2, 3], Sampling())
+        self.decode_step(4, cache, Sampling())

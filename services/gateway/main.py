@@ -1,0 +1,81 @@
+"""gateway: the public GenerationService and the scheduler in front of the workers.
+
+Lifecycle of the process:
+  1. Resolve the model (tokenizer, context length, EOS ids) without torch, bind
+     gRPC (default port 50051), start a polled view of the Redis registry.
+  2. Register as role "gateway", turn SERVING, route requests (see servicer.py).
+  3. On SIGTERM: NOT_SERVING, deregister, let in-flight streams finish within
+     the grace period, close downstream channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.v1 import generation_service_pb2 as pb
+from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+from services.common.config import ConfigError, ModelConfig, ServiceConfig, load_config
+from services.common.modelinfo import ModelInfo
+from services.common.registry import InstanceInfo, RegistryView
+from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
+from services.common.telemetry import setup_telemetry
+from services.common.tokenizer import TextTokenizer
+from services.gateway.servicer import GenerationServicer
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServiceConfig, ModelConfig):
+    """Gateway settings."""
+
+    port: int = 50051
+    default_max_tokens: int = 256  # when a request leaves max_tokens unset
+    registry_poll_s: float = 0.5  # how often the routing table is refreshed from Redis
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.default_max_tokens <= 0:
+            raise ConfigError("default_max_tokens must be > 0")
+
+
+async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer, RegistryView]:
+    runtime = ServiceRuntime(cfg, "gateway", [SERVICE])
+    info = ModelInfo.load(cfg.model, cfg.cache_dir)
+    tokenizer = TextTokenizer(info.path)
+    view = RegistryView(runtime.redis, cfg.registry_poll_s)
+    await view.start()
+    servicer = GenerationServicer(info, tokenizer, view, cfg.group, cfg.default_max_tokens)
+    await runtime.start(lambda s: pb_grpc.add_GenerationServiceServicer_to_server(servicer, s))
+    await runtime.serving(InstanceInfo(
+        instance_id=runtime.instance_id, role="gateway", group=cfg.group,
+        address=runtime.address, host_id=host_id(), started_unix=time.time()),
+        lambda: {"open_streams": float(sum(servicer.open_streams.values()))})
+    return runtime, servicer, view
+
+
+async def stop(runtime: ServiceRuntime, servicer: GenerationServicer, view: RegistryView) -> None:
+    async def cleanup() -> None:
+        await view.close()
+        await servicer.close()
+
+    await runtime.stop(cleanup)
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    runtime, servicer, view = await start(cfg)
+    try:
+        await wait_for_signal()
+    finally:
+        await stop(runtime, servicer, view)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = load_config(GatewayConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-gateway")
+    setup_logging(cfg.log_level)
+    setup_telemetry("pdserve-gateway")
+    asyncio.run(serve(cfg))

@@ -1,0 +1,304 @@
+"""GenerationService.Generate: one request's path through the cluster.
+
+  validate + tokenize -> pick a prefill (least open streams) -> Prefill stream:
+  accepted, first_token (streamed to the client at once), kv_ready(KvRef) ->
+  pick a decode -> Decode stream (tokens relayed, detokenized, stop strings) ->
+  final message with finish_reason and timings.
+
+The gateway owns the request until it ends: on client cancel, error or stop it
+cancels its downstream calls and releases any KV still staged at the kvstore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.v1 import common_pb2, decode_service_pb2, decode_service_pb2_grpc
+from pdserve.v1 import generation_service_pb2 as pb
+from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
+from pdserve.v1 import prefill_service_pb2, prefill_service_pb2_grpc
+from services.common.errors import (
+    DeadlineExceeded,
+    PdserveError,
+    ResourceExhausted,
+    Unavailable,
+    abort_with,
+    from_rpc_error,
+)
+from services.common.modelinfo import ModelInfo
+from services.common.registry import InstanceInfo, RegistryView
+from services.common.runtime import new_channel
+from services.common.telemetry import (
+    ATTR_COMPLETION_TOKENS,
+    ATTR_PROMPT_TOKENS,
+    ATTR_REQUEST_ID,
+    ATTR_SCENARIO,
+    tracer,
+)
+from services.common.tokenizer import Detokenizer, TextTokenizer
+from services.gateway.policy import Candidate, rank_decodes, rank_least_open_streams
+from services.gateway.validation import ValidRequest, validate
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+
+@dataclass
+class Progress:
+    """What one request has done so far, for the final timings."""
+
+    t0: float = field(default_factory=time.monotonic)
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    ttft_ms: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    kv: common_pb2.KvRef | None = None
+    kv_consumed: bool = False
+
+    def timings(self) -> common_pb2.Timings:
+        gaps = [b - a for a, b in itertools.pairwise(self.token_times)]
+        return common_pb2.Timings(
+            queue_ms=self.queue_ms, prefill_ms=self.prefill_ms,
+            kv_transfer_ms=self.kv_transfer_ms, ttft_ms=self.ttft_ms,
+            mean_tpot_ms=1e3 * sum(gaps) / len(gaps) if gaps else 0.0,
+            max_tpot_ms=1e3 * max(gaps) if gaps else 0.0,
+            e2e_ms=1e3 * (time.monotonic() - self.t0),
+            kv_transport=self.kv.transport if self.kv is not None else "",
+        )
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, info: ModelInfo, tokenizer: TextTokenizer, view: RegistryView,
+                 group: str, default_max_tokens: int) -> None:
+        self.info = info
+        self.tok = tokenizer
+        self.view = view
+        self.default_group = group
+        self.default_max_tokens = default_max_tokens
+        self.open_streams: Counter[str] = Counter()
+        self._rr = itertools.count()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = new_channel(address)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+
+    def _ranked(self, role: str, group: str) -> list[InstanceInfo]:
+        found = self.view.instances(role=role, group=group)
+        if not found:
+            raise Unavailable(f"no {role} instance is registered in scenario group {group!r}",
+                              reason=f"NO_{role.upper()}", metadata={"group": group})
+        by_id = {i.instance_id: i for i in found}
+        cands = [Candidate(i.instance_id, i.slots) for i in found]
+        rank = rank_decodes if role == "decode" else rank_least_open_streams
+        return [by_id[c.instance_id] for c in rank(cands, self.open_streams, next(self._rr))]
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request.request_id or uuid.uuid4().hex
+        progress = Progress()
+        with _tracer.start_as_current_span("gateway.generate") as span:
+            span.set_attribute(ATTR_REQUEST_ID, rid)
+            try:
+                req = validate(request, rid, self.info, self.tok, self.default_max_tokens)
+                span.set_attribute(ATTR_PROMPT_TOKENS, len(req.prompt_ids))
+                span.set_attribute(ATTR_SCENARIO, req.scenario or self.default_group)
+                async for msg in self._generate(req, context, progress):
+                    yield msg
+                span.set_attribute(ATTR_COMPLETION_TOKENS, len(progress.token_times))
+            except PdserveError as e:
+                e.metadata.setdefault("request_id", rid)
+                span.record_exception(e)
+                await abort_with(context, e)
+            finally:
+                if progress.kv is not None and not progress.kv_consumed:
+                    self._release_later(progress.kv, rid, "request ended before decode fetched")
+
+    def _release_later(self, kv: common_pb2.KvRef, rid: str, reason: str) -> None:
+        stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel(kv.control_address))
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.ReleaseKv(kvstore_service_pb2.ReleaseKvRequest(
+                    handle=kv.handle, request_id=rid, reason=reason), timeout=5)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _generate(
+        self, req: ValidRequest, context: grpc.aio.ServicerContext, p: Progress
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        group = req.scenario or self.default_group
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        ttft_deadline = p.t0 + req.ttft_deadline_ms / 1e3 if req.ttft_deadline_ms else None
+        if deadline is not None and (ttft_deadline is None or deadline < ttft_deadline):
+            ttft_deadline = deadline
+        sampling = common_pb2.SamplingParams(temperature=req.temperature, top_p=req.top_p)
+        if req.seed is not None:
+            sampling.seed = req.seed
+        detok = Detokenizer(self.tok, req.stop)
+
+        first = None
+        try:
+            async with asyncio.timeout_at(_loop_time(ttft_deadline)):
+                first, call, instance_id = await self._prefill(req, group, sampling,
+                                                               ttft_deadline, p)
+                try:
+                    p.ttft_ms = (time.monotonic() - p.t0) * 1e3
+                    p.token_times.append(time.monotonic())
+                    text = detok.add([first])
+                    yield pb.GenerateResponse(token_ids=[first], text=text,
+                                              request_id=req.request_id,
+                                              prompt_tokens=len(req.prompt_ids))
+                    # The KV handoff finishes within the same deadline as the first token.
+                    kv_ready = await self._await_kv(call, instance_id, p)
+                finally:
+                    call.cancel()
+                    self.open_streams[instance_id] -= 1
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "no first token within the TTFT deadline" if first is None
+                else "the KV handoff did not finish before the deadline") from None
+        p.kv_transfer_ms = kv_ready
+
+        finish = common_pb2.FINISH_REASON_LENGTH
+        if detok.stopped or first in self.info.eos_token_ids:
+            finish = common_pb2.FINISH_REASON_STOP
+        elif req.max_tokens > 1:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                async for ids, text, reason in self._decode(req, group, sampling, first, detok, p):
+                    p.token_times.extend([time.monotonic()] * len(ids))
+                    if ids or text:
+                        yield pb.GenerateResponse(token_ids=ids, text=text)
+                    finish = reason
+        yield pb.GenerateResponse(text=detok.flush(), finish_reason=finish,
+                                  timings=p.timings(), request_id=req.request_id,
+                                  prompt_tokens=len(req.prompt_ids))
+
+    async def _prefill(self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams,
+                       ttft_deadline: float | None, p: Progress,
+                       ) -> tuple[int, grpc.aio.UnaryStreamCall, str]:
+        """Find a prefill that takes the request; return the first token and the
+        still-open call (the caller reads kv_ready from it, then closes it)."""
+        preq = prefill_service_pb2.PrefillRequest(
+            request_id=req.request_id, prompt_token_ids=req.prompt_ids, sampling=sampling,
+            scenario=group, admission_mode=prefill_service_pb2.ADMISSION_MODE_QUEUE,
+            ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
+            if ttft_deadline is not None else 0)
+        last_error: PdserveError | None = None
+        for inst in self._ranked("prefill", group):
+            stub = prefill_service_pb2_grpc.PrefillServiceStub(self.channel(inst.address))
+            call = stub.Prefill(preq)
+            self.open_streams[inst.instance_id] += 1
+            started = handed = False
+            try:
+                async for ev in call:
+                    kind = ev.WhichOneof("event")
+                    if kind == "rejected":
+                        last_error = ResourceExhausted(
+                            f"prefill {inst.instance_id} rejected: {ev.rejected.message}",
+                            reason="PREFILL_REJECTED")
+                        break
+                    started = True
+                    if kind == "accepted":
+                        p.queue_ms = (time.monotonic() - p.t0) * 1e3
+                    elif kind == "first_token":
+                        p.prefill_ms = ev.first_token.prefill_ms
+                        handed = True
+                        return int(ev.first_token.token_id), call, inst.instance_id
+            except grpc.aio.AioRpcError as e:
+                err = from_rpc_error(e, f"prefill {inst.instance_id}")
+                # An instance that vanished before starting is skipped; anything else is final.
+                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise err from e
+                last_error = err
+            finally:
+                if not handed:
+                    call.cancel()
+                    self.open_streams[inst.instance_id] -= 1
+        raise last_error or Unavailable(f"no prefill in group {group!r} took the request")
+
+    @staticmethod
+    async def _await_kv(call: grpc.aio.UnaryStreamCall, instance_id: str, p: Progress) -> float:
+        stage_ms: float | None = None
+        try:
+            # Read to the end of the stream: the prefill counts the KV as handed off only
+            # once its last message went out; cancelling earlier would make it release.
+            async for ev in call:
+                if ev.WhichOneof("event") == "kv_ready":
+                    p.kv = ev.kv_ready.kv
+                    stage_ms = float(ev.kv_ready.kv_stage_ms)
+            if stage_ms is None:
+                raise Unavailable("prefill ended without handing off the KV",
+                                  reason="KV_HANDOFF_MISSING")
+            return stage_ms
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"prefill {instance_id} KV handoff") from e
+
+    async def _decode(
+        self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams, first: int,
+        detok: Detokenizer, p: Progress,
+    ) -> AsyncIterator[tuple[list[int], str, int]]:
+        assert p.kv is not None
+        dreq = decode_service_pb2.DecodeRequest(
+            request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
+            max_new_tokens=req.max_tokens - 1)
+        last_error: PdserveError | None = None
+        for inst in self._ranked("decode", group):
+            stub = decode_service_pb2_grpc.DecodeServiceStub(self.channel(inst.address))
+            call = stub.Decode(dreq)
+            self.open_streams[inst.instance_id] += 1
+            started = False
+            try:
+                async for msg in call:
+                    if not started:
+                        started = p.kv_consumed = True
+                        p.kv_transfer_ms += msg.kv_fetch_ms
+                    text = detok.add(msg.token_ids)
+                    if detok.stopped:
+                        yield list(msg.token_ids), text, common_pb2.FINISH_REASON_STOP
+                        return
+                    yield list(msg.token_ids), text, msg.finish_reason or \
+                        common_pb2.FINISH_REASON_LENGTH
+                return
+            except grpc.aio.AioRpcError as e:
+                err = from_rpc_error(e, f"decode {inst.instance_id}")
+                retryable = e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if started or not retryable or err.reason == "KV_FETCH_FAILED":
+                    raise err from e
+                last_error = err
+            finally:
+                call.cancel()
+                self.open_streams[inst.instance_id] -= 1
+        raise last_error or Unavailable(f"no decode in group {group!r} took the request")
+
+
+def _loop_time(deadline: float | None) -> float | None:
+    """monotonic() deadline -> event-loop time (both are CLOCK_MONOTONIC on Linux)."""
+    if deadline is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

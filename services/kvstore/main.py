@@ -1,0 +1,170 @@
+"""kvstore: the KV relay between prefill and decode.
+
+Lifecycle of the process:
+  1. Bind gRPC (control: ReserveKv, ReleaseKv, GetKvStoreStats) and the TCP data
+     channel, then register in Redis as role "kvstore" with both addresses.
+  2. Serve. A prefill reserves room, pushes the request's contiguous KV buffer on
+     the data channel; the gateway hands the KvRef to a decode, which fetches it
+     once (single consumer) and the buffer is freed. A sweeper frees leases that
+     nobody consumed in time; ReleaseKv frees on cancel or error.
+  3. On SIGTERM: NOT_SERVING, deregister, drain gRPC, close the data channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.v1 import kvstore_service_pb2 as pb
+from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
+from services.common.config import ConfigError, ServiceConfig, load_config
+from services.common.errors import PdserveError, abort_with
+from services.common.registry import InstanceInfo
+from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
+from services.common.telemetry import ATTR_REQUEST_ID, setup_telemetry, tracer
+from services.common.transport import TcpDataServer
+from services.kvstore.store import KvStore
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+
+@dataclass(frozen=True)
+class KvStoreConfig(ServiceConfig):
+    """kvstore settings."""
+
+    data_port: int = 0  # TCP data channel port; 0 picks a free one
+    capacity_bytes: int = 4 << 30  # staged KV cap; ReserveKv answers RESOURCE_EXHAUSTED past it
+    lease_s: float = 30.0  # default lease of a reservation
+    sweep_s: float = 0.5  # how often expired leases are freed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.capacity_bytes <= 0 or self.lease_s <= 0:
+            raise ConfigError("capacity_bytes and lease_s must be positive")
+
+
+class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
+    def __init__(self, store: KvStore, instance_id: str, data_address: str) -> None:
+        self.store = store
+        self.instance_id = instance_id
+        self.data_address = data_address
+
+    async def ReserveKv(
+        self, request: pb.ReserveKvRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveKvResponse:
+        with _tracer.start_as_current_span("kvstore.reserve") as span:
+            span.set_attribute(ATTR_REQUEST_ID, request.request_id)
+            try:
+                entry = self.store.reserve(
+                    request.request_id, request.nbytes, request.lease_ms / 1000.0
+                )
+            except PdserveError as e:
+                await abort_with(context, e)
+            lease_left = entry.lease_expires - self.store.clock()
+            return pb.ReserveKvResponse(
+                handle=entry.handle,
+                data_address=self.data_address,
+                transport="tcp",
+                lease_expires_unix_ms=int((time.time() + lease_left) * 1000),
+            )
+
+    async def ReleaseKv(
+        self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseKvResponse:
+        before = self.store.release(request.handle, request.request_id)
+        if before is not None:
+            log.info("released KV of %s (%s): %s", request.request_id, before.name, request.reason)
+        return pb.ReleaseKvResponse(previous_state=int(before) if before is not None else 0)
+
+    async def GetKvStoreStats(
+        self, request: pb.GetKvStoreStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetKvStoreStatsResponse:
+        s, c = self.store, self.store.counters
+        return pb.GetKvStoreStatsResponse(
+            instance_id=self.instance_id,
+            capacity_bytes=s.capacity_bytes,
+            bytes_held=s.bytes_held,
+            entries=len(s.entries),
+            reserved_total=c.reserved_total,
+            consumed_total=c.consumed_total,
+            aborted_total=c.aborted_total,
+            expired_total=c.expired_total,
+            rejected_total=c.rejected_total,
+            bytes_in_total=c.bytes_in_total,
+            bytes_out_total=c.bytes_out_total,
+        )
+
+
+class KvStoreService:
+    """Owns the runtime, the store, the data server and the lease sweeper."""
+
+    def __init__(self, cfg: KvStoreConfig) -> None:
+        self.cfg = cfg
+        self.runtime = ServiceRuntime(cfg, "kvstore", [pb.DESCRIPTOR.services_by_name[
+            "KvStoreService"].full_name])
+        self.store = KvStore(cfg.capacity_bytes, cfg.lease_s)
+        self.data = TcpDataServer(self.store)
+        self._sweeper: asyncio.Task[None] | None = None
+        self.servicer: KvStoreServicer | None = None
+
+    async def start(self) -> None:
+        data_port = await self.data.start(self.cfg.host, self.cfg.data_port)
+        data_address = self.cfg.advertised(data_port)
+        self.servicer = KvStoreServicer(self.store, self.runtime.instance_id, data_address)
+        servicer = self.servicer
+        await self.runtime.start(lambda s: pb_grpc.add_KvStoreServiceServicer_to_server(
+            servicer, s))
+        self._sweeper = asyncio.create_task(self._sweep(), name="kv-lease-sweeper")
+        info = InstanceInfo(
+            instance_id=self.runtime.instance_id, role="kvstore", group=self.cfg.group,
+            address=self.runtime.address, data_address=data_address, transports=("tcp",),
+            host_id=host_id(), started_unix=time.time(),
+        )
+        await self.runtime.serving(info, self._load)
+
+    def _load(self) -> dict[str, float]:
+        return {"bytes_held": float(self.store.bytes_held),
+                "capacity_bytes": float(self.store.capacity_bytes),
+                "entries": float(len(self.store.entries))}
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.sweep_s)
+            for e in self.store.expire():
+                log.warning("KV lease of %s expired unconsumed (%d bytes freed)",
+                            e.request_id, e.nbytes)
+
+    async def stop(self) -> None:
+        async def cleanup() -> None:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sweeper
+            await self.data.close()
+
+        await self.runtime.stop(cleanup)
+
+
+async def serve(cfg: KvStoreConfig) -> None:
+    svc = KvStoreService(cfg)
+    await svc.start()
+    try:
+        await wait_for_signal()
+    finally:
+        await svc.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
+    cfg = load_config(KvStoreConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-kvstore")
+    setup_logging(cfg.log_level)
+    setup_telemetry("pdserve-kvstore")
+    asyncio.run(serve(cfg))

@@ -1,0 +1,166 @@
+"""The KV lifecycle: the one owner of every staged KV buffer.
+
+States: RESERVED -> TRANSFERRING -> READY -> (fetching) -> CONSUMED, or ABORTED /
+EXPIRED from any live state. A reservation counts against the byte capacity
+from the moment it is made, so prefill learns "full" before computing. Release
+is idempotent; a lease (TTL) frees whatever a dead prefill, decode or client
+left behind. Handles are 128-bit random and only open for their request_id.
+
+No I/O here: the clock is injected, and the data channel calls the
+``begin_*``/``end_*`` hooks (``services.common.transport.base.KvDataHandler``).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.transport.base import TransferError
+from services.common.transport.tcp import Status
+
+
+class State(enum.IntEnum):
+    # Values match pdserve.v1.KvState.
+    RESERVED = 1
+    TRANSFERRING = 2
+    READY = 3
+    CONSUMED = 4
+    ABORTED = 5
+    EXPIRED = 6
+
+
+@dataclass
+class Entry:
+    handle: str
+    request_id: str
+    nbytes: int
+    lease_expires: float
+    state: State = State.RESERVED
+    buffer: np.ndarray | None = None
+    fetching: bool = False
+
+
+@dataclass
+class Counters:
+    reserved_total: int = 0
+    consumed_total: int = 0
+    aborted_total: int = 0
+    expired_total: int = 0
+    rejected_total: int = 0
+    bytes_in_total: int = 0
+    bytes_out_total: int = 0
+
+
+@dataclass
+class KvStore:
+    capacity_bytes: int
+    default_lease_s: float
+    clock: Callable[[], float] = time.monotonic
+    entries: dict[str, Entry] = field(default_factory=dict)
+    bytes_held: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    def reserve(self, request_id: str, nbytes: int, lease_s: float = 0.0) -> Entry:
+        if not request_id:
+            raise InvalidArgument("ReserveKv needs a request_id")
+        if nbytes <= 0:
+            raise InvalidArgument(f"ReserveKv needs nbytes > 0, got {nbytes}")
+        if self.bytes_held + nbytes > self.capacity_bytes:
+            self.counters.rejected_total += 1
+            raise ResourceExhausted(
+                f"kvstore is full: {self.bytes_held} of {self.capacity_bytes} bytes held, "
+                f"{nbytes} more requested",
+                reason="KV_CAPACITY",
+                metadata={"request_id": request_id},
+            )
+        handle = secrets.token_hex(16)
+        entry = Entry(handle, request_id, nbytes, self.clock() + (lease_s or self.default_lease_s))
+        self.entries[handle] = entry
+        self.bytes_held += nbytes
+        self.counters.reserved_total += 1
+        return entry
+
+    def _live(self, handle: str, request_id: str) -> Entry:
+        entry = self.entries.get(handle)
+        if entry is None or not secrets.compare_digest(entry.request_id, request_id):
+            # Same answer for "unknown" and "someone else's": no probing for handles.
+            raise TransferError("no such KV handle for this request", Status.NOT_FOUND)
+        return entry
+
+    def _drop(self, entry: Entry, final: State) -> None:
+        if self.entries.pop(entry.handle, None) is None:
+            return
+        self.bytes_held -= entry.nbytes
+        entry.state = final
+        entry.buffer = None
+        if final is State.CONSUMED:
+            self.counters.consumed_total += 1
+        elif final is State.ABORTED:
+            self.counters.aborted_total += 1
+        elif final is State.EXPIRED:
+            self.counters.expired_total += 1
+
+    # -- data channel hooks -------------------------------------------------------------------
+    def begin_put(self, handle: str, request_id: str, nbytes: int) -> memoryview:
+        entry = self._live(handle, request_id)
+        if entry.state is not State.RESERVED:
+            raise TransferError(f"KV handle is {entry.state.name}, not RESERVED", Status.BAD_STATE)
+        if nbytes != entry.nbytes:
+            raise TransferError(
+                f"push of {nbytes} bytes into a {entry.nbytes}-byte reservation",
+                Status.SIZE_MISMATCH,
+            )
+        entry.state = State.TRANSFERRING
+        entry.buffer = np.empty(nbytes, dtype=np.uint8)
+        return memoryview(entry.buffer)
+
+    def end_put(self, handle: str, ok: bool) -> None:
+        entry = self.entries.get(handle)
+        if entry is None:
+            raise TransferError("KV handle was released during the transfer", Status.BAD_STATE)
+        if not ok:
+            self._drop(entry, State.ABORTED)
+            return
+        entry.state = State.READY
+        self.counters.bytes_in_total += entry.nbytes
+
+    def begin_get(self, handle: str, request_id: str) -> memoryview:
+        entry = self._live(handle, request_id)
+        if entry.state is not State.READY or entry.fetching or entry.buffer is None:
+            raise TransferError(f"KV handle is {entry.state.name}, not READY", Status.BAD_STATE)
+        entry.fetching = True
+        return memoryview(entry.buffer)
+
+    def end_get(self, handle: str, ok: bool) -> None:
+        entry = self.entries.get(handle)
+        if entry is None:
+            return
+        entry.fetching = False
+        if ok:
+            self.counters.bytes_out_total += entry.nbytes
+            self._drop(entry, State.CONSUMED)
+        # On failure the entry stays READY, so the consumer may retry within its lease.
+
+    # -- control ------------------------------------------------------------------------------
+    def release(self, handle: str, request_id: str) -> State | None:
+        """Idempotent: returns the state before release, or None if already gone."""
+        entry = self.entries.get(handle)
+        if entry is None or entry.request_id != request_id:
+            return None
+        before = entry.state
+        self._drop(entry, State.ABORTED)
+        return before
+
+    def expire(self) -> list[Entry]:
+        now = self.clock()
+        # A fetch in flight finishes (or fails) within its own deadline; expire it after.
+        gone = [e for e in self.entries.values() if e.lease_expires <= now and not e.fetching]
+        for e in gone:
+            self._drop(e, State.EXPIRED)
+        return gone

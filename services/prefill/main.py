@@ -1,0 +1,290 @@
+"""prefill: runs prompts and hands their KV off.
+
+Lifecycle of the process: load the model and warm it up, bind gRPC, register in
+Redis as role "prefill" with ``slots`` (b_p), then serve until SIGTERM.
+
+Lifecycle of a request (``Prefill``, server-streaming):
+  1. Admission: take one of ``slots``. When all are busy, ADMISSION_MODE_QUEUE
+     waits in a local FIFO; ADMISSION_MODE_REJECT_IF_BUSY answers ``rejected`` at
+     once (the gateway forwards elsewhere). A request already past its TTFT
+     deadline ends with DEADLINE_EXCEEDED (early intervention, before compute).
+  2. ``accepted`` -> forward pass -> ``first_token``. The deadline is checked
+     again after compute.
+  3. KV handoff: pack one contiguous buffer, reserve it at a kvstore, push it on
+     the data channel, then ``kv_ready`` with the KvRef. The slot is held until here.
+  Cancellation or failure at any step releases the reservation at the kvstore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+
+from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
+from pdserve.v1 import prefill_service_pb2 as pb
+from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
+from services.common.config import load_config
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PdserveError,
+    Unavailable,
+    abort_with,
+    from_rpc_error,
+)
+from services.common.registry import InstanceInfo, RegistryView
+from services.common.runtime import (
+    ServiceRuntime,
+    host_id,
+    new_channel,
+    setup_logging,
+    wait_for_signal,
+)
+from services.common.telemetry import (
+    ATTR_KV_BYTES,
+    ATTR_KV_TRANSPORT,
+    ATTR_PROMPT_TOKENS,
+    ATTR_REQUEST_ID,
+    setup_telemetry,
+    tracer,
+)
+from services.common.transport import TransferError, get_transport
+from services.common.workers import ModelThread, WorkerConfig, now_ms
+
+if TYPE_CHECKING:
+    from services.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+class PrefillServicer(pb_grpc.PrefillServiceServicer):
+    def __init__(self, cfg: WorkerConfig, runtime: ServiceRuntime, runner: ModelRunner,
+                 thread: ModelThread) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.runner = runner
+        self.thread = thread
+        self.slots = asyncio.Semaphore(cfg.slots)
+        self.busy = 0
+        self.queued = 0
+        self.draining = False
+        self.stats = pb.GetPrefillStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
+        self.view: RegistryView | None = None
+        self._channels: dict[str, kvstore_service_pb2_grpc.KvStoreServiceStub] = {}
+
+    def _kvstore(self) -> tuple[str, kvstore_service_pb2_grpc.KvStoreServiceStub]:
+        stores = self.view.instances(role="kvstore") if self.view else []
+        same = [s for s in stores if s.group == self.cfg.group] or stores
+        if not same:
+            raise Unavailable("no kvstore instance is registered; start one "
+                              "(pdserve serve kvstore)", reason="NO_KVSTORE")
+        best = min(same, key=lambda s: (s.load.get("bytes_held", 0.0), s.instance_id))
+        if best.address not in self._channels:
+            self._channels[best.address] = kvstore_service_pb2_grpc.KvStoreServiceStub(
+                new_channel(best.address))
+        return best.address, self._channels[best.address]
+
+    def _check(self, request: pb.PrefillRequest) -> None:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required")
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidArgument("prompt_token_ids is empty")
+        vocab = self.runner.info.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgument(f"token ids must be in [0, {vocab})")
+        if len(ids) >= self.runner.info.max_context:
+            raise InvalidArgument(f"prompt of {len(ids)} tokens does not fit the context "
+                                  f"of {self.runner.info.max_context}")
+
+    @staticmethod
+    def _deadline_passed(request: pb.PrefillRequest, when: str) -> None:
+        if request.ttft_deadline_unix_ms and now_ms() >= request.ttft_deadline_unix_ms:
+            raise DeadlineExceeded(
+                f"TTFT deadline passed {when} prefill; the request was ended early",
+                metadata={"request_id": request.request_id},
+            )
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PrefillResponse]:
+        try:
+            self._check(request)
+            self._deadline_passed(request, "before")
+        except PdserveError as e:
+            await abort_with(context, e)
+        reject = request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY
+        if self.draining:
+            self.stats.rejected_total += 1
+            yield pb.PrefillResponse(rejected=pb.PrefillRejected(
+                reason=pb.REJECT_REASON_DRAINING, message="instance is draining"))
+            return
+        if reject and self.slots.locked():
+            self.stats.rejected_total += 1
+            yield pb.PrefillResponse(rejected=pb.PrefillRejected(
+                reason=pb.REJECT_REASON_SLOTS_FULL, message=f"all {self.cfg.slots} slots busy"))
+            return
+        t_arrive = time.monotonic()
+        self.queued += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.queued -= 1
+        self.busy += 1
+        self.stats.accepted_total += 1
+        try:
+            run = self._run(request, context, (time.monotonic() - t_arrive) * 1e3)
+            async with contextlib.aclosing(run) as events:
+                async for msg in events:
+                    yield msg
+            self.stats.completed_total += 1
+        except asyncio.CancelledError:
+            self.stats.cancelled_total += 1
+            raise
+        except PdserveError as e:
+            self.stats.failed_total += 1
+            await abort_with(context, e)
+        finally:
+            self.busy -= 1
+            self.slots.release()
+
+    async def _run(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
+    ) -> AsyncIterator[pb.PrefillResponse]:
+        from services.engine.kv import pack_kv
+        from services.engine.sampling import Sampling
+
+        rid = request.request_id
+        self._deadline_passed(request, "before")
+        yield pb.PrefillResponse(accepted=pb.PrefillAccepted(
+            instance_id=self.runtime.instance_id, queue_ms=queue_ms))
+        sp = request.sampling
+        params = Sampling(sp.temperature, sp.top_p or 1.0,
+                          sp.seed if sp.HasField("seed") else None)
+        with _tracer.start_as_current_span("prefill.compute") as span:
+            span.set_attribute(ATTR_REQUEST_ID, rid)
+            span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
+            t0 = time.monotonic()
+            first, cache = await self.thread.run(
+                self.runner.prefill, list(request.prompt_token_ids), params)
+            prefill_ms = (time.monotonic() - t0) * 1e3
+        self._deadline_passed(request, "after")
+        t_first = time.monotonic()
+        yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first, prefill_ms=prefill_ms))
+
+        meta, buf = await self.thread.run(pack_kv, cache, self.runner.fingerprint,
+                                          self.cfg.kv_checksum)
+        del cache
+        address, kvstore = self._kvstore()
+        handle = ""
+        try:
+            with _tracer.start_as_current_span("kv.push") as span:
+                span.set_attribute(ATTR_REQUEST_ID, rid)
+                span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
+                span.set_attribute(ATTR_KV_TRANSPORT, "tcp")
+                try:
+                    res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+                        request_id=rid, nbytes=buf.nbytes), timeout=10)
+                except grpc.aio.AioRpcError as e:
+                    raise from_rpc_error(e, "reserving KV at the kvstore", request_id=rid) from e
+                handle = res.handle
+                transport = get_transport(res.transport)
+                try:
+                    await transport.put(res.data_address, handle, rid, memoryview(buf))
+                except TransferError as e:
+                    raise Unavailable(f"KV transfer to the kvstore failed: {e}",
+                                      reason="KV_TRANSFER_FAILED",
+                                      metadata={"request_id": rid}) from e
+            kv = common_pb2.KvRef(
+                handle=handle, control_address=address, data_address=res.data_address,
+                transport=transport.name, nbytes=buf.nbytes, num_tokens=meta.num_tokens,
+                model_fingerprint=self.runner.fingerprint)
+            stage_ms = (time.monotonic() - t_first) * 1e3
+            handed_off = False
+            try:
+                yield pb.PrefillResponse(kv_ready=pb.KvReady(kv=kv, kv_stage_ms=stage_ms))
+                handed_off = True
+            finally:
+                if not handed_off:
+                    await self._release(kvstore, handle, rid, "cancelled before handoff")
+        except BaseException:
+            if handle:
+                await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
+            raise
+
+    @staticmethod
+    async def _release(stub: kvstore_service_pb2_grpc.KvStoreServiceStub, handle: str,
+                       rid: str, reason: str) -> None:
+        # Shielded: this runs while the call is being cancelled.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await asyncio.shield(stub.ReleaseKv(kvstore_service_pb2.ReleaseKvRequest(
+                handle=handle, request_id=rid, reason=reason), timeout=5))
+
+    async def GetPrefillStats(
+        self, request: pb.GetPrefillStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetPrefillStatsResponse:
+        out = pb.GetPrefillStatsResponse()
+        out.CopyFrom(self.stats)
+        out.busy_slots = self.busy
+        out.queued = self.queued
+        return out
+
+    def load(self) -> dict[str, float]:
+        return {"busy": float(self.busy), "queued": float(self.queued),
+                "slots": float(self.cfg.slots)}
+
+
+async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
+    from services.engine.runner import ModelRunner
+
+    runtime = ServiceRuntime(cfg, "prefill", [SERVICE])
+    thread = ModelThread("prefill-model")
+    # Load on the model thread: the event loop keeps serving health and heartbeats.
+    runner = await thread.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
+    await thread.run(runner.warmup)
+    servicer = PrefillServicer(cfg, runtime, runner, thread)
+    await runtime.start(lambda s: pb_grpc.add_PrefillServiceServicer_to_server(servicer, s))
+    servicer.view = RegistryView(runtime.redis)
+    await servicer.view.start()
+    info = InstanceInfo(
+        instance_id=runtime.instance_id, role="prefill", group=cfg.group,
+        address=runtime.address, slots=cfg.slots, transports=("tcp",),
+        model_fingerprint=servicer.runner.fingerprint, host_id=host_id(),
+        started_unix=time.time())
+    await runtime.serving(info, servicer.load)
+    return runtime, servicer
+
+
+async def stop(runtime: ServiceRuntime, servicer: PrefillServicer) -> None:
+    servicer.draining = True
+
+    async def cleanup() -> None:
+        if servicer.view is not None:
+            await servicer.view.close()
+        servicer.thread.shutdown()
+
+    await runtime.stop(cleanup)
+
+
+async def serve(cfg: WorkerConfig) -> None:
+    runtime, servicer = await start(cfg)
+    try:
+        await wait_for_signal()
+    finally:
+        await stop(runtime, servicer)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = load_config(WorkerConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-prefill")
+    setup_logging(cfg.log_level)
+    setup_telemetry("pdserve-prefill")
+    asyncio.run(serve(cfg))

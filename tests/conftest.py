@@ -1,0 +1,35 @@
+"""Session fixtures: one real redis-server, one in-memory span exporter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.common.redis_embed import EmbeddedRedis
+from services.common.telemetry import setup_telemetry
+
+SPANS = InMemorySpanExporter()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    setup_telemetry("pdserve-tests", exporter=SPANS)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    server = EmbeddedRedis()
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def spans() -> InMemorySpanExporter:
+    SPANS.clear()
+    return SPANS
