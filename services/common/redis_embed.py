@@ -54,8 +54,10 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--notify-keyspace-events", "KEA",
         ]
-        log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "redis.log", "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

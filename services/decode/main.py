@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
-
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
+
 from services.common.config import load_config
 from services.common.errors import (
     Aborted,
@@ -50,7 +50,8 @@ from services.common.telemetry import (
     tracer,
 )
 from services.common.transport import TransferError, get_transport
-from services.common.workers import ModelThread, WorkerConfig
+from services.common.workers import WorkerConfig
+from services.decode.steploop import Sequence, StepLoop
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
@@ -62,11 +63,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, cfg: WorkerConfig, runtime: ServiceRuntime, runner: ModelRunner,
-                 thread: ModelThread) -> None:
+                 steps: StepLoop) -> None:
         self.cfg = cfg
         self.runtime = runtime
         self.runner = runner
-        self.thread = thread
+        self.steps = steps
         self.active: dict[str, int] = {}  # request_id -> KV bytes held
         self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
 
@@ -89,7 +90,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 raise Unavailable(f"fetching KV failed: {e}", reason="KV_FETCH_FAILED",
                                   metadata={"request_id": rid}) from e
         try:
-            meta, layers = await self.thread.run(unpack_kv, buf, self.runner.fingerprint)
+            meta, layers = await self.steps.run(unpack_kv, buf, self.runner.fingerprint)
             cache = cache_from_layers(layers, self.runner.config)
         except KvFormatError as e:
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
@@ -120,26 +121,43 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             sp = request.sampling
             params = Sampling(sp.temperature, sp.top_p or 1.0,
                               sp.seed if sp.HasField("seed") else None)
-            stops = set(request.stop_token_ids) or set(self.runner.info.eos_token_ids)
-            token, produced = request.first_token_id, 0
-            finish = common_pb2.FINISH_REASON_LENGTH
+            stops = frozenset(request.stop_token_ids) or frozenset(self.runner.info.eos_token_ids)
+            if request.first_token_id in stops or request.max_new_tokens == 0:
+                reason = (common_pb2.FINISH_REASON_STOP if request.first_token_id in stops
+                          else common_pb2.FINISH_REASON_LENGTH)
+                yield pb.DecodeResponse(finish_reason=reason, kv_fetch_ms=fetch_ms)
+                self.stats.completed_total += 1
+                return
+            seq = Sequence(rid, cache, request.first_token_id, params, request.max_new_tokens,
+                           stops, asyncio.get_running_loop())
+            del cache
             with _tracer.start_as_current_span("decode.loop") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
-                if token in stops:
-                    finish = common_pb2.FINISH_REASON_STOP
-                while finish != common_pb2.FINISH_REASON_STOP and \
-                        produced < request.max_new_tokens:
-                    token = await self.thread.run(self.runner.decode_step, token, cache, params)
-                    produced += 1
-                    done = token in stops or produced >= request.max_new_tokens
-                    if token in stops:
-                        finish = common_pb2.FINISH_REASON_STOP
-                    yield pb.DecodeResponse(
-                        token_ids=[token], kv_fetch_ms=fetch_ms if produced == 1 else 0.0,
-                        finish_reason=finish if done else common_pb2.FINISH_REASON_UNSPECIFIED)
-                span.set_attribute(ATTR_COMPLETION_TOKENS, produced)
-            if produced == 0:
-                yield pb.DecodeResponse(finish_reason=finish, kv_fetch_ms=fetch_ms)
+                self.steps.submit(seq)
+                try:
+                    done, first_msg = False, True
+                    while not done:
+                        ids: list[int] = []
+                        item = await seq.queue.get()
+                        while True:  # coalesce tokens that are already waiting
+                            if isinstance(item, BaseException):
+                                raise Aborted(f"decode step failed: {item}",
+                                              reason="DECODE_STEP_FAILED") from item
+                            ids.append(item[0])
+                            done = item[1]
+                            if done or seq.queue.empty():
+                                break
+                            item = seq.queue.get_nowait()
+                        finish = common_pb2.FINISH_REASON_UNSPECIFIED
+                        if done:
+                            finish = (common_pb2.FINISH_REASON_STOP if ids[-1] in stops
+                                      else common_pb2.FINISH_REASON_LENGTH)
+                        yield pb.DecodeResponse(token_ids=ids, finish_reason=finish,
+                                                kv_fetch_ms=fetch_ms if first_msg else 0.0)
+                        first_msg = False
+                finally:
+                    self.steps.cancel(seq)
+                span.set_attribute(ATTR_COMPLETION_TOKENS, seq.produced)
             self.stats.completed_total += 1
         except asyncio.CancelledError:
             self.stats.cancelled_total += 1
@@ -168,11 +186,12 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
     from services.engine.runner import ModelRunner
 
     runtime = ServiceRuntime(cfg, "decode", [SERVICE])
-    thread = ModelThread("decode-model")
-    # Load on the model thread: the event loop keeps serving health and heartbeats.
-    runner = await thread.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
-    await thread.run(runner.warmup)
-    servicer = DecodeServicer(cfg, runtime, runner, thread)
+    steps = StepLoop()
+    # Load on the step thread: the event loop keeps serving health and heartbeats.
+    runner = await steps.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
+    await steps.run(runner.warmup)
+    steps.runner = runner
+    servicer = DecodeServicer(cfg, runtime, runner, steps)
     await runtime.start(lambda s: pb_grpc.add_DecodeServiceServicer_to_server(servicer, s))
     info = InstanceInfo(
         instance_id=runtime.instance_id, role="decode", group=cfg.group,
@@ -185,7 +204,7 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
 
 async def stop(runtime: ServiceRuntime, servicer: DecodeServicer) -> None:
     async def cleanup() -> None:
-        servicer.thread.shutdown()
+        servicer.steps.stop()
 
     await runtime.stop(cleanup)
 

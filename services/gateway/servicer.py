@@ -22,12 +22,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-
-from pdserve.v1 import common_pb2, decode_service_pb2, decode_service_pb2_grpc
+from pdserve.v1 import (
+    common_pb2,
+    decode_service_pb2,
+    decode_service_pb2_grpc,
+    kvstore_service_pb2,
+    kvstore_service_pb2_grpc,
+    prefill_service_pb2,
+    prefill_service_pb2_grpc,
+)
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
-from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
-from pdserve.v1 import prefill_service_pb2, prefill_service_pb2_grpc
+
 from services.common.errors import (
     DeadlineExceeded,
     PdserveError,
@@ -102,8 +108,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         for ch in self._channels.values():
             await ch.close()
 
-    def _ranked(self, role: str, group: str) -> list[InstanceInfo]:
+    async def _ranked(self, role: str, group: str) -> list[InstanceInfo]:
         found = self.view.instances(role=role, group=group)
+        if not found:
+            # The polled view may lag a just-registered instance; look once more before failing.
+            await self.view.refresh()
+            found = self.view.instances(role=role, group=group)
         if not found:
             raise Unavailable(f"no {role} instance is registered in scenario group {group!r}",
                               reason=f"NO_{role.upper()}", metadata={"group": group})
@@ -208,7 +218,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
             if ttft_deadline is not None else 0)
         last_error: PdserveError | None = None
-        for inst in self._ranked("prefill", group):
+        for inst in await self._ranked("prefill", group):
             stub = prefill_service_pb2_grpc.PrefillServiceStub(self.channel(inst.address))
             call = stub.Prefill(preq)
             self.open_streams[inst.instance_id] += 1
@@ -266,7 +276,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
             max_new_tokens=req.max_tokens - 1)
         last_error: PdserveError | None = None
-        for inst in self._ranked("decode", group):
+        for inst in await self._ranked("decode", group):
             stub = decode_service_pb2_grpc.DecodeServiceStub(self.channel(inst.address))
             call = stub.Decode(dreq)
             self.open_streams[inst.instance_id] += 1
