@@ -3,6 +3,7 @@ client that times tokens, and a prompt of an exact token length."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -90,7 +91,7 @@ def stream(address: str, ids: list[int], max_tokens: int, timeout: float = 600) 
             for t in msg.token_ids:
                 tokens.append(t)
                 times.append(now)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     return StreamTiming(times[0] - t0, statistics.fmean(gaps) if gaps else 0.0, tokens)
 
 

@@ -12,6 +12,7 @@ both; the report is the ratio of medians. Targets: TTFT <= 1.10x, TPOT <= 1.10x.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -45,7 +46,7 @@ def inprocess(model, ids: list[int], new_tokens: int):  # type: ignore[no-untype
     t0 = time.perf_counter()
     out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, streamer=clock)
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(clock.times)]
     return clock.times[0] - t0, statistics.fmean(gaps), out[0, len(ids):].tolist()
 
 

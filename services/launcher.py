@@ -64,9 +64,11 @@ class UpOptions:
 
 def parse_groups(spec: str) -> list[tuple[str, int, int]]:
     """'code:2p1d,conv:3p2d' -> [('code', 2, 1), ('conv', 3, 2)]."""
-    out = []
+    out: list[tuple[str, int, int]] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, shape = part.partition(":")
+        if any(name == seen for seen, _, _ in out):
+            raise ValueError(f"group {name!r} is given twice")
         shape = shape.lower()
         if not name or "p" not in shape or not shape.endswith("d"):
             raise ValueError(f"bad group {part!r}; expected name:<N>p<M>d, e.g. code:2p1d")

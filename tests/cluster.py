@@ -43,10 +43,12 @@ class Cluster:
         self.kvstore = KvStoreService(KvStoreConfig(**base, **self.kvstore_overrides))
         await self.kvstore.start()
         wcfg = WorkerConfig(**base, model=self.model, **self.worker_overrides)
-        self.prefill_nodes = [await prefill_main.start(replace(wcfg, instance_id=f"p{i}-{self.group}"))
-                              for i in range(self.prefills)]
-        self.decode_nodes = [await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}"))
-                             for i in range(self.decodes)]
+        self.prefill_nodes = [
+            await prefill_main.start(replace(wcfg, instance_id=f"p{i}-{self.group}"))
+            for i in range(self.prefills)]
+        self.decode_nodes = [
+            await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}"))
+            for i in range(self.decodes)]
         gcfg = gateway_main.GatewayConfig(**base, port=0, model=self.model, registry_poll_s=0.1)
         self.gateway = await gateway_main.start(gcfg)
         await self.gateway[2].refresh()
@@ -63,7 +65,9 @@ class Cluster:
             await prefill_main.stop(rt, sv)
         await self.kvstore.stop()
 
-    async def generate(self, **kw: Any) -> tuple[list[int], str, generation_service_pb2.GenerateResponse]:
+    async def generate(
+        self, **kw: Any
+    ) -> tuple[list[int], str, generation_service_pb2.GenerateResponse]:
         ids: list[int] = []
         text = ""
         last = None
@@ -92,5 +96,6 @@ class Cluster:
         for rt, _ in self.prefill_nodes:
             async with grpc.aio.insecure_channel(rt.address) as ch:
                 stub = prefill_service_pb2_grpc.PrefillServiceStub(ch)
-                out.append(await stub.GetPrefillStats(prefill_service_pb2.GetPrefillStatsRequest()))
+                out.append(await stub.GetPrefillStats(
+                    prefill_service_pb2.GetPrefillStatsRequest()))
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import socket
 import types
@@ -46,13 +47,14 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
-        if self.heartbeat_s <= 0 or self.registry_ttl_s <= self.heartbeat_s:
+        if not 0 < self.heartbeat_s < self.registry_ttl_s < math.inf:  # also rejects NaN
             raise ConfigError(
                 f"need 0 < heartbeat_s < registry_ttl_s, got {self.heartbeat_s}, "
                 f"{self.registry_ttl_s}"
             )
         if not self.group or ":" in self.group or "{" in self.group:
-            raise ConfigError(f"group must be a non-empty name without ':' or '{{', got {self.group!r}")
+            raise ConfigError(
+                f"group must be a non-empty name without ':' or '{{', got {self.group!r}")
 
     def advertised(self, port: int) -> str:
         """host:port that other processes should dial to reach a server bound on ``port``."""

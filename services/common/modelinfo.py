@@ -17,7 +17,7 @@ from typing import Any
 
 from services.common.config import ConfigError
 
-KNOWN = {"tiny": "tiny-llama-v1", "smollm2": "smollm2-135m-instruct-v1"}
+KNOWN = {"tiny": "tiny-llama-v2", "smollm2": "smollm2-135m-instruct-v1"}
 FINGERPRINT_FILE = "pdserve-fingerprint.txt"
 
 

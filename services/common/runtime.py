@@ -108,10 +108,12 @@ class ServiceRuntime:
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.ready_file:
+            # A few bytes, once, at startup: not worth a thread hop.
             tmp = Path(self.cfg.ready_file + ".tmp")
-            tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid(),
-                                       "instance_id": self.instance_id}))
-            tmp.rename(self.cfg.ready_file)
+            ready = json.dumps({"address": self.address, "pid": os.getpid(),
+                                "instance_id": self.instance_id})
+            tmp.write_text(ready)  # noqa: ASYNC240
+            tmp.rename(self.cfg.ready_file)  # noqa: ASYNC240
         log.info("%s %s SERVING", self.role, self.instance_id)
 
     async def stop(self, cleanup: Callable[[], Awaitable[None]] | None = None) -> None:

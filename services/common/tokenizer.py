@@ -78,11 +78,11 @@ class Detokenizer:
         text = self._tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character
             text = text[: len(text) - 1]
-        for s in self._stop:
-            at = text.find(s, max(0, self._emitted - len(s) + 1))
-            if at != -1:
-                self.stopped = True
-                text = text[:at]
+        hits = [at for s in self._stop
+                if (at := text.find(s, max(0, self._emitted - len(s) + 1))) != -1]
+        if hits:  # cut at the earliest match, whichever stop string it is
+            self.stopped = True
+            text = text[: min(hits)]
         end = len(text) if self.stopped else max(self._emitted, len(text) - self._hold)
         delta = text[self._emitted : end]
         self._emitted = max(self._emitted, end)

@@ -51,7 +51,7 @@ from services.common.telemetry import (
 )
 from services.common.transport import TransferError, get_transport
 from services.common.workers import WorkerConfig
-from services.decode.steploop import Sequence, StepLoop
+from services.decode.steploop import DecodeSequence, StepLoop
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
@@ -128,7 +128,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 yield pb.DecodeResponse(finish_reason=reason, kv_fetch_ms=fetch_ms)
                 self.stats.completed_total += 1
                 return
-            seq = Sequence(rid, cache, request.first_token_id, params, request.max_new_tokens,
+            seq = DecodeSequence(rid, cache, request.first_token_id, params, request.max_new_tokens,
                            stops, asyncio.get_running_loop())
             del cache
             with _tracer.start_as_current_span("decode.loop") as span:

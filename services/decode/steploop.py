@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class Sequence:
+class DecodeSequence:
     request_id: str
     cache: Any
     token: int
@@ -49,7 +49,7 @@ class StepLoop:
     def __init__(self) -> None:
         self.runner: ModelRunner | None = None  # set once loaded on this thread
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._active: list[Sequence] = []
+        self._active: list[DecodeSequence] = []
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="decode-steps", daemon=True)
@@ -63,12 +63,12 @@ class StepLoop:
             self._cv.notify()
         return await asyncio.wrap_future(fut)
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: DecodeSequence) -> None:
         with self._cv:
             self._active.append(seq)
             self._cv.notify()
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: DecodeSequence) -> None:
         seq.cancelled = True  # read by the loop thread before the sequence's next step
 
     def stop(self) -> None:
@@ -117,7 +117,7 @@ class StepLoop:
                 if done:
                     self._finish(seq)
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: DecodeSequence) -> None:
         with self._cv:
             if seq in self._active:
                 self._active.remove(seq)

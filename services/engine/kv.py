@@ -25,7 +25,9 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
-def pack_kv(cache: DynamicCache, fingerprint: str, checksum: bool = True) -> tuple[KvMeta, np.ndarray]:
+def pack_kv(
+    cache: DynamicCache, fingerprint: str, checksum: bool = True
+) -> tuple[KvMeta, np.ndarray]:
     layers = cache.layers
     k0 = layers[0].keys
     if k0.shape[0] != 1:

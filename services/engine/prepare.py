@@ -76,16 +76,18 @@ def _build_tiny(out: Path) -> None:
     hf_tok.chat_template = CHATML
     hf_tok.save_pretrained(out)
     eos = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    # Pad must be a special token: generate() masks every input id equal to pad_token_id.
+    pad = hf_tok.convert_tokens_to_ids("<|endoftext|>")
     config = LlamaConfig(
         vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         # A wide init gives peaked logits, so greedy argmax is far from ties.
-        initializer_range=0.1, eos_token_id=eos, pad_token_id=0, bos_token_id=None,
+        initializer_range=0.1, eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=0)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
     model.save_pretrained(out)
 
 

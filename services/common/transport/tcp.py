@@ -55,7 +55,9 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     return bytes(buf)
 
 
-async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+async def _recv_into(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview
+) -> None:
     got, n = 0, len(view)
     while got < n:
         r = await loop.sock_recv_into(sock, view[got : min(n, got + CHUNK)])
