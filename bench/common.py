@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
 from pdserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 

@@ -36,8 +36,8 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 async def _generate(args: argparse.Namespace) -> int:
     import grpc
-    from pdserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
 
+    from pdserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
     from services.common.errors import error_info
 
     req = generation_service_pb2.GenerateRequest(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
+
 from pdserve.v1 import (
     decode_service_pb2,
     decode_service_pb2_grpc,
@@ -18,7 +19,6 @@ from pdserve.v1 import (
     prefill_service_pb2,
     prefill_service_pb2_grpc,
 )
-
 from services.common.runtime import new_channel
 from services.common.workers import WorkerConfig
 from services.decode import main as decode_main

@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
+
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
-
 from services.common.config import load_config
 from services.common.errors import (
     Aborted,

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.common.config import ConfigError, ModelConfig, ServiceConfig, load_config
 from services.common.modelinfo import ModelInfo
 from services.common.registry import InstanceInfo, RegistryView

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from pdserve.v1 import (
     common_pb2,
     decode_service_pb2,
@@ -33,7 +34,6 @@ from pdserve.v1 import (
 )
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
-
 from services.common.errors import (
     DeadlineExceeded,
     PdserveError,

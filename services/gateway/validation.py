@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 from pdserve.v1 import generation_service_pb2 as gen_pb
-
 from services.common.errors import InvalidArgument
 from services.common.modelinfo import ModelInfo
 from services.common.tokenizer import TextTokenizer

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+
 from pdserve.v1 import kvstore_service_pb2 as pb
 from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
-
 from services.common.config import ConfigError, ServiceConfig, load_config
 from services.common.errors import PdserveError, abort_with
 from services.common.registry import InstanceInfo

@@ -26,10 +26,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
+
 from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
-
 from services.common.config import load_config
 from services.common.errors import (
     DeadlineExceeded,

@@ -51,7 +51,7 @@ class UpProcess:
 def start_up(tmp: Path, *args: str, timeout: float = 300) -> UpProcess:
     port = _free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    out = open(tmp / "up.out", "wb")  # noqa: SIM115 - closed with the process
+    out = open(tmp / "up.out", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--log-dir", str(tmp),
          *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

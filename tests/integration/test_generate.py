@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from pdserve.v1 import common_pb2, generation_service_pb2
 
+from pdserve.v1 import common_pb2, generation_service_pb2
 from services.common.errors import error_info
 from tests.cluster import Cluster
 from tests.integration.conftest import reference

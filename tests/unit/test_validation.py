@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pdserve.v1 import generation_service_pb2 as gen_pb
 
+from pdserve.v1 import generation_service_pb2 as gen_pb
 from services.common.errors import InvalidArgument
 from services.common.modelinfo import ModelInfo
 from services.common.tokenizer import TextTokenizer
