@@ -18,8 +18,10 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +31,7 @@ from services.common.config import ServiceConfig
 from services.common.registry import InstanceInfo, Registration, connect
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")
 
 # KV travels outside gRPC, so messages stay small; this bounds a malicious or buggy peer.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -141,6 +144,31 @@ async def wait_for_signal() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+
+
+def run_main(
+    cfg_cls: type[C],
+    role: str,
+    start: Callable[[C], Awaitable[tuple[Any, ...]]],
+    stop: Callable[..., Awaitable[None]],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """A service's ``main``: config, logging, telemetry, then serve until a signal."""
+    from services.common.config import load_config
+    from services.common.telemetry import setup_telemetry
+
+    cfg = load_config(cfg_cls, sys.argv[1:] if argv is None else argv, prog=f"pdserve-{role}")
+    setup_logging(cfg.log_level)  # type: ignore[attr-defined]
+    setup_telemetry(f"pdserve-{role}")
+
+    async def serve() -> None:
+        handles = await start(cfg)
+        try:
+            await wait_for_signal()
+        finally:
+            await stop(*handles)
+
+    asyncio.run(serve())
 
 
 def new_channel(address: str) -> grpc.aio.Channel:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from services.common.config import ModelConfig, ServiceConfig
+from services.common.registry import InstanceInfo
+from services.common.runtime import ServiceRuntime, host_id
 
 T = TypeVar("T")
 
@@ -38,3 +40,11 @@ class ModelThread:
 
 def now_ms() -> float:
     return time.time() * 1000.0
+
+
+def worker_info(runtime: ServiceRuntime, cfg: WorkerConfig, fingerprint: str) -> InstanceInfo:
+    """What a model worker advertises in the registry."""
+    return InstanceInfo(
+        instance_id=runtime.instance_id, role=runtime.role, group=cfg.group,
+        address=runtime.address, slots=cfg.slots, transports=("tcp",),
+        model_fingerprint=fingerprint, host_id=host_id(), started_unix=time.time())

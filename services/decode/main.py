@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
@@ -28,7 +27,6 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
-from services.common.config import load_config
 from services.common.errors import (
     Aborted,
     FailedPrecondition,
@@ -39,18 +37,16 @@ from services.common.errors import (
     abort_with,
 )
 from services.common.kvlayout import KvFormatError
-from services.common.registry import InstanceInfo
-from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
+from services.common.runtime import ServiceRuntime, run_main
 from services.common.telemetry import (
     ATTR_COMPLETION_TOKENS,
     ATTR_KV_BYTES,
     ATTR_KV_TRANSPORT,
     ATTR_REQUEST_ID,
-    setup_telemetry,
     tracer,
 )
 from services.common.transport import TransferError, get_transport
-from services.common.workers import WorkerConfig
+from services.common.workers import WorkerConfig, worker_info
 from services.decode.steploop import DecodeSequence, StepLoop
 
 if TYPE_CHECKING:
@@ -193,12 +189,7 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
     steps.runner = runner
     servicer = DecodeServicer(cfg, runtime, runner, steps)
     await runtime.start(lambda s: pb_grpc.add_DecodeServiceServicer_to_server(servicer, s))
-    info = InstanceInfo(
-        instance_id=runtime.instance_id, role="decode", group=cfg.group,
-        address=runtime.address, slots=cfg.slots, transports=("tcp",),
-        model_fingerprint=servicer.runner.fingerprint, host_id=host_id(),
-        started_unix=time.time())
-    await runtime.serving(info, servicer.load)
+    await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
     return runtime, servicer
 
 
@@ -209,16 +200,5 @@ async def stop(runtime: ServiceRuntime, servicer: DecodeServicer) -> None:
     await runtime.stop(cleanup)
 
 
-async def serve(cfg: WorkerConfig) -> None:
-    runtime, servicer = await start(cfg)
-    try:
-        await wait_for_signal()
-    finally:
-        await stop(runtime, servicer)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = load_config(WorkerConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-decode")
-    setup_logging(cfg.log_level)
-    setup_telemetry("pdserve-decode")
-    asyncio.run(serve(cfg))
+    run_main(WorkerConfig, "decode", start, stop, argv)

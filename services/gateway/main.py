@@ -10,19 +10,16 @@ Lifecycle of the process:
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
-from services.common.config import ConfigError, ModelConfig, ServiceConfig, load_config
+from services.common.config import ConfigError, ModelConfig, ServiceConfig
 from services.common.modelinfo import ModelInfo
 from services.common.registry import InstanceInfo, RegistryView
-from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
-from services.common.telemetry import setup_telemetry
+from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tokenizer import TextTokenizer
 from services.gateway.servicer import GenerationServicer
 
@@ -66,16 +63,5 @@ async def stop(runtime: ServiceRuntime, servicer: GenerationServicer, view: Regi
     await runtime.stop(cleanup)
 
 
-async def serve(cfg: GatewayConfig) -> None:
-    runtime, servicer, view = await start(cfg)
-    try:
-        await wait_for_signal()
-    finally:
-        await stop(runtime, servicer, view)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = load_config(GatewayConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-gateway")
-    setup_logging(cfg.log_level)
-    setup_telemetry("pdserve-gateway")
-    asyncio.run(serve(cfg))
+    run_main(GatewayConfig, "gateway", start, stop, argv)

@@ -197,12 +197,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if detok.stopped or first in self.info.eos_token_ids:
             finish = common_pb2.FINISH_REASON_STOP
         elif req.max_tokens > 1:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                async for ids, text, reason in self._decode(req, group, sampling, first, detok, p):
-                    p.token_times.extend([time.monotonic()] * len(ids))
-                    if ids or text:
-                        yield pb.GenerateResponse(token_ids=ids, text=text)
-                    finish = reason
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    async for ids, text, reason in self._decode(req, group, sampling, first,
+                                                                detok, p):
+                        p.token_times.extend([time.monotonic()] * len(ids))
+                        if ids or text:
+                            yield pb.GenerateResponse(token_ids=ids, text=text)
+                        finish = reason
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed while decoding") from None
         yield pb.GenerateResponse(text=detok.flush(), finish_reason=finish,
                                   timings=p.timings(), request_id=req.request_id,
                                   prompt_tokens=len(req.prompt_ids))

@@ -23,11 +23,11 @@ import grpc
 
 from pdserve.v1 import kvstore_service_pb2 as pb
 from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
-from services.common.config import ConfigError, ServiceConfig, load_config
+from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import PdserveError, abort_with
 from services.common.registry import InstanceInfo
-from services.common.runtime import ServiceRuntime, host_id, setup_logging, wait_for_signal
-from services.common.telemetry import ATTR_REQUEST_ID, setup_telemetry, tracer
+from services.common.runtime import ServiceRuntime, host_id, run_main
+from services.common.telemetry import ATTR_REQUEST_ID, tracer
 from services.common.transport import TcpDataServer
 from services.kvstore.store import KvStore
 
@@ -152,19 +152,15 @@ class KvStoreService:
         await self.runtime.stop(cleanup)
 
 
-async def serve(cfg: KvStoreConfig) -> None:
+async def start(cfg: KvStoreConfig) -> tuple[KvStoreService]:
     svc = KvStoreService(cfg)
     await svc.start()
-    try:
-        await wait_for_signal()
-    finally:
-        await svc.stop()
+    return (svc,)
+
+
+async def stop(svc: KvStoreService) -> None:
+    await svc.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import sys
-
-    cfg = load_config(KvStoreConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-kvstore")
-    setup_logging(cfg.log_level)
-    setup_telemetry("pdserve-kvstore")
-    asyncio.run(serve(cfg))
+    run_main(KvStoreConfig, "kvstore", start, stop, argv)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
@@ -30,7 +29,6 @@ import grpc
 from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
-from services.common.config import load_config
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -39,24 +37,21 @@ from services.common.errors import (
     abort_with,
     from_rpc_error,
 )
-from services.common.registry import InstanceInfo, RegistryView
+from services.common.registry import RegistryView
 from services.common.runtime import (
     ServiceRuntime,
-    host_id,
     new_channel,
-    setup_logging,
-    wait_for_signal,
+    run_main,
 )
 from services.common.telemetry import (
     ATTR_KV_BYTES,
     ATTR_KV_TRANSPORT,
     ATTR_PROMPT_TOKENS,
     ATTR_REQUEST_ID,
-    setup_telemetry,
     tracer,
 )
 from services.common.transport import TransferError, get_transport
-from services.common.workers import ModelThread, WorkerConfig, now_ms
+from services.common.workers import ModelThread, WorkerConfig, now_ms, worker_info
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
@@ -255,12 +250,7 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
     await runtime.start(lambda s: pb_grpc.add_PrefillServiceServicer_to_server(servicer, s))
     servicer.view = RegistryView(runtime.redis)
     await servicer.view.start()
-    info = InstanceInfo(
-        instance_id=runtime.instance_id, role="prefill", group=cfg.group,
-        address=runtime.address, slots=cfg.slots, transports=("tcp",),
-        model_fingerprint=servicer.runner.fingerprint, host_id=host_id(),
-        started_unix=time.time())
-    await runtime.serving(info, servicer.load)
+    await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
     return runtime, servicer
 
 
@@ -275,16 +265,5 @@ async def stop(runtime: ServiceRuntime, servicer: PrefillServicer) -> None:
     await runtime.stop(cleanup)
 
 
-async def serve(cfg: WorkerConfig) -> None:
-    runtime, servicer = await start(cfg)
-    try:
-        await wait_for_signal()
-    finally:
-        await stop(runtime, servicer)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = load_config(WorkerConfig, sys.argv[1:] if argv is None else argv, prog="pdserve-prefill")
-    setup_logging(cfg.log_level)
-    setup_telemetry("pdserve-prefill")
-    asyncio.run(serve(cfg))
+    run_main(WorkerConfig, "prefill", start, stop, argv)
