@@ -85,9 +85,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             except (TransferError, ValueError) as e:
                 raise Unavailable(f"fetching KV failed: {e}", reason="KV_FETCH_FAILED",
                                   metadata={"request_id": rid}) from e
+        def restore():  # type: ignore[no-untyped-def]
+            # On the step thread: verify, then copy once into a cache sized for the request.
+            meta, layers = unpack_kv(buf, self.runner.fingerprint)
+            capacity = meta.num_tokens + request.max_new_tokens + 1
+            return meta, cache_from_layers(layers, self.runner.config, capacity)
+
         try:
-            meta, layers = await self.steps.run(unpack_kv, buf, self.runner.fingerprint)
-            cache = cache_from_layers(layers, self.runner.config)
+            meta, cache = await self.steps.run(restore)
         except KvFormatError as e:
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
             cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted
@@ -171,6 +176,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         out.CopyFrom(self.stats)
         out.active = len(self.active)
         out.kv_bytes_held = sum(self.active.values())
+        out.steps_total = self.steps.steps_total
+        out.step_seconds_total = self.steps.step_seconds_total
         return out
 
     def load(self) -> dict[str, float]:

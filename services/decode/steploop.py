@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -52,6 +53,8 @@ class StepLoop:
         self._active: list[DecodeSequence] = []
         self._cv = threading.Condition()
         self._stopped = False
+        self.steps_total = 0
+        self.step_seconds_total = 0.0
         self._thread = threading.Thread(target=self._run, name="decode-steps", daemon=True)
         self._thread.start()
 
@@ -104,6 +107,7 @@ class StepLoop:
                 if seq.cancelled:
                     self._finish(seq)
                     continue
+                t0 = time.perf_counter()
                 try:
                     seq.token = self.runner.decode_step(seq.token, seq.cache, seq.params)
                 except Exception as e:  # surfaced to the request, the loop keeps serving
@@ -111,6 +115,8 @@ class StepLoop:
                     seq.loop.call_soon_threadsafe(seq.queue.put_nowait, e)
                     self._finish(seq)
                     continue
+                self.steps_total += 1
+                self.step_seconds_total += time.perf_counter() - t0
                 seq.produced += 1
                 done = seq.token in seq.stop_ids or seq.produced >= seq.max_new_tokens
                 seq.loop.call_soon_threadsafe(seq.queue.put_nowait, (seq.token, done))

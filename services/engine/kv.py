@@ -61,10 +61,16 @@ def unpack_kv(
 
 
 def cache_from_layers(
-    layers: list[tuple[torch.Tensor, torch.Tensor]], config: PretrainedConfig
+    layers: list[tuple[torch.Tensor, torch.Tensor]], config: PretrainedConfig,
+    capacity: int = 0,
 ) -> DynamicCache:
+    """Rebuild a cache; with ``capacity`` (tokens) it is preallocated for decoding."""
     if len(layers) != config.num_hidden_layers:
         raise KvFormatError(
             f"KV has {len(layers)} layers, the model has {config.num_hidden_layers}"
         )
+    if capacity:
+        from services.engine.cache import preallocated_cache
+
+        return preallocated_cache(layers, config, capacity)
     return DynamicCache(ddp_cache_data=layers, config=config)

@@ -38,7 +38,7 @@ class GetDecodeStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetDecodeStatsResponse(_message.Message):
-    __slots__ = ("instance_id", "slots", "active", "kv_bytes_held", "completed_total", "cancelled_total", "failed_total")
+    __slots__ = ("instance_id", "slots", "active", "kv_bytes_held", "completed_total", "cancelled_total", "failed_total", "steps_total", "step_seconds_total")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,8 @@ class GetDecodeStatsResponse(_message.Message):
     COMPLETED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     slots: int
     active: int
@@ -53,4 +55,6 @@ class GetDecodeStatsResponse(_message.Message):
     completed_total: int
     cancelled_total: int
     failed_total: int
-    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ...) -> None: ...
+    steps_total: int
+    step_seconds_total: float
+    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., step_seconds_total: _Optional[float] = ...) -> None: ...
