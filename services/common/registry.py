@@ -23,17 +23,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.common.keys import GROUPS_KEY, instance_key, members_key
+
 log = logging.getLogger(__name__)
-
-GROUPS_KEY = "pdserve:groups"
-
-
-def members_key(group: str) -> str:
-    return f"pdserve:{{{group}}}:members"
-
-
-def instance_key(group: str, instance_id: str) -> str:
-    return f"pdserve:{{{group}}}:inst:{instance_id}"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from services.common.modelinfo import ModelInfo
 from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tokenizer import TextTokenizer
+from services.gateway.fwdqueue import ForwardingQueue
+from services.gateway.scheduling import Policy
 from services.gateway.servicer import GenerationServicer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -33,11 +35,19 @@ class GatewayConfig(ServiceConfig, ModelConfig):
     port: int = 50051
     default_max_tokens: int = 256  # when a request leaves max_tokens unset
     registry_poll_s: float = 0.5  # how often the routing table is refreshed from Redis
+    scheduler: str = "forward"  # forward | rr-queue | los-queue | reported-queue
+    queue_poll_s: float = 0.05  # forwarding-queue retry period when no slot-free hint arrives
+    max_queue_s: float = 60.0  # longest wait in the forwarding queue without a TTFT deadline
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.default_max_tokens <= 0:
             raise ConfigError("default_max_tokens must be > 0")
+        if self.scheduler not in {p.value for p in Policy}:
+            raise ConfigError(f"scheduler must be one of {[p.value for p in Policy]}, "
+                              f"got {self.scheduler!r}")
+        if self.queue_poll_s <= 0 or self.max_queue_s <= 0:
+            raise ConfigError("queue_poll_s and max_queue_s must be positive")
 
 
 async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer, RegistryView]:
@@ -46,17 +56,30 @@ async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer,
     tokenizer = TextTokenizer(info.path)
     view = RegistryView(runtime.redis, cfg.registry_poll_s)
     await view.start()
-    servicer = GenerationServicer(info, tokenizer, view, cfg.group, cfg.default_max_tokens)
+    policy = Policy(cfg.scheduler)
+    queue = None
+    if policy.rejects:
+        queue = ForwardingQueue(
+            runtime.redis, runtime.instance_id, cfg.queue_poll_s,
+            lambda: {i.instance_id for i in view.instances(role="gateway")})
+        await queue.start()
+    servicer = GenerationServicer(info, tokenizer, view, cfg.group, cfg.default_max_tokens,
+                                  policy, queue, cfg.max_queue_s)
     await runtime.start(lambda s: pb_grpc.add_GenerationServiceServicer_to_server(servicer, s))
     await runtime.serving(InstanceInfo(
         instance_id=runtime.instance_id, role="gateway", group=cfg.group,
         address=runtime.address, host_id=host_id(), started_unix=time.time()),
-        lambda: {"open_streams": float(sum(servicer.open_streams.values()))})
+        lambda: {"open_streams": float(sum(servicer.open_streams.values())),
+                 "rejections_total": float(servicer.admission.stats.rejections_total),
+                 "forwarded_total": float(servicer.admission.stats.forwarded_total),
+                 "queued_total": float(servicer.admission.stats.queued_total)})
     return runtime, servicer, view
 
 
 async def stop(runtime: ServiceRuntime, servicer: GenerationServicer, view: RegistryView) -> None:
     async def cleanup() -> None:
+        if servicer.admission.queue is not None:
+            await servicer.admission.queue.close()
         await view.close()
         await servicer.close()
 

@@ -30,14 +30,12 @@ from pdserve.v1 import (
     kvstore_service_pb2,
     kvstore_service_pb2_grpc,
     prefill_service_pb2,
-    prefill_service_pb2_grpc,
 )
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
 from services.common.errors import (
     DeadlineExceeded,
     PdserveError,
-    ResourceExhausted,
     Unavailable,
     abort_with,
     from_rpc_error,
@@ -53,7 +51,10 @@ from services.common.telemetry import (
     tracer,
 )
 from services.common.tokenizer import Detokenizer, TextTokenizer
+from services.gateway.admission import PrefillAdmission
+from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate, rank_decodes, rank_least_open_streams
+from services.gateway.scheduling import Policy
 from services.gateway.validation import ValidRequest, validate
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Progress:
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, info: ModelInfo, tokenizer: TextTokenizer, view: RegistryView,
-                 group: str, default_max_tokens: int) -> None:
+                 group: str, default_max_tokens: int, policy: Policy = Policy.FORWARD,
+                 queue: ForwardingQueue | None = None, max_queue_s: float = 60.0) -> None:
         self.info = info
         self.tok = tokenizer
         self.view = view
@@ -97,6 +99,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._rr = itertools.count()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.admission = PrefillAdmission(policy, self._ranked, self.channel, self.open_streams,
+                                          queue, max_queue_s)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -214,45 +218,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _prefill(self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams,
                        ttft_deadline: float | None, p: Progress,
                        ) -> tuple[int, grpc.aio.UnaryStreamCall, str]:
-        """Find a prefill that takes the request; return the first token and the
+        """Get the request into a prefill (``admission``); return the first token and the
         still-open call (the caller reads kv_ready from it, then closes it)."""
         preq = prefill_service_pb2.PrefillRequest(
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, sampling=sampling,
-            scenario=group, admission_mode=prefill_service_pb2.ADMISSION_MODE_QUEUE,
+            scenario=group,
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
             if ttft_deadline is not None else 0)
-        last_error: PdserveError | None = None
-        for inst in await self._ranked("prefill", group):
-            stub = prefill_service_pb2_grpc.PrefillServiceStub(self.channel(inst.address))
-            call = stub.Prefill(preq)
-            self.open_streams[inst.instance_id] += 1
-            started = handed = False
-            try:
-                async for ev in call:
-                    kind = ev.WhichOneof("event")
-                    if kind == "rejected":
-                        last_error = ResourceExhausted(
-                            f"prefill {inst.instance_id} rejected: {ev.rejected.message}",
-                            reason="PREFILL_REJECTED")
-                        break
-                    started = True
-                    if kind == "accepted":
-                        p.queue_ms = (time.monotonic() - p.t0) * 1e3
-                    elif kind == "first_token":
-                        p.prefill_ms = ev.first_token.prefill_ms
-                        handed = True
-                        return int(ev.first_token.token_id), call, inst.instance_id
-            except grpc.aio.AioRpcError as e:
-                err = from_rpc_error(e, f"prefill {inst.instance_id}")
-                # An instance that vanished before starting is skipped; anything else is final.
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise err from e
-                last_error = err
-            finally:
-                if not handed:
-                    call.cancel()
-                    self.open_streams[inst.instance_id] -= 1
-        raise last_error or Unavailable(f"no prefill in group {group!r} took the request")
+
+        def on_accepted() -> None:
+            p.queue_ms = (time.monotonic() - p.t0) * 1e3
+
+        got = await self.admission.admit(preq, group, on_accepted)
+        p.prefill_ms = got.prefill_ms
+        return got.first_token, got.call, got.instance_id
 
     @staticmethod
     async def _await_kv(call: grpc.aio.UnaryStreamCall, instance_id: str, p: Progress) -> float:

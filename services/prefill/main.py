@@ -37,6 +37,7 @@ from services.common.errors import (
     abort_with,
     from_rpc_error,
 )
+from services.common.keys import slotfree_channel
 from services.common.registry import RegistryView
 from services.common.runtime import (
     ServiceRuntime,
@@ -75,6 +76,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.stats = pb.GetPrefillStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
         self.view: RegistryView | None = None
         self._channels: dict[str, kvstore_service_pb2_grpc.KvStoreServiceStub] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     def _kvstore(self) -> tuple[str, kvstore_service_pb2_grpc.KvStoreServiceStub]:
         stores = self.view.instances(role="kvstore") if self.view else []
@@ -151,6 +153,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         finally:
             self.busy -= 1
             self.slots.release()
+            self._announce_free_slot()
 
     async def _run(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
@@ -215,6 +218,17 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             if handle:
                 await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
             raise
+
+    def _announce_free_slot(self) -> None:
+        """Wake gateways whose requests wait in this group's forwarding queue (a hint)."""
+        async def publish() -> None:
+            with contextlib.suppress(Exception):
+                await self.runtime.redis.publish(slotfree_channel(self.cfg.group),
+                                                 self.runtime.instance_id)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _release(stub: kvstore_service_pb2_grpc.KvStoreServiceStub, handle: str,

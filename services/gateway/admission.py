@@ -1,0 +1,176 @@
+"""Getting a request into a prefill: the live side of ``scheduling``.
+
+``forward`` (default): ask the group's prefills in policy order with
+ADMISSION_MODE_REJECT_IF_BUSY. A rejection costs one short RPC; the next prefill
+is asked at once. When all have rejected, the request enters the group's Redis
+forwarding queue and retries when a slot frees (or at the next poll), as long as
+it is among the first N waiting. The TTFT deadline bounds all of it: the caller's
+timeout ends the request with DEADLINE_EXCEEDED and the queue entry is removed.
+
+The queueing baselines send the request to one prefill with ADMISSION_MODE_QUEUE
+and let it wait there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.v1 import prefill_service_pb2, prefill_service_pb2_grpc
+from services.common.errors import (
+    DeadlineExceeded,
+    PdserveError,
+    ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
+)
+from services.common.registry import InstanceInfo
+from services.gateway.fwdqueue import ForwardingQueue
+from services.gateway.policy import Candidate
+from services.gateway.scheduling import BatchFiller, Load, Policy, may_retry, prefill_order
+
+
+@dataclass
+class Admitted:
+    first_token: int
+    call: grpc.aio.UnaryStreamCall
+    instance_id: str
+    prefill_ms: float
+
+
+@dataclass
+class AdmissionStats:
+    rejections_total: int = 0
+    forwarded_total: int = 0  # admitted by a prefill other than the first one asked
+    queued_total: int = 0  # had to wait in the forwarding queue
+
+
+class PrefillAdmission:
+    def __init__(
+        self,
+        policy: Policy,
+        find: Callable[[str, str], Awaitable[list[InstanceInfo]]],
+        channel: Callable[[str], grpc.aio.Channel],
+        open_streams: Counter[str],
+        queue: ForwardingQueue | None,
+        max_queue_s: float,
+    ) -> None:
+        self.policy = policy
+        self._find = find
+        self._channel = channel
+        self.open_streams = open_streams
+        self.queue = queue
+        self.max_queue_s = max_queue_s
+        self.filler = BatchFiller()
+        self.stats = AdmissionStats()
+        self._tick = itertools.count()
+
+    async def admit(self, preq: prefill_service_pb2.PrefillRequest, group: str,
+                    on_accepted: Callable[[], None]) -> Admitted:
+        mode = (prefill_service_pb2.ADMISSION_MODE_REJECT_IF_BUSY if self.policy.rejects
+                else prefill_service_pb2.ADMISSION_MODE_QUEUE)
+        preq.admission_mode = mode
+        rid = preq.request_id
+        rejected: set[str] = set()
+        asked = 0
+        queued = False
+        last_error: PdserveError | None = None
+        try:
+            while True:
+                insts = await self._find("prefill", group)
+                by_id = {i.instance_id: i for i in insts}
+                cands = [Candidate(i.instance_id, i.slots) for i in insts]
+                loads = {i.instance_id: Load(i.load.get("busy", 0.0), i.load.get("queued", 0.0),
+                                             i.load.get("slots", float(i.slots or 1)))
+                         for i in insts}
+                order = prefill_order(self.policy, group, cands, self.open_streams,
+                                      next(self._tick), self.filler, loads, frozenset(rejected))
+                for cand in order:
+                    asked += 1
+                    try:
+                        got = await self._try(by_id[cand.instance_id], preq, on_accepted)
+                    except _Vanished as e:  # gone before it started: ask the next one
+                        rejected.add(cand.instance_id)
+                        last_error = e.err
+                        continue
+                    if got is None:
+                        self.stats.rejections_total += 1
+                        self.filler.on_reject(group, cand.instance_id)
+                        rejected.add(cand.instance_id)
+                        continue
+                    self.filler.on_accept(group, cand.instance_id)
+                    if asked > 1:
+                        self.stats.forwarded_total += 1
+                    return got
+                if not self.policy.rejects:
+                    raise last_error or Unavailable(f"no prefill in group {group!r} is reachable",
+                                                    reason="NO_PREFILL")
+                if self.queue is None:
+                    raise ResourceExhausted(f"every prefill of group {group!r} is busy",
+                                            reason="PREFILLS_BUSY", metadata={"group": group})
+                if not queued:
+                    deadline_ms = preq.ttft_deadline_unix_ms or \
+                        (time.time() + self.max_queue_s) * 1000
+                    await self.queue.enter(group, rid, deadline_ms)
+                    queued = True
+                    self.stats.queued_total += 1
+                while True:
+                    await self.queue.wait(group)
+                    rank = await self.queue.rank(group, rid)
+                    if rank is None:
+                        raise DeadlineExceeded(
+                            "the request waited in the forwarding queue past its deadline",
+                            metadata={"group": group})
+                    if may_retry(rank, len(cands)):
+                        break
+                rejected.clear()
+        finally:
+            if queued and self.queue is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.queue.leave(group, rid))
+
+    async def _try(self, inst: InstanceInfo, preq: prefill_service_pb2.PrefillRequest,
+                   on_accepted: Callable[[], None]) -> Admitted | None:
+        """Ask one prefill. None: rejected. ``_Vanished``: unreachable before it started,
+        so another prefill may be asked. Any other failure ends the request."""
+        stub = prefill_service_pb2_grpc.PrefillServiceStub(self._channel(inst.address))
+        call = stub.Prefill(preq)
+        self.open_streams[inst.instance_id] += 1
+        started = handed = False
+        try:
+            async for ev in call:
+                kind = ev.WhichOneof("event")
+                if kind == "rejected":
+                    return None
+                started = True
+                if kind == "accepted":
+                    on_accepted()
+                elif kind == "first_token":
+                    handed = True
+                    return Admitted(int(ev.first_token.token_id), call, inst.instance_id,
+                                    ev.first_token.prefill_ms)
+            raise Unavailable(f"prefill {inst.instance_id} ended without a first token")
+        except grpc.aio.AioRpcError as e:
+            err = from_rpc_error(e, f"prefill {inst.instance_id}")
+            if not started and e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _Vanished(err) from e
+            raise err from e
+        finally:
+            if not handed:
+                call.cancel()
+                self.open_streams[inst.instance_id] -= 1
+
+
+class _Vanished(Exception):
+    """The prefill was unreachable before it started the request."""
+
+    def __init__(self, err: PdserveError) -> None:
+        super().__init__(str(err))
+        self.err = err
