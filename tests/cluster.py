@@ -36,12 +36,16 @@ class Cluster:
     group: str = field(default_factory=lambda: f"g{uuid.uuid4().hex[:8]}")
     kvstore_overrides: dict[str, Any] = field(default_factory=dict)
     worker_overrides: dict[str, Any] = field(default_factory=dict)
+    gateway_overrides: dict[str, Any] = field(default_factory=dict)
+    gateways: int = 1
+    start_kvstore: bool = True
 
     async def __aenter__(self) -> Cluster:
         base = dict(redis_url=self.redis_url, group=self.group, heartbeat_s=0.2,
                     registry_ttl_s=3.0, grace_s=0.5)
         self.kvstore = KvStoreService(KvStoreConfig(**base, **self.kvstore_overrides))
-        await self.kvstore.start()
+        if self.start_kvstore:
+            await self.kvstore.start()
         wcfg = WorkerConfig(**base, model=self.model, **self.worker_overrides)
         self.prefill_nodes = [
             await prefill_main.start(replace(wcfg, instance_id=f"p{i}-{self.group}"))
@@ -49,29 +53,39 @@ class Cluster:
         self.decode_nodes = [
             await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}"))
             for i in range(self.decodes)]
-        gcfg = gateway_main.GatewayConfig(**base, port=0, model=self.model, registry_poll_s=0.1)
-        self.gateway = await gateway_main.start(gcfg)
-        await self.gateway[2].refresh()
-        self.channel = new_channel(self.gateway[0].address)
-        self.stub = generation_service_pb2_grpc.GenerationServiceStub(self.channel)
+        gcfg = gateway_main.GatewayConfig(**base, port=0, model=self.model, registry_poll_s=0.1,
+                                          **self.gateway_overrides)
+        self.gateway_nodes = [
+            await gateway_main.start(replace(gcfg, instance_id=f"gw{i}-{self.group}"))
+            for i in range(self.gateways)]
+        self.gateway = self.gateway_nodes[0]
+        for _, _, view in self.gateway_nodes:
+            await view.refresh()
+        self.channels = [new_channel(rt.address) for rt, _, _ in self.gateway_nodes]
+        self.stubs = [generation_service_pb2_grpc.GenerationServiceStub(c) for c in self.channels]
+        self.channel, self.stub = self.channels[0], self.stubs[0]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.channel.close()
-        await gateway_main.stop(*self.gateway)
+        for ch in self.channels:
+            await ch.close()
+        for node in self.gateway_nodes:
+            await gateway_main.stop(*node)
         for rt, sv in self.decode_nodes:
             await decode_main.stop(rt, sv)
         for rt, sv in self.prefill_nodes:
             await prefill_main.stop(rt, sv)
-        await self.kvstore.stop()
+        if self.start_kvstore:
+            await self.kvstore.stop()
 
     async def generate(
-        self, **kw: Any
+        self, gateway: int = 0, **kw: Any
     ) -> tuple[list[int], str, generation_service_pb2.GenerateResponse]:
         ids: list[int] = []
         text = ""
         last = None
-        async for msg in self.stub.Generate(generation_service_pb2.GenerateRequest(**kw)):
+        stub = self.stubs[gateway]
+        async for msg in stub.Generate(generation_service_pb2.GenerateRequest(**kw)):
             ids.extend(msg.token_ids)
             text += msg.text
             last = msg

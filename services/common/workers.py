@@ -23,6 +23,9 @@ class WorkerConfig(ServiceConfig, ModelConfig):
 
     slots: int = 4  # concurrent requests admitted (b_p for prefill, b_d for decode)
     kv_checksum: bool = True  # crc32 over the KV payload, verified before decoding
+    # Emulation for scheduling experiments on small machines: extra prefill time per prompt
+    # token, spent on the model thread (so it occupies the slot like real compute). 0 = off.
+    emulate_prefill_ms_per_token: float = 0.0
 
 
 class ModelThread:

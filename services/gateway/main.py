@@ -38,6 +38,7 @@ class GatewayConfig(ServiceConfig, ModelConfig):
     scheduler: str = "forward"  # forward | rr-queue | los-queue | reported-queue
     queue_poll_s: float = 0.05  # forwarding-queue retry period when no slot-free hint arrives
     max_queue_s: float = 60.0  # longest wait in the forwarding queue without a TTFT deadline
+    unknown_scenario: str = "default"  # a scenario with no group: "default" routes, "refuse"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +47,8 @@ class GatewayConfig(ServiceConfig, ModelConfig):
         if self.scheduler not in {p.value for p in Policy}:
             raise ConfigError(f"scheduler must be one of {[p.value for p in Policy]}, "
                               f"got {self.scheduler!r}")
+        if self.unknown_scenario not in ("default", "refuse"):
+            raise ConfigError("unknown_scenario must be 'default' or 'refuse'")
         if self.queue_poll_s <= 0 or self.max_queue_s <= 0:
             raise ConfigError("queue_poll_s and max_queue_s must be positive")
 
@@ -64,7 +67,8 @@ async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer,
             lambda: {i.instance_id for i in view.instances(role="gateway")})
         await queue.start()
     servicer = GenerationServicer(info, tokenizer, view, cfg.group, cfg.default_max_tokens,
-                                  policy, queue, cfg.max_queue_s)
+                                  policy, queue, cfg.max_queue_s,
+                                  refuse_unknown_scenario=cfg.unknown_scenario == "refuse")
     await runtime.start(lambda s: pb_grpc.add_GenerationServiceServicer_to_server(servicer, s))
     await runtime.serving(InstanceInfo(
         instance_id=runtime.instance_id, role="gateway", group=cfg.group,

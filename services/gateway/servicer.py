@@ -35,6 +35,7 @@ from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
 from services.common.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     PdserveError,
     Unavailable,
     abort_with,
@@ -89,7 +90,9 @@ class Progress:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, info: ModelInfo, tokenizer: TextTokenizer, view: RegistryView,
                  group: str, default_max_tokens: int, policy: Policy = Policy.FORWARD,
-                 queue: ForwardingQueue | None = None, max_queue_s: float = 60.0) -> None:
+                 queue: ForwardingQueue | None = None, max_queue_s: float = 60.0,
+                 refuse_unknown_scenario: bool = False) -> None:
+        self.refuse_unknown_scenario = refuse_unknown_scenario
         self.info = info
         self.tok = tokenizer
         self.view = view
@@ -125,6 +128,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         cands = [Candidate(i.instance_id, i.slots) for i in found]
         rank = rank_decodes if role == "decode" else rank_least_open_streams
         return [by_id[c.instance_id] for c in rank(cands, self.open_streams, next(self._rr))]
+
+    async def _group_for(self, scenario: str) -> str:
+        """A request's scenario picks its group; an unknown one goes to the default group
+        or is refused (``unknown_scenario``). Known = some instance serves it."""
+        if not scenario or scenario == self.default_group:
+            return self.default_group
+        if not self.view.instances(group=scenario):
+            await self.view.refresh()
+        if self.view.instances(group=scenario):
+            return scenario
+        if self.refuse_unknown_scenario:
+            raise InvalidArgument(f"unknown scenario {scenario!r}: no scenario group serves it",
+                                  reason="UNKNOWN_SCENARIO", metadata={"scenario": scenario})
+        return self.default_group
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -163,7 +180,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _generate(
         self, req: ValidRequest, context: grpc.aio.ServicerContext, p: Progress
     ) -> AsyncIterator[pb.GenerateResponse]:
-        group = req.scenario or self.default_group
+        group = await self._group_for(req.scenario)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         ttft_deadline = p.t0 + req.ttft_deadline_ms / 1e3 if req.ttft_deadline_ms else None

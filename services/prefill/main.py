@@ -56,6 +56,7 @@ from services.common.workers import ModelThread, WorkerConfig, now_ms, worker_in
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
+    from services.engine.sampling import Sampling
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -173,7 +174,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
             t0 = time.monotonic()
             first, cache = await self.thread.run(
-                self.runner.prefill, list(request.prompt_token_ids), params)
+                self._compute, list(request.prompt_token_ids), params)
             prefill_ms = (time.monotonic() - t0) * 1e3
         self._deadline_passed(request, "after")
         t_first = time.monotonic()
@@ -218,6 +219,12 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             if handle:
                 await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
             raise
+
+    def _compute(self, ids: list[int], params: Sampling):  # type: ignore[no-untyped-def]
+        out = self.runner.prefill(ids, params)
+        if self.cfg.emulate_prefill_ms_per_token > 0:
+            time.sleep(len(ids) * self.cfg.emulate_prefill_ms_per_token / 1000.0)
+        return out
 
     def _announce_free_slot(self) -> None:
         """Wake gateways whose requests wait in this group's forwarding queue (a hint)."""

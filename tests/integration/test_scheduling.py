@@ -1,0 +1,110 @@
+"""P/D-Serve scheduling in the real services: forwarding upon rejection, the shared
+Redis queue, multiple gateways, scenario-group isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import pytest
+
+from pdserve.v1 import generation_service_pb2
+from services.common.errors import error_info
+from tests.cluster import Cluster
+
+pytestmark = pytest.mark.integration
+SLOW = {"slots": 1, "emulate_prefill_ms_per_token": 2.0}  # 800 tokens ~ 1.6 s, 100 ~ 0.2 s
+
+
+async def _ttft(cluster: Cluster, ids: list[int], gateway: int = 0) -> float:
+    t0 = time.monotonic()
+    stub = cluster.stubs[gateway]
+    async for msg in stub.Generate(generation_service_pb2.GenerateRequest(
+            prompt_token_ids=ids, max_tokens=2)):
+        if msg.token_ids:
+            return time.monotonic() - t0
+    raise AssertionError("no token")
+
+
+async def _paper_example(cluster: Cluster) -> tuple[float, list[float]]:
+    """One long prompt and three short ones at once, two prefills with b_p = 1."""
+    long = asyncio.create_task(_ttft(cluster, [5] * 800))
+    await asyncio.sleep(0.05)  # the long one is admitted first, as in the paper's figure
+    shorts = await asyncio.gather(*(_ttft(cluster, [6 + i] * 100) for i in range(3)))
+    return await long, list(shorts)
+
+
+async def test_forwarding_no_short_prompt_waits_behind_the_long_one(redis_url: str) -> None:
+    async with Cluster(redis_url, prefills=2, worker_overrides=SLOW) as c:
+        long_ttft, shorts = await _paper_example(c)
+        assert max(shorts) < long_ttft / 2, (long_ttft, shorts)
+        stats = c.gateway[1].admission.stats
+        assert stats.rejections_total >= 1 and stats.forwarded_total >= 1
+
+
+async def test_round_robin_local_queue_parks_a_short_prompt_behind_the_long_one(
+    redis_url: str,
+) -> None:
+    async with Cluster(redis_url, prefills=2, worker_overrides=SLOW,
+                       gateway_overrides={"scheduler": "rr-queue"}) as c:
+        long_ttft, shorts = await _paper_example(c)
+        assert max(shorts) > long_ttft * 0.9, (long_ttft, shorts)  # the baseline's failure
+
+
+async def test_requests_past_their_deadline_in_the_queue_end_with_deadline_exceeded(
+    redis_url: str,
+) -> None:
+    async with Cluster(redis_url, prefills=1, worker_overrides=SLOW) as c:
+        busy = asyncio.create_task(_ttft(c, [5] * 600))  # holds the only slot ~1.2 s
+        await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.generate(prompt_token_ids=[7] * 50, max_tokens=2, ttft_deadline_ms=300)
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await busy
+        await asyncio.sleep(0.1)
+        queue = c.gateway[1].admission.queue
+        assert queue is not None and await queue.depth(c.group) == 0  # nothing left queued
+        assert (await c.kv_stats()).bytes_held == 0
+
+
+async def test_two_gateways_share_one_queue_no_request_lost_or_served_twice(
+    redis_url: str,
+) -> None:
+    async with Cluster(redis_url, prefills=1, gateways=2,
+                       worker_overrides={"slots": 1, "emulate_prefill_ms_per_token": 0.5}) as c:
+        rids = [f"mg-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+        results = await asyncio.gather(*(
+            c.generate(gateway=i % 2, prompt_token_ids=[9 + i] * 100, max_tokens=3,
+                       request_id=rid) for i, rid in enumerate(rids)))
+        assert [r[2].request_id for r in results] == rids  # each stream got its own answer
+        prefill = (await c.prefill_stats())[0]
+        assert prefill.accepted_total == 8 and prefill.completed_total == 8  # once each
+        queued = sum(n[1].admission.stats.queued_total for n in c.gateway_nodes)
+        assert queued >= 2  # both gateways' requests really waited in the shared queue
+        for node in c.gateway_nodes:
+            assert node[1].admission.queue is not None
+        assert await c.gateway_nodes[0][1].admission.queue.depth(c.group) == 0  # type: ignore[union-attr]
+
+
+async def test_scenario_groups_are_isolated(redis_url: str) -> None:
+    async with Cluster(redis_url) as a, Cluster(redis_url) as b:
+        await a.gateway[2].refresh()
+        await a.generate(prompt="to group b", scenario=b.group, max_tokens=3)
+        await a.generate(prompt="to group a", max_tokens=3)
+        (pa,), (pb,) = await a.prefill_stats(), await b.prefill_stats()
+        assert pa.accepted_total == 1 and pb.accepted_total == 1
+        da, db = await a.decode_stats(), await b.decode_stats()
+        assert sum(d.completed_total for d in da) == 1 and sum(d.completed_total for d in db) == 1
+
+
+async def test_unknown_scenario_goes_to_default_or_is_refused(redis_url: str) -> None:
+    async with Cluster(redis_url, gateway_overrides={"unknown_scenario": "refuse"}) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.generate(prompt="hi", scenario="no-such-group", max_tokens=2)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(exc.value).reason == "UNKNOWN_SCENARIO"  # type: ignore[union-attr]
+    async with Cluster(redis_url) as c:
+        ids, _, _ = await c.generate(prompt="hi", scenario="no-such-group", max_tokens=2)
+        assert len(ids) >= 1
