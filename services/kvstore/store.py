@@ -71,6 +71,12 @@ class KvStore:
             raise InvalidArgument("ReserveKv needs a request_id")
         if nbytes <= 0:
             raise InvalidArgument(f"ReserveKv needs nbytes > 0, got {nbytes}")
+        if nbytes > self.capacity_bytes:
+            self.counters.rejected_total += 1
+            raise ResourceExhausted(
+                f"a {nbytes}-byte KV can never fit this kvstore's {self.capacity_bytes}-byte "
+                "capacity; shorten the prompt or raise PDSERVE_CAPACITY_BYTES",
+                reason="KV_TOO_LARGE", metadata={"request_id": request_id})
         if self.bytes_held + nbytes > self.capacity_bytes:
             self.counters.rejected_total += 1
             raise ResourceExhausted(

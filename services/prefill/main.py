@@ -138,13 +138,15 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         finally:
             self.queued -= 1
         self.busy += 1
-        self.stats.accepted_total += 1
         try:
             run = self._run(request, context, (time.monotonic() - t_arrive) * 1e3)
+            rejected = False
             async with contextlib.aclosing(run) as events:
                 async for msg in events:
+                    rejected = msg.WhichOneof("event") == "rejected"
                     yield msg
-            self.stats.completed_total += 1
+            if not rejected:
+                self.stats.completed_total += 1
         except asyncio.CancelledError:
             self.stats.cancelled_total += 1
             raise
@@ -159,43 +161,56 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
     async def _run(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
     ) -> AsyncIterator[pb.PrefillResponse]:
+        from services.common.kvlayout import kv_nbytes
         from services.engine.kv import pack_kv
         from services.engine.sampling import Sampling
 
         rid = request.request_id
         self._deadline_passed(request, "before")
-        yield pb.PrefillResponse(accepted=pb.PrefillAccepted(
-            instance_id=self.runtime.instance_id, queue_ms=queue_ms))
-        sp = request.sampling
-        params = Sampling(sp.temperature, sp.top_p or 1.0,
-                          sp.seed if sp.HasField("seed") else None)
-        with _tracer.start_as_current_span("prefill.compute") as span:
-            span.set_attribute(ATTR_REQUEST_ID, rid)
-            span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
-            t0 = time.monotonic()
-            first, cache = await self.thread.run(
-                self._compute, list(request.prompt_token_ids), params)
-            prefill_ms = (time.monotonic() - t0) * 1e3
-        self._deadline_passed(request, "after")
-        t_first = time.monotonic()
-        yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first, prefill_ms=prefill_ms))
-
-        meta, buf = await self.thread.run(pack_kv, cache, self.runner.fingerprint,
-                                          self.cfg.kv_checksum)
-        del cache
+        # Reserve the KV buffer before computing (P/D-Serve reserves for every admitted
+        # prompt): a full kvstore becomes a rejection the gateway can forward around.
+        info = self.runner.info
+        nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim,
+                           len(request.prompt_token_ids), info.kv_dtype)
         address, kvstore = self._kvstore()
-        handle = ""
         try:
+            res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+                request_id=rid, nbytes=nbytes), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
+            if err.reason == "KV_CAPACITY" and \
+                    request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
+                self.stats.rejected_total += 1
+                yield pb.PrefillResponse(rejected=pb.PrefillRejected(
+                    reason=pb.REJECT_REASON_KV_CAPACITY, message=err.message))
+                return
+            raise err from e
+        handle = res.handle
+        try:
+            self.stats.accepted_total += 1
+            yield pb.PrefillResponse(accepted=pb.PrefillAccepted(
+                instance_id=self.runtime.instance_id, queue_ms=queue_ms))
+            sp = request.sampling
+            params = Sampling(sp.temperature, sp.top_p or 1.0,
+                              sp.seed if sp.HasField("seed") else None)
+            with _tracer.start_as_current_span("prefill.compute") as span:
+                span.set_attribute(ATTR_REQUEST_ID, rid)
+                span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
+                t0 = time.monotonic()
+                first, cache = await self.thread.run(
+                    self._compute, list(request.prompt_token_ids), params)
+                prefill_ms = (time.monotonic() - t0) * 1e3
+            self._deadline_passed(request, "after")
+            t_first = time.monotonic()
+            yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first,
+                                                               prefill_ms=prefill_ms))
+            meta, buf = await self.thread.run(pack_kv, cache, self.runner.fingerprint,
+                                              self.cfg.kv_checksum)
+            del cache
             with _tracer.start_as_current_span("kv.push") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
                 span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
-                span.set_attribute(ATTR_KV_TRANSPORT, "tcp")
-                try:
-                    res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-                        request_id=rid, nbytes=buf.nbytes), timeout=10)
-                except grpc.aio.AioRpcError as e:
-                    raise from_rpc_error(e, "reserving KV at the kvstore", request_id=rid) from e
-                handle = res.handle
+                span.set_attribute(ATTR_KV_TRANSPORT, res.transport)
                 transport = get_transport(res.transport)
                 try:
                     await transport.put(res.data_address, handle, rid, memoryview(buf))
@@ -216,8 +231,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 if not handed_off:
                     await self._release(kvstore, handle, rid, "cancelled before handoff")
         except BaseException:
-            if handle:
-                await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
+            await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
             raise
 
     def _compute(self, ids: list[int], params: Sampling):  # type: ignore[no-untyped-def]

@@ -91,12 +91,12 @@ async def test_a_guessed_handle_reads_nothing(cluster: Cluster) -> None:
     assert (await cluster.kv_stats()).bytes_held == 0
 
 
-async def test_kvstore_full_is_resource_exhausted(redis_url: str) -> None:
+async def test_kv_larger_than_the_kvstore_fails_fast(redis_url: str) -> None:
     async with Cluster(redis_url, kvstore_overrides={"capacity_bytes": 1024}) as c:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await c.generate(prompt="this KV will not fit", max_tokens=4)
         assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error_info(exc.value).reason == "KV_CAPACITY"  # type: ignore[union-attr]
+        assert error_info(exc.value).reason == "KV_TOO_LARGE"  # type: ignore[union-attr]
         stats = await c.kv_stats()
         assert stats.rejected_total == 1 and stats.bytes_held == 0
         prefill = (await c.prefill_stats())[0]

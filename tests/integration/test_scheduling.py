@@ -108,3 +108,22 @@ async def test_unknown_scenario_goes_to_default_or_is_refused(redis_url: str) ->
     async with Cluster(redis_url) as c:
         ids, _, _ = await c.generate(prompt="hi", scenario="no-such-group", max_tokens=2)
         assert len(ids) >= 1
+
+
+async def test_a_full_kvstore_makes_prefill_reject_and_the_request_is_forwarded(
+    redis_url: str,
+) -> None:
+    from services.common.kvlayout import kv_nbytes
+    from services.common.modelinfo import ModelInfo
+
+    info = ModelInfo.load("tiny")
+    one = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, 200, info.kv_dtype)
+    async with Cluster(redis_url, prefills=2, kvstore_overrides={"capacity_bytes": one},
+                       worker_overrides={"emulate_prefill_ms_per_token": 1.0}) as c:
+        results = await asyncio.gather(*(
+            c.generate(prompt_token_ids=[11 + i] * 200, max_tokens=3) for i in range(2)))
+        assert all(len(ids) >= 1 for ids, _, _ in results)
+        stats = await c.prefill_stats()
+        assert sum(s.rejected_total for s in stats) >= 1  # REJECT_REASON_KV_CAPACITY
+        assert sum(s.completed_total for s in stats) == 2
+        assert (await c.kv_stats()).bytes_held == 0

@@ -305,3 +305,10 @@ def test_many_mixed_scenarios_leak_nothing(clock: Clock) -> None:
     clock.advance(LEASE)
     assert len(s.expire()) == 12
     assert s.bytes_held == 0 and not s.entries and s.counters.expired_total == 12
+
+
+def test_a_kv_larger_than_the_whole_capacity_fails_fast(store: KvStore) -> None:
+    with pytest.raises(ResourceExhausted) as exc:
+        store.reserve("huge", store.capacity_bytes + 1)
+    assert exc.value.reason == "KV_TOO_LARGE"  # final, unlike KV_CAPACITY (wait and retry)
+    assert store.bytes_held == 0 and store.counters.rejected_total == 1
