@@ -21,9 +21,15 @@ ROLES = ("gateway", "prefill", "decode", "kvstore")
 def _up(args: argparse.Namespace) -> int:
     from services.launcher import UpOptions, run_up
 
+    model = f"mock:{args.profile}" if args.engine == "mock" else args.model
+    env = {"PDSERVE_SCHEDULER": args.scheduler}
+    if args.scheduler == "reported-queue":
+        env["PDSERVE_HEARTBEAT_S"] = "0.1"  # load reports every 100 ms, as in the paper
+        env["PDSERVE_REGISTRY_POLL_S"] = "0.1"
     return run_up(UpOptions(
-        prefill=args.prefill, decode=args.decode, model=args.model, host=args.host,
-        port=args.port, log_dir=args.log_dir, groups=args.groups or ""))
+        prefill=args.prefill, decode=args.decode, model=model, host=args.host,
+        port=args.port, log_dir=args.log_dir, groups=args.groups or "", extra_env=env,
+        prefill_slots=args.slots))
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
@@ -121,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--groups", help="scenario groups, e.g. code:2p1d,conv:3p2d")
     up.add_argument("--model", default="smollm2", help="smollm2, tiny, or a checkpoint dir")
+    up.add_argument("--engine", choices=("torch", "mock"), default="torch",
+                    help="mock: workers take the time a latency profile says (no torch)")
+    up.add_argument("--profile", default="smollm2-cpu",
+                    help="mock engine profile: built-in name or a .json path")
+    up.add_argument("--scheduler", default="forward",
+                    help="forward | rr-queue | los-queue | reported-queue")
+    up.add_argument("--slots", type=int, default=0, help="prefill batch slots b_p (0: default)")
     up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
     up.add_argument("--log-dir", default="", help="per-process logs (default: a temp dir)")

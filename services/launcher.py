@@ -59,6 +59,7 @@ class UpOptions:
     log_dir: str = ""
     startup_timeout_s: float = 300.0
     groups: str = ""  # "name:NpMd,..." (several scenario groups); overrides prefill/decode
+    prefill_slots: int = 0  # b_p; 0 keeps the worker default
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -111,9 +112,9 @@ class Launcher:
         if not self.redis_url:
             self.redis = EmbeddedRedis(str(self.dir / "redis"))
             self.redis_url = self.redis.start()
-        from services.common.modelinfo import model_dir
+        from services.common.modelinfo import ModelInfo
 
-        model_dir(self.opts.model)  # prepare once, before N workers race for it
+        ModelInfo.load(self.opts.model)  # prepare once, before N workers race for it
         groups = (parse_groups(self.opts.groups) if self.opts.groups
                   else [("default", self.opts.prefill, self.opts.decode)])
         first_group = groups[0][0]
@@ -121,7 +122,10 @@ class Launcher:
         for g, n_p, n_d in groups:
             prefix = "" if g == "default" else f"{g}-"
             for i in range(n_p):
-                self._spawn(f"{prefix}prefill-{i}", "prefill", {"PDSERVE_GROUP": g})
+                env = {"PDSERVE_GROUP": g}
+                if self.opts.prefill_slots:
+                    env["PDSERVE_SLOTS"] = str(self.opts.prefill_slots)
+                self._spawn(f"{prefix}prefill-{i}", "prefill", env)
             for i in range(n_d):
                 self._spawn(f"{prefix}decode-{i}", "decode", {"PDSERVE_GROUP": g})
         self._wait_ready()  # workers first, so the gateway's first routing table is complete

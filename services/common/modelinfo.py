@@ -78,6 +78,8 @@ class ModelInfo:
 
     @staticmethod
     def load(spec: str, cache_dir: str = "") -> ModelInfo:
+        if spec.startswith("mock:"):
+            return ModelInfo._mock(spec, cache_dir)
         path = model_dir(spec, cache_dir)
         cfg: dict[str, Any] = json.loads((path / "config.json").read_text())
         gen_path = path / "generation_config.json"
@@ -97,3 +99,17 @@ class ModelInfo:
             head_dim=head_dim,
             kv_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         )
+
+    @staticmethod
+    def _mock(spec: str, cache_dir: str) -> ModelInfo:
+        """A modelled model (mock engine): shapes and limits from the profile; the byte-level
+        tokenizer of ``tiny`` so text prompts and mock tokens are printable."""
+        from services.engine.mock import profile_path  # no torch in that module
+
+        prof = json.loads(profile_path(spec.removeprefix("mock:")).read_text())
+        m = prof["model"]
+        return ModelInfo(
+            name=spec, path=model_dir("tiny", cache_dir), vocab_size=int(m["vocab_size"]),
+            max_context=int(m["max_context"]), eos_token_ids=(),
+            num_layers=int(m["num_layers"]), num_kv_heads=int(m["num_kv_heads"]),
+            head_dim=int(m["head_dim"]), kv_dtype=str(m["kv_dtype"]))

@@ -118,20 +118,35 @@ class Registration:
 async def list_instances(
     client: aioredis.Redis, group: str | None = None
 ) -> list[InstanceInfo]:
-    """Live instances of one group, or of all groups, pruning expired member ids."""
+    """Live instances of one group, or of all groups. Prunes member ids whose lease
+    expired and groups left with no members (a racing registration re-adds itself at
+    its next heartbeat). Two round trips in all, however many groups there are."""
     groups = [group] if group is not None else sorted(
         g.decode() for g in await client.smembers(GROUPS_KEY)
     )
+    if not groups:
+        return []
+    async with client.pipeline(transaction=False) as pipe:
+        for g in groups:
+            pipe.smembers(members_key(g))
+        member_sets = await pipe.execute()
+    ids_by_group = {g: sorted(i.decode() for i in m) for g, m in zip(groups, member_sets,
+                                                                    strict=True)}
+    keys = [instance_key(g, i) for g in groups for i in ids_by_group[g]]
+    raws = await client.mget(keys) if keys else []
     out: list[InstanceInfo] = []
-    for g in groups:
-        ids = sorted(i.decode() for i in await client.smembers(members_key(g)))
-        if not ids:
-            continue
-        raws = await client.mget([instance_key(g, i) for i in ids])
-        dead = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
-        if dead:
-            await client.srem(members_key(g), *dead)
-        out.extend(InstanceInfo.from_json(raw) for raw in raws if raw is not None)
+    it = iter(raws)
+    async with client.pipeline(transaction=False) as pipe:
+        for g in groups:
+            ids = ids_by_group[g]
+            got = [next(it) for _ in ids]
+            dead = [i for i, raw in zip(ids, got, strict=True) if raw is None]
+            if dead:
+                pipe.srem(members_key(g), *dead)
+            if len(dead) == len(ids):
+                pipe.srem(GROUPS_KEY, g)
+            out.extend(InstanceInfo.from_json(raw) for raw in got if raw is not None)
+        await pipe.execute()
     return out
 
 

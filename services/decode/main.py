@@ -68,8 +68,6 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
 
     async def _fetch(self, request: pb.DecodeRequest):  # type: ignore[no-untyped-def]
-        from services.engine.kv import cache_from_layers, unpack_kv
-
         kv, rid = request.kv, request.request_id
         if kv.model_fingerprint and kv.model_fingerprint != self.runner.fingerprint:
             raise FailedPrecondition(
@@ -85,14 +83,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             except (TransferError, ValueError) as e:
                 raise Unavailable(f"fetching KV failed: {e}", reason="KV_FETCH_FAILED",
                                   metadata={"request_id": rid}) from e
-        def restore():  # type: ignore[no-untyped-def]
-            # On the step thread: verify, then copy once into a cache sized for the request.
-            meta, layers = unpack_kv(buf, self.runner.fingerprint)
-            capacity = meta.num_tokens + request.max_new_tokens + 1
-            return meta, cache_from_layers(layers, self.runner.config, capacity)
-
         try:
-            meta, cache = await self.steps.run(restore)
+            meta, cache = await self.steps.run(self.runner.restore, buf,
+                                               request.max_new_tokens)
         except KvFormatError as e:
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
             cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted
@@ -186,12 +179,12 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
-    from services.engine.runner import ModelRunner
+    from services.engine.factory import load_runner
 
     runtime = ServiceRuntime(cfg, "decode", [SERVICE])
     steps = StepLoop()
     # Load on the step thread: the event loop keeps serving health and heartbeats.
-    runner = await steps.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
+    runner = await steps.run(load_runner, cfg.model, cfg.cache_dir, cfg.torch_threads)
     await steps.run(runner.warmup)
     steps.runner = runner
     servicer = DecodeServicer(cfg, runtime, runner, steps)

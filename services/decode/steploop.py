@@ -103,6 +103,9 @@ class StepLoop:
                     except BaseException as e:
                         fut.set_exception(e)
             assert self.runner is not None or not batch
+            if batch and hasattr(self.runner, "batch_contexts"):
+                # The mock engine prices a step by the whole round's contexts.
+                self.runner.batch_contexts = [getattr(s.cache, "length", 0) for s in batch]
             for seq in batch:
                 if seq.cancelled:
                     self._finish(seq)

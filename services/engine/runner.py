@@ -14,10 +14,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from services.common.kvlayout import KvMeta
 from services.common.modelinfo import ModelInfo, fingerprint
+from services.engine.kv import cache_from_layers, pack_kv, unpack_kv
 from services.engine.sampling import Sampling, sample
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,15 @@ class ModelRunner:
         out = self.model(input_ids=torch.tensor([[token]], dtype=torch.long),
                          past_key_values=cache, use_cache=True)
         return sample(out.logits[0, -1], params, position)
+
+    def pack(self, cache: DynamicCache, checksum: bool) -> tuple[KvMeta, np.ndarray]:
+        """The request's KV as one contiguous transfer buffer."""
+        return pack_kv(cache, self.fingerprint, checksum)
+
+    def restore(self, buf: memoryview, max_new_tokens: int) -> tuple[KvMeta, DynamicCache]:
+        """Verify a received buffer and copy it once into a cache sized for decoding."""
+        meta, layers = unpack_kv(buf, self.fingerprint)
+        return meta, cache_from_layers(layers, self.config, meta.num_tokens + max_new_tokens + 1)
 
     def warmup(self) -> None:
         _, cache = self.prefill([0, 1, 2, 3], Sampling())

@@ -7,8 +7,10 @@ seed gives the same tokens whether a token is sampled in prefill or decode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class Sampling:
 
 def sample(logits: torch.Tensor, params: Sampling, position: int) -> int:
     """``logits``: [vocab] for one position. ``position``: index of the token chosen."""
+    import torch
+
     if params.temperature <= 0.0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)

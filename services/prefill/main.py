@@ -162,7 +162,6 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
     ) -> AsyncIterator[pb.PrefillResponse]:
         from services.common.kvlayout import kv_nbytes
-        from services.engine.kv import pack_kv
         from services.engine.sampling import Sampling
 
         rid = request.request_id
@@ -204,8 +203,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             t_first = time.monotonic()
             yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first,
                                                                prefill_ms=prefill_ms))
-            meta, buf = await self.thread.run(pack_kv, cache, self.runner.fingerprint,
-                                              self.cfg.kv_checksum)
+            meta, buf = await self.thread.run(self.runner.pack, cache, self.cfg.kv_checksum)
             del cache
             with _tracer.start_as_current_span("kv.push") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
@@ -274,12 +272,12 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
-    from services.engine.runner import ModelRunner
+    from services.engine.factory import load_runner
 
     runtime = ServiceRuntime(cfg, "prefill", [SERVICE])
     thread = ModelThread("prefill-model")
     # Load on the model thread: the event loop keeps serving health and heartbeats.
-    runner = await thread.run(ModelRunner, cfg.model, cfg.cache_dir, cfg.torch_threads)
+    runner = await thread.run(load_runner, cfg.model, cfg.cache_dir, cfg.torch_threads)
     await thread.run(runner.warmup)
     servicer = PrefillServicer(cfg, runtime, runner, thread)
     await runtime.start(lambda s: pb_grpc.add_PrefillServiceServicer_to_server(servicer, s))

@@ -4,13 +4,15 @@ Redis queue, multiple gateways, scenario-group isolation."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
 
-from pdserve.v1 import generation_service_pb2
+from pdserve.v1 import common_pb2, generation_service_pb2
 from services.common.errors import error_info
 from tests.cluster import Cluster
 
@@ -127,3 +129,23 @@ async def test_a_full_kvstore_makes_prefill_reject_and_the_request_is_forwarded(
         assert sum(s.rejected_total for s in stats) >= 1  # REJECT_REASON_KV_CAPACITY
         assert sum(s.completed_total for s in stats) == 2
         assert (await c.kv_stats()).bytes_held == 0
+
+
+async def test_mock_engine_cluster_moves_kv_of_the_modelled_size(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from services.engine.mock import profile_path
+
+    prof = json.loads(profile_path("scaled-gpu").read_text())
+    prof["time_scale"] = 0.1
+    path = tmp_path / "fast.json"
+    path.write_text(json.dumps(prof))
+    async with Cluster(redis_url, model=f"mock:{path}") as c:
+        ids, text, last = await c.generate(prompt_token_ids=[20] * 300, max_tokens=12)
+        assert len(ids) == 12 and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert text  # mock tokens are printable bytes
+        again, _, _ = await c.generate(prompt_token_ids=[20] * 300, max_tokens=12)
+        assert again == ids  # deterministic
+        stats = await c.kv_stats()
+        assert stats.bytes_in_total == 2 * (512 + 300 * 12 * 1024)  # real bytes, real size
+        assert stats.bytes_held == 0
