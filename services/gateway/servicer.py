@@ -37,6 +37,7 @@ from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
     PdserveError,
+    ResourceExhausted,
     Unavailable,
     abort_with,
     from_rpc_error,
@@ -60,6 +61,7 @@ from services.gateway.validation import ValidRequest, validate
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+DECODE_RETRY_S = 0.05
 
 
 @dataclass
@@ -191,27 +193,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             sampling.seed = req.seed
         detok = Detokenizer(self.tok, req.stop)
 
-        first = None
         try:
             async with asyncio.timeout_at(_loop_time(ttft_deadline)):
                 first, call, instance_id = await self._prefill(req, group, sampling,
                                                                ttft_deadline, p)
-                try:
-                    p.ttft_ms = (time.monotonic() - p.t0) * 1e3
-                    p.token_times.append(time.monotonic())
-                    text = detok.add([first])
-                    yield pb.GenerateResponse(token_ids=[first], text=text,
-                                              request_id=req.request_id,
-                                              prompt_tokens=len(req.prompt_ids))
-                    # The KV handoff finishes within the same deadline as the first token.
-                    kv_ready = await self._await_kv(call, instance_id, p)
-                finally:
-                    call.cancel()
-                    self.open_streams[instance_id] -= 1
         except TimeoutError:
-            raise DeadlineExceeded(
-                "no first token within the TTFT deadline" if first is None
-                else "the KV handoff did not finish before the deadline") from None
+            raise DeadlineExceeded("no first token within the TTFT deadline") from None
+        try:
+            p.ttft_ms = (time.monotonic() - p.t0) * 1e3
+            p.token_times.append(time.monotonic())
+            text = detok.add([first])
+            yield pb.GenerateResponse(token_ids=[first], text=text, request_id=req.request_id,
+                                      prompt_tokens=len(req.prompt_ids))
+            # The TTFT SLO is met from here on; the handoff is bounded by the call's deadline.
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    kv_ready = await self._await_kv(call, instance_id, p)
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed during the KV handoff") from None
+        finally:
+            call.cancel()
+            self.open_streams[instance_id] -= 1
         p.kv_transfer_ms = kv_ready
 
         finish = common_pb2.FINISH_REASON_LENGTH
@@ -275,6 +277,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         dreq = decode_service_pb2.DecodeRequest(
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
             max_new_tokens=req.max_tokens - 1)
+        give_up = time.monotonic() + self.admission.max_queue_s
+        while True:
+            async for out in self._decode_round(dreq, group, detok, p):
+                if out is None:  # a decode took it and finished
+                    return
+                yield out
+            # Every decode is full: the KV waits in the kvstore (under its lease) and the
+            # request retries shortly, within its deadline (P/D-Serve: prefill holds finished
+            # KV while it waits for an idle decoding instance).
+            if time.monotonic() > give_up:
+                raise ResourceExhausted(f"no decode slot in group {group!r} freed in time",
+                                        reason="DECODE_SLOTS_FULL")
+            await asyncio.sleep(DECODE_RETRY_S)
+
+    async def _decode_round(
+        self, dreq: decode_service_pb2.DecodeRequest, group: str, detok: Detokenizer,
+        p: Progress,
+    ) -> AsyncIterator[tuple[list[int], str, int] | None]:
+        """Try each decode once. Yields token batches, then None once served; ends
+        without None when every decode was full."""
         last_error: PdserveError | None = None
         for inst in await self._ranked("decode", group):
             stub = decode_service_pb2_grpc.DecodeServiceStub(self.channel(inst.address))
@@ -289,9 +311,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     text = detok.add(msg.token_ids)
                     if detok.stopped:
                         yield list(msg.token_ids), text, common_pb2.FINISH_REASON_STOP
+                        yield None
                         return
                     yield list(msg.token_ids), text, msg.finish_reason or \
                         common_pb2.FINISH_REASON_LENGTH
+                yield None
                 return
             except grpc.aio.AioRpcError as e:
                 err = from_rpc_error(e, f"decode {inst.instance_id}")
@@ -303,7 +327,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             finally:
                 call.cancel()
                 self.open_streams[inst.instance_id] -= 1
-        raise last_error or Unavailable(f"no decode in group {group!r} took the request")
+        if last_error is None or last_error.reason != "DECODE_SLOTS_FULL":
+            raise last_error or Unavailable(f"no decode in group {group!r} took the request")
 
 
 def _loop_time(deadline: float | None) -> float | None:

@@ -149,3 +149,13 @@ async def test_mock_engine_cluster_moves_kv_of_the_modelled_size(
         stats = await c.kv_stats()
         assert stats.bytes_in_total == 2 * (512 + 300 * 12 * 1024)  # real bytes, real size
         assert stats.bytes_held == 0
+
+
+async def test_when_every_decode_is_full_the_request_waits_for_a_slot(redis_url: str) -> None:
+    async with Cluster(redis_url, prefills=1, decodes=1, worker_overrides={"slots": 1}) as c:
+        results = await asyncio.gather(*(
+            c.generate(prompt_token_ids=[30 + i] * 20, max_tokens=40) for i in range(3)))
+        assert all(last.finish_reason for _, _, last in results)
+        (d,) = await c.decode_stats()
+        assert d.completed_total == sum(1 for ids, _, _ in results if len(ids) > 1)
+        assert (await c.kv_stats()).bytes_held == 0
