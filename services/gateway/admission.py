@@ -85,6 +85,14 @@ class PrefillAdmission:
         try:
             while True:
                 insts = await self._find("prefill", group)
+                if (self.policy.rejects and self.queue is not None and not queued
+                        and await self.queue.depth(group) > 0):
+                    # Others are already waiting: join the queue instead of jumping it, so
+                    # the group stays earliest-deadline-first.
+                    await self._enter(preq, group)
+                    queued = True
+                    if not may_retry(await self.queue.rank(group, rid), len(insts)):
+                        await self._wait_turn(group, rid, len(insts))
                 by_id = {i.instance_id: i for i in insts}
                 cands = [Candidate(i.instance_id, i.slots) for i in insts]
                 loads = {i.instance_id: Load(i.load.get("busy", 0.0), i.load.get("queued", 0.0),
@@ -116,25 +124,33 @@ class PrefillAdmission:
                     raise ResourceExhausted(f"every prefill of group {group!r} is busy",
                                             reason="PREFILLS_BUSY", metadata={"group": group})
                 if not queued:
-                    deadline_ms = preq.ttft_deadline_unix_ms or \
-                        (time.time() + self.max_queue_s) * 1000
-                    await self.queue.enter(group, rid, deadline_ms)
+                    await self._enter(preq, group)
                     queued = True
-                    self.stats.queued_total += 1
-                while True:
-                    await self.queue.wait(group)
-                    rank = await self.queue.rank(group, rid)
-                    if rank is None:
-                        raise DeadlineExceeded(
-                            "the request waited in the forwarding queue past its deadline",
-                            metadata={"group": group})
-                    if may_retry(rank, len(cands)):
-                        break
+                await self._wait_turn(group, rid, len(cands))
                 rejected.clear()
         finally:
             if queued and self.queue is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.queue.leave(group, rid))
+
+    async def _enter(self, preq: prefill_service_pb2.PrefillRequest, group: str) -> None:
+        assert self.queue is not None
+        deadline_ms = preq.ttft_deadline_unix_ms or (time.time() + self.max_queue_s) * 1000
+        await self.queue.enter(group, preq.request_id, deadline_ms)
+        self.stats.queued_total += 1
+
+    async def _wait_turn(self, group: str, rid: str, prefills: int) -> None:
+        """Until a slot-free hint or poll finds this request among the first waiting."""
+        assert self.queue is not None
+        while True:
+            await self.queue.wait(group)
+            rank = await self.queue.rank(group, rid)
+            if rank is None:
+                raise DeadlineExceeded(
+                    "the request waited in the forwarding queue past its deadline",
+                    metadata={"group": group})
+            if may_retry(rank, prefills):
+                return
 
     async def _try(self, inst: InstanceInfo, preq: prefill_service_pb2.PrefillRequest,
                    on_accepted: Callable[[], None]) -> Admitted | None:
