@@ -1,9 +1,10 @@
 """GenerationService.Generate: one request's path through the cluster.
 
-  validate + tokenize -> pick a prefill (least open streams) -> Prefill stream:
-  accepted, first_token (streamed to the client at once), kv_ready(KvRef) ->
-  pick a decode -> Decode stream (tokens relayed, detokenized, stop strings) ->
-  final message with finish_reason and timings.
+  validate + tokenize -> scenario group -> admission (admission.py: forward upon
+  rejection, or a queueing baseline) -> Prefill stream: accepted, first_token (streamed
+  to the client at once), kv_ready(KvRef) -> least-loaded decode with a free slot
+  (waiting while all are full) -> Decode stream (tokens relayed, detokenized, stop
+  strings) -> final message with finish_reason and timings.
 
 The gateway owns the request until it ends: on client cancel, error or stop it
 cancels its downstream calls and releases any KV still staged at the kvstore.
@@ -62,6 +63,7 @@ from services.gateway.validation import ValidRequest, validate
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 DECODE_RETRY_S = 0.05
+MISS_REFRESH_S = 1.0
 
 
 @dataclass
@@ -136,7 +138,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         or is refused (``unknown_scenario``). Known = some instance serves it."""
         if not scenario or scenario == self.default_group:
             return self.default_group
-        if not self.view.instances(group=scenario):
+        if not self.view.instances(group=scenario) and \
+                time.monotonic() - self.view.refreshed_at > MISS_REFRESH_S:
+            # At most once a second, so unknown scenarios cannot hammer Redis.
             await self.view.refresh()
         if self.view.instances(group=scenario):
             return scenario
