@@ -140,16 +140,24 @@ class PrefillAdmission:
         self.stats.queued_total += 1
 
     async def _wait_turn(self, group: str, rid: str, prefills: int) -> None:
-        """Until a slot-free hint or poll finds this request among the first waiting."""
+        """Until this request's turn. ``k`` slots freed since the last look (slot-free hints,
+        which every gateway sees) let the first ``k`` waiting requests of the group retry;
+        their rank is global, so exactly those go. A poll without hints lets only the head
+        retry, which recovers from a lost hint. The freed prefill is asked first."""
         assert self.queue is not None
+        seen = self.queue.freed(group)
         while True:
             await self.queue.wait(group)
+            freed = self.queue.freed_since(group, seen)
+            seen = self.queue.freed(group)
             rank = await self.queue.rank(group, rid)
             if rank is None:
                 raise DeadlineExceeded(
                     "the request waited in the forwarding queue past its deadline",
                     metadata={"group": group})
-            if may_retry(rank, prefills):
+            if may_retry(rank, min(prefills, max(1, len(freed)))):
+                if freed:
+                    self.filler.on_accept(group, freed[min(rank, len(freed) - 1)])
                 return
 
     async def _try(self, inst: InstanceInfo, preq: prefill_service_pb2.PrefillRequest,

@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 class ForwardingQueue:
-    def __init__(self, client: aioredis.Redis, gateway_id: str, poll_s: float = 0.05,
+    def __init__(self, client: aioredis.Redis, gateway_id: str, poll_s: float,
                  live_gateways: Callable[[], set[str]] | None = None) -> None:
         self._client = client
         self._gateway_id = gateway_id
         self._poll_s = poll_s
         self._live_gateways = live_gateways
         self._events: dict[str, asyncio.Event] = {}
+        # Slot-free hints seen per group (a running count) and the latest freed prefills.
+        self._freed_count: dict[str, int] = {}
+        self._freed_last: dict[str, list[str]] = {}
         self._pubsub: aioredis.client.PubSub | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -60,6 +63,10 @@ class ForwardingQueue:
             if msg is None:
                 continue
             group = group_of_channel(msg["channel"].decode())
+            self._freed_count[group] = self._freed_count.get(group, 0) + 1
+            last = self._freed_last.setdefault(group, [])
+            last.append(msg["data"].decode())
+            del last[:-16]
             if group in self._events:
                 self._events[group].set()
 
@@ -93,6 +100,15 @@ class ForwardingQueue:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ev.wait(), self._poll_s)
         ev.clear()
+
+    def freed(self, group: str) -> int:
+        """How many slot-free hints this gateway has seen for ``group`` (a running count)."""
+        return self._freed_count.get(group, 0)
+
+    def freed_since(self, group: str, seen: int) -> list[str]:
+        """The prefills freed after the count was ``seen`` (newest last; bounded)."""
+        n = self.freed(group) - seen
+        return self._freed_last.get(group, [])[-n:] if n > 0 else []
 
     async def depth(self, group: str) -> int:
         return int(await self._client.zcard(queue_key(group)))

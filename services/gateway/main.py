@@ -36,7 +36,7 @@ class GatewayConfig(ServiceConfig, ModelConfig):
     default_max_tokens: int = 256  # when a request leaves max_tokens unset
     registry_poll_s: float = 0.5  # how often the routing table is refreshed from Redis
     scheduler: str = "forward"  # forward | rr-queue | los-queue | reported-queue
-    queue_poll_s: float = 0.05  # forwarding-queue retry period when no slot-free hint arrives
+    queue_poll_s: float = 0.2  # forwarding-queue fallback poll when no slot-free hint arrives
     max_queue_s: float = 60.0  # longest wait in the forwarding queue without a TTFT deadline
     unknown_scenario: str = "default"  # a scenario with no group: "default" routes, "refuse"
 
