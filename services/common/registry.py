@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.common.keys import GROUPS_KEY, instance_key, members_key
+from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,7 @@ class Registration:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         with contextlib.suppress(aioredis.RedisError, OSError):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.srem(members_key(self._info.group), self._info.instance_id)
@@ -184,6 +183,4 @@ class RegistryView:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from services.common.keys import SLOTFREE_PATTERN, group_of_channel, queue_key
+from services.common.tasks import cancel_and_wait
 from services.gateway.scheduling import Waiting, split_expired
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,7 @@ class ForwardingQueue:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._pubsub is not None:
             with contextlib.suppress(aioredis.RedisError, OSError):
                 await self._pubsub.aclose()

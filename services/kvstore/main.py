@@ -13,7 +13,6 @@ Lifecycle of the process:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import PdserveError, abort_with
 from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id, run_main
+from services.common.tasks import cancel_and_wait
 from services.common.telemetry import ATTR_REQUEST_ID, tracer
 from services.common.transport import TcpDataServer
 from services.kvstore.store import KvStore
@@ -144,9 +144,7 @@ class KvStoreService:
     async def stop(self) -> None:
         async def cleanup() -> None:
             if self._sweeper is not None:
-                self._sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._sweeper
+                await cancel_and_wait(self._sweeper)
             await self.data.close()
 
         await self.runtime.stop(cleanup)

@@ -21,6 +21,7 @@ import logging
 import socket
 import struct
 
+from services.common.tasks import cancel_and_wait
 from services.common.transport.base import KvDataHandler, KvTransport, TransferError
 
 log = logging.getLogger(__name__)
@@ -228,9 +229,7 @@ class TcpDataServer:
 
     async def close(self) -> None:
         if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
+            await cancel_and_wait(self._accept_task)
         for t in list(self._conns):
             t.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
