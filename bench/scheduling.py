@@ -143,7 +143,8 @@ def sample(reqs: list[TraceRequest], n: int, max_prompt: int) -> list[TraceReque
             for r in win]
 
 
-def plot(points: list[Point], out_dir: Path) -> list[Path]:
+def plot(points: list[Point], out_dir: Path, prefix: str = "scheduling",
+         policies: list[str] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +153,7 @@ def plot(points: list[Point], out_dir: Path) -> list[Path]:
     paths = []
     for trace in sorted({p.trace for p in points}):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in POLICIES:
+        for policy in policies or POLICIES:
             pts = sorted((p for p in points if p.trace == trace and p.policy == policy),
                          key=lambda p: p.load)
             if pts:
@@ -164,12 +165,23 @@ def plot(points: list[Point], out_dir: Path) -> list[Path]:
         ax.set_title(f"{trace}: TTFT-SLO success vs load")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = out_dir / f"scheduling-{trace}.png"
+        path = out_dir / f"{prefix}-{trace}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def write_json(points: list[Point], path: Path) -> None:
+    """``{trace: {policy: [{load, ttft_slo_success, ttft_p50_ms, ttft_p99_ms, goodput_rps}]}}``"""
+    out: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for p in points:
+        out.setdefault(p.trace, {}).setdefault(p.policy, []).append(
+            {"load": p.load, "ttft_slo_success": p.ttft_slo_success,
+             "ttft_p50_ms": p.ttft_p50_ms, "ttft_p99_ms": p.ttft_p99_ms,
+             "goodput_rps": p.goodput_rps})
+    path.write_text(json.dumps(out, indent=2))
 
 
 def main() -> int:
@@ -193,7 +205,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sweep, a few minutes")
     ap.add_argument("--out-dir", default="bench/out")
     ap.add_argument("--json", help="write {trace: {policy: [points]}} here")
+    ap.add_argument("--sim", action="store_true",
+                    help="drive the same policy code in the discrete-event simulator "
+                         "(bench/simulator.py) instead of the live mock cluster")
     args = ap.parse_args()
+    if args.sim:
+        from bench.scheduling_sim import run_sim
+
+        return run_sim(args)
     from tqdm import tqdm
 
     from services.common.modelinfo import ModelInfo
@@ -274,13 +293,7 @@ def main() -> int:
     for path in plot(points, out_dir):
         print(f"plot: {path}")
     if args.json:
-        out: dict[str, dict[str, list[dict[str, float]]]] = {}
-        for p in points:
-            out.setdefault(p.trace, {}).setdefault(p.policy, []).append(
-                {"load": p.load, "ttft_slo_success": p.ttft_slo_success,
-                 "ttft_p50_ms": p.ttft_p50_ms, "ttft_p99_ms": p.ttft_p99_ms,
-                 "goodput_rps": p.goodput_rps})
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(points, Path(args.json))
     print(f"csv: {out_dir / 'scheduling.csv'}; errors by status: {ERRORS or 'none'}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,28 @@ class WorkerConfig(ServiceConfig, ModelConfig):
     # Emulation for scheduling experiments on small machines: extra prefill time per prompt
     # token, spent on the model thread (so it occupies the slot like real compute). 0 = off.
     emulate_prefill_ms_per_token: float = 0.0
+    # Early intervention also ends, before compute, a request whose prefill cannot finish
+    # by its TTFT deadline (by a lower bound on this worker's own measured speed).
+    predictive_deadline: bool = True
+
+
+class PrefillEstimator:
+    """A lower bound on prefill time, learned from this worker's own prefills.
+
+    ``n * r`` where r is the lowest ms-per-token seen over the last ``window`` prefills:
+    fixed costs make short prompts' rates higher and attention makes long ones' higher,
+    so the lowest rate is close to the marginal cost per token and never overstates how
+    long a prefill takes. A request is only ended early when it surely misses."""
+
+    def __init__(self, window: int = 256) -> None:
+        self._rates: deque[float] = deque(maxlen=window)
+
+    def observe(self, tokens: int, ms: float) -> None:
+        if tokens > 0 and ms > 0:
+            self._rates.append(ms / tokens)
+
+    def lower_bound_ms(self, tokens: int) -> float:
+        return tokens * min(self._rates) if self._rates else 0.0
 
 
 class ModelThread:

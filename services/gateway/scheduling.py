@@ -9,7 +9,8 @@ knows, return the order in which to ask them.
   rejects). When all reject, the request waits in the group's shared queue,
   ordered by deadline, and retries when woken.
 - ``rr-queue``: round robin; the chosen prefill queues the request locally (FIFO).
-- ``los-queue``: least open streams at this gateway; local queue.
+- ``los-queue``: least open streams (SSE connections, whole lifetime) at this gateway;
+  local queue. This is P/D-Serve's old design.
 - ``reported-queue``: least reported load (busy + queued per slot) from the
   prefills' periodic heartbeats; local queue. Reports are stale by up to a period.
 
@@ -35,6 +36,14 @@ class Policy(enum.StrEnum):
     def rejects(self) -> bool:
         """True when prefills answer REJECTED instead of queueing locally."""
         return self is Policy.FORWARD
+
+    @property
+    def lifetime_streams(self) -> bool:
+        """True when a prefill's open-stream count covers the request's whole stream,
+        decode included: P/D-Serve's old design ranked prefills by SSE connections, which
+        "cannot show whether the prefill step is finished" (§1.5). The others count a
+        stream only until its KV is handed off."""
+        return self is Policy.LOS_QUEUE
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class Progress:
     token_times: list[float] = field(default_factory=list)
     kv: common_pb2.KvRef | None = None
     kv_consumed: bool = False
+    sse_prefill: str = ""  # the prefill whose open-stream count this request holds to the end
 
     def timings(self) -> common_pb2.Timings:
         gaps = [b - a for a, b in itertools.pairwise(self.token_times)]
@@ -168,6 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 span.record_exception(e)
                 await abort_with(context, e)
             finally:
+                if progress.sse_prefill:
+                    self.open_streams[progress.sse_prefill] -= 1
                 if progress.kv is not None and not progress.kv_consumed:
                     self._release_later(progress.kv, rid, "request ended before decode fetched")
 
@@ -217,7 +220,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 raise DeadlineExceeded("the deadline passed during the KV handoff") from None
         finally:
             call.cancel()
-            self.open_streams[instance_id] -= 1
+            if self.admission.policy.lifetime_streams:
+                p.sse_prefill = instance_id  # released when the whole stream ends
+            else:
+                self.open_streams[instance_id] -= 1
         p.kv_transfer_ms = kv_ready
 
         finish = common_pb2.FINISH_REASON_LENGTH

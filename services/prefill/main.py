@@ -52,7 +52,13 @@ from services.common.telemetry import (
     tracer,
 )
 from services.common.transport import TransferError, get_transport
-from services.common.workers import ModelThread, WorkerConfig, now_ms, worker_info
+from services.common.workers import (
+    ModelThread,
+    PrefillEstimator,
+    WorkerConfig,
+    now_ms,
+    worker_info,
+)
 
 if TYPE_CHECKING:
     from services.engine.runner import ModelRunner
@@ -75,6 +81,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self.queued = 0
         self.draining = False
         self.stats = pb.GetPrefillStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
+        self.estimator = PrefillEstimator()
         self.view: RegistryView | None = None
         self._channels: dict[str, kvstore_service_pb2_grpc.KvStoreServiceStub] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -111,6 +118,21 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 f"TTFT deadline passed {when} prefill; the request was ended early",
                 metadata={"request_id": request.request_id},
             )
+
+    def _deadline_unreachable(self, request: pb.PrefillRequest) -> None:
+        """Early intervention by prediction: spending the slot on a prefill that cannot end
+        before the deadline only makes the requests behind it miss theirs too."""
+        if not (self.cfg.predictive_deadline and request.ttft_deadline_unix_ms):
+            return
+        n = len(request.prompt_token_ids)
+        need = self.estimator.lower_bound_ms(n)
+        left = request.ttft_deadline_unix_ms - now_ms()
+        if need > left:
+            self.stats.unreachable_total += 1
+            raise DeadlineExceeded(
+                f"the prefill of {n} tokens needs at least {need:.0f} ms here but only "
+                f"{max(left, 0):.0f} ms remain before the TTFT deadline; ended early",
+                reason="DEADLINE_UNREACHABLE", metadata={"request_id": request.request_id})
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -166,6 +188,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
         rid = request.request_id
         self._deadline_passed(request, "before")
+        self._deadline_unreachable(request)
         # Reserve the KV buffer before computing (P/D-Serve reserves for every admitted
         # prompt): a full kvstore becomes a rejection the gateway can forward around.
         info = self.runner.info
@@ -199,6 +222,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 first, cache = await self.thread.run(
                     self._compute, list(request.prompt_token_ids), params)
                 prefill_ms = (time.monotonic() - t0) * 1e3
+            self.estimator.observe(len(request.prompt_token_ids), prefill_ms)
             self._deadline_passed(request, "after")
             t_first = time.monotonic()
             yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first,

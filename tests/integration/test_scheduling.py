@@ -71,6 +71,24 @@ async def test_requests_past_their_deadline_in_the_queue_end_with_deadline_excee
         assert (await c.kv_stats()).bytes_held == 0
 
 
+async def test_a_prefill_that_cannot_meet_the_deadline_ends_the_request_before_compute(
+    redis_url: str,
+) -> None:
+    async with Cluster(redis_url, prefills=1, worker_overrides=SLOW) as c:
+        await c.generate(prompt_token_ids=[5] * 100, max_tokens=2)  # the prefill learns its speed
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as exc:  # >= 1.2 s of prefill, 0.5 s allowed
+            await c.generate(prompt_token_ids=[7] * 600, max_tokens=2, ttft_deadline_ms=500)
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error_info(exc.value).reason == "DEADLINE_UNREACHABLE"  # type: ignore[union-attr]
+        assert "needs at least" in (exc.value.details() or "")
+        assert time.monotonic() - t0 < 0.5  # ended early, not at the deadline
+        (stats,) = await c.prefill_stats()
+        assert stats.unreachable_total == 1
+        await c.generate(prompt_token_ids=[8] * 50, max_tokens=2, ttft_deadline_ms=5000)
+        assert (await c.kv_stats()).bytes_held == 0
+
+
 async def test_two_gateways_share_one_queue_no_request_lost_or_served_twice(
     redis_url: str,
 ) -> None:

@@ -95,3 +95,8 @@ def test_expired_entries_are_split_off() -> None:
 def test_only_the_head_of_the_queue_probes(rank: int | None, prefills: int,
                                            expected: bool) -> None:
     assert may_retry(rank, prefills) is expected
+
+
+def test_only_the_old_design_counts_streams_over_their_whole_lifetime() -> None:
+    assert Policy.LOS_QUEUE.lifetime_streams
+    assert not any(p.lifetime_streams for p in Policy if p is not Policy.LOS_QUEUE)

@@ -95,7 +95,7 @@ class GetPrefillStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetPrefillStatsResponse(_message.Message):
-    __slots__ = ("instance_id", "slots", "busy_slots", "queued", "accepted_total", "rejected_total", "completed_total", "cancelled_total", "failed_total")
+    __slots__ = ("instance_id", "slots", "busy_slots", "queued", "accepted_total", "rejected_total", "completed_total", "cancelled_total", "failed_total", "unreachable_total")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class GetPrefillStatsResponse(_message.Message):
     COMPLETED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     slots: int
     busy_slots: int
@@ -114,4 +115,5 @@ class GetPrefillStatsResponse(_message.Message):
     completed_total: int
     cancelled_total: int
     failed_total: int
-    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., busy_slots: _Optional[int] = ..., queued: _Optional[int] = ..., accepted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ...) -> None: ...
+    unreachable_total: int
+    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., busy_slots: _Optional[int] = ..., queued: _Optional[int] = ..., accepted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., unreachable_total: _Optional[int] = ...) -> None: ...

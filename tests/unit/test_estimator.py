@@ -1,0 +1,41 @@
+"""PrefillEstimator: a lower bound on prefill time from the worker's own history."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.workers import PrefillEstimator
+
+pytestmark = pytest.mark.unit
+
+
+def test_no_history_never_ends_a_request() -> None:
+    assert PrefillEstimator().lower_bound_ms(100_000) == 0.0
+
+
+def test_lower_bound_never_exceeds_what_was_observed() -> None:
+    est = PrefillEstimator()
+
+    def cost(n: int) -> float:  # fixed cost + linear + attention, like a real prefill
+        return 15 + 0.05 * n + 1.5e-6 * n * n
+
+    for n in (64, 512, 2048, 8192, 16384):
+        est.observe(n, cost(n))
+    for n in (32, 100, 1000, 5000, 20000):
+        assert est.lower_bound_ms(n) <= cost(n)
+    assert est.lower_bound_ms(8192) > 0.8 * cost(8192)  # yet close enough to be useful
+
+
+def test_window_forgets_old_speed() -> None:
+    est = PrefillEstimator(window=4)
+    est.observe(100, 1.0)  # a fast past
+    for _ in range(4):
+        est.observe(100, 10.0)
+    assert est.lower_bound_ms(100) == pytest.approx(10.0)
+
+
+def test_ignores_empty_observations() -> None:
+    est = PrefillEstimator()
+    est.observe(0, 5.0)
+    est.observe(10, 0.0)
+    assert est.lower_bound_ms(10) == 0.0
