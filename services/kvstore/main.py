@@ -1,12 +1,16 @@
 """kvstore: the KV relay between prefill and decode.
 
 Lifecycle of the process:
-  1. Bind gRPC (control: ReserveKv, ReleaseKv, GetKvStoreStats) and the TCP data
-     channel, then register in Redis as role "kvstore" with both addresses.
-  2. Serve. A prefill reserves room, pushes the request's contiguous KV buffer on
-     the data channel; the gateway hands the KvRef to a decode, which fetches it
-     once (single consumer) and the buffer is freed. A sweeper frees leases that
-     nobody consumed in time; ReleaseKv frees on cancel or error.
+  1. Bind gRPC (control: ReserveKv, ReleaseKv, GetKvStoreStats) and the data plane:
+     the TCP data channel always, a Unix socket for ``shm`` when this kernel makes
+     memfds (staged buffers then live in memfds), and a Mooncake engine for ``rdma``
+     when it is enabled and usable. Register in Redis as role "kvstore" with the
+     transports it serves.
+  2. Serve. A prefill reserves room and gets every data endpoint; it pushes the
+     request's contiguous KV buffer on the best one it can use; the gateway hands
+     the KvRef to a decode, which fetches it once (single consumer) and the buffer is
+     freed. A sweeper frees leases that nobody consumed in time; ReleaseKv frees on
+     cancel or error. ``kv_faults`` injects data-plane failures (tests).
   3. On SIGTERM: NOT_SERVING, deregister, drain gRPC, close the data channel.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.v1 import common_pb2
 from pdserve.v1 import kvstore_service_pb2 as pb
 from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
 from services.common.config import ConfigError, ServiceConfig
@@ -28,7 +33,10 @@ from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tasks import cancel_and_wait
 from services.common.telemetry import ATTR_REQUEST_ID, tracer
-from services.common.transport import TcpDataServer
+from services.common.transport import DataServer, KvTransferConfig
+from services.common.transport.faults import Faults
+from services.common.transport.negotiate import rdma_usable
+from services.kvstore.memory import heap_segment, memfd_segment, memfd_supported
 from services.kvstore.store import KvStore
 
 log = logging.getLogger(__name__)
@@ -36,25 +44,33 @@ _tracer = tracer(__name__)
 
 
 @dataclass(frozen=True)
-class KvStoreConfig(ServiceConfig):
+class KvStoreConfig(KvTransferConfig, ServiceConfig):
     """kvstore settings."""
 
     data_port: int = 0  # TCP data channel port; 0 picks a free one
     capacity_bytes: int = 4 << 30  # staged KV cap; ReserveKv answers RESOURCE_EXHAUSTED past it
     lease_s: float = 30.0  # default lease of a reservation
     sweep_s: float = 0.5  # how often expired leases are freed
+    kv_faults: str = ""  # fault injection, e.g. "drop_put@shm#1" (transport/faults.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.capacity_bytes <= 0 or self.lease_s <= 0:
             raise ConfigError("capacity_bytes and lease_s must be positive")
+        try:
+            Faults.parse(self.kv_faults)
+        except ValueError as e:
+            raise ConfigError(f"kv_faults: {e}") from None
 
 
 class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
-    def __init__(self, store: KvStore, instance_id: str, data_address: str) -> None:
+    def __init__(self, store: KvStore, instance_id: str, data_address: str,
+                 endpoints: list[common_pb2.KvEndpoint], data: DataServer) -> None:
         self.store = store
         self.instance_id = instance_id
         self.data_address = data_address
+        self.endpoints = endpoints
+        self.data = data
 
     async def ReserveKv(
         self, request: pb.ReserveKvRequest, context: grpc.aio.ServicerContext
@@ -71,8 +87,9 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
             return pb.ReserveKvResponse(
                 handle=entry.handle,
                 data_address=self.data_address,
-                transport="tcp",
+                transport="tcp",  # the transport of data_address; endpoints has them all
                 lease_expires_unix_ms=int((time.time() + lease_left) * 1000),
+                endpoints=self.endpoints,
             )
 
     async def ReleaseKv(
@@ -99,6 +116,7 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
             rejected_total=c.rejected_total,
             bytes_in_total=c.bytes_in_total,
             bytes_out_total=c.bytes_out_total,
+            transfers=dict(self.data.counters),
         )
 
 
@@ -109,30 +127,66 @@ class KvStoreService:
         self.cfg = cfg
         self.runtime = ServiceRuntime(cfg, "kvstore", [pb.DESCRIPTOR.services_by_name[
             "KvStoreService"].full_name])
-        self.store = KvStore(cfg.capacity_bytes, cfg.lease_s)
-        self.data = TcpDataServer(self.store)
+        # Staged buffers live in memfds when shm is served, so any of them can be handed
+        # to a same-host peer without a copy; tcp and rdma serve them the same way.
+        self.shm = "shm" in cfg.transports and memfd_supported()
+        self.store = KvStore(cfg.capacity_bytes, cfg.lease_s,
+                             allocate=memfd_segment if self.shm else heap_segment)
+        self.data = DataServer(self.store, Faults.parse(cfg.kv_faults),
+                               max_transfer_s=2 * cfg.kv_transfer_timeout_s)
         self._sweeper: asyncio.Task[None] | None = None
         self.servicer: KvStoreServicer | None = None
 
     async def start(self) -> None:
-        data_port = await self.data.start(self.cfg.host, self.cfg.data_port)
+        data_port = await self.data.start(self.cfg.host, self.cfg.data_port, shm=self.shm)
         data_address = self.cfg.advertised(data_port)
-        self.servicer = KvStoreServicer(self.store, self.runtime.instance_id, data_address)
+        endpoints = self._endpoints(data_address)
+        log.info("kvstore data plane: %s", ", ".join(
+            f"{e.transport} at {e.address} ({e.protocol})" for e in endpoints))
+        self.servicer = KvStoreServicer(self.store, self.runtime.instance_id, data_address,
+                                        endpoints, self.data)
         servicer = self.servicer
         await self.runtime.start(lambda s: pb_grpc.add_KvStoreServiceServicer_to_server(
             servicer, s))
         self._sweeper = asyncio.create_task(self._sweep(), name="kv-lease-sweeper")
         info = InstanceInfo(
             instance_id=self.runtime.instance_id, role="kvstore", group=self.cfg.group,
-            address=self.runtime.address, data_address=data_address, transports=("tcp",),
+            address=self.runtime.address, data_address=data_address,
+            transports=tuple(e.transport for e in endpoints),
             host_id=host_id(), started_unix=time.time(),
         )
         await self.runtime.serving(info, self._load)
 
+    def _endpoints(self, data_address: str) -> list[common_pb2.KvEndpoint]:
+        """What this kvstore serves, in its own preference order (clients use theirs)."""
+        from services.common.transport.rdma import engine_for, mooncake_importable
+
+        me = host_id()
+        out: list[common_pb2.KvEndpoint] = []
+        for name in self.cfg.transports:
+            if name == "shm" and self.shm:
+                out.append(common_pb2.KvEndpoint(transport="shm", address=self.data.unix_path,
+                                                  protocol="memfd", host_id=me))
+            elif name == "rdma":
+                if not rdma_usable(self.cfg):
+                    log.info("rdma not served: %s", "no RDMA device here and "
+                             "kv_rdma_tcp_mode is off" if mooncake_importable() else
+                             "Mooncake is not installed (the 'rdma' extra)")
+                    continue
+                host = data_address.rpartition(":")[0].strip("[]")
+                self.data.rdma_engine = engine_for(host)
+                out.append(common_pb2.KvEndpoint(
+                    transport="rdma", address=data_address, host_id=me,
+                    protocol=self.data.rdma_engine.protocol))
+        # tcp is always served: it is every other path's fallback.
+        out.append(common_pb2.KvEndpoint(transport="tcp", address=data_address,
+                                          protocol="tcp", host_id=me))
+        return out
+
     def _load(self) -> dict[str, float]:
         return {"bytes_held": float(self.store.bytes_held),
                 "capacity_bytes": float(self.store.capacity_bytes),
-                "entries": float(len(self.store.entries))}
+                "entries": float(len(self.store.entries)), **self.data.transfer_load()}
 
     async def _sweep(self) -> None:
         while True:

@@ -6,6 +6,11 @@ from the moment it is made, so prefill learns "full" before computing. Release
 is idempotent; a lease (TTL) frees whatever a dead prefill, decode or client
 left behind. Handles are 128-bit random and only open for their request_id.
 
+A push that breaks on a fast path (shm, rdma) while the client says it will retry on
+tcp (``keep=True``) goes back to RESERVED instead of ABORTED; a second push on a
+TRANSFERRING entry takes it over (a new generation), so a retry never waits for the
+server to notice that the first connection died. Every other broken push aborts.
+
 No I/O here: the clock is injected, and the data channel calls the
 ``begin_*``/``end_*`` hooks (``services.common.transport.base.KvDataHandler``).
 """
@@ -18,11 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.transport.base import TransferError
-from services.common.transport.tcp import Status
+from services.common.transport.base import Status, TransferError
+from services.kvstore.memory import Segment, heap_segment
 
 
 class State(enum.IntEnum):
@@ -42,8 +45,13 @@ class Entry:
     nbytes: int
     lease_expires: float
     state: State = State.RESERVED
-    buffer: np.ndarray | None = None
+    segment: Segment | None = None
     fetching: bool = False
+    generation: int = 0  # bumped by every begin_put; a stale end_put is ignored
+
+    @property
+    def buffer(self) -> memoryview | None:
+        return self.segment.view if self.segment is not None else None
 
 
 @dataclass
@@ -62,6 +70,7 @@ class KvStore:
     capacity_bytes: int
     default_lease_s: float
     clock: Callable[[], float] = time.monotonic
+    allocate: Callable[[int], Segment] = heap_segment
     entries: dict[str, Entry] = field(default_factory=dict)
     bytes_held: int = 0
     counters: Counters = field(default_factory=Counters)
@@ -104,7 +113,9 @@ class KvStore:
             return
         self.bytes_held -= entry.nbytes
         entry.state = final
-        entry.buffer = None
+        if entry.segment is not None:
+            entry.segment.close()
+            entry.segment = None
         if final is State.CONSUMED:
             self.counters.consumed_total += 1
         elif final is State.ABORTED:
@@ -113,9 +124,11 @@ class KvStore:
             self.counters.expired_total += 1
 
     # -- data channel hooks -------------------------------------------------------------------
-    def begin_put(self, handle: str, request_id: str, nbytes: int) -> memoryview:
+    def begin_put(self, handle: str, request_id: str, nbytes: int,
+                  takeover: bool = False) -> memoryview:
         entry = self._live(handle, request_id)
-        if entry.state is not State.RESERVED:
+        if entry.state not in (State.RESERVED, State.TRANSFERRING) or (
+                entry.state is State.TRANSFERRING and not takeover):
             raise TransferError(f"KV handle is {entry.state.name}, not RESERVED", Status.BAD_STATE)
         if nbytes != entry.nbytes:
             raise TransferError(
@@ -123,25 +136,47 @@ class KvStore:
                 Status.SIZE_MISMATCH,
             )
         entry.state = State.TRANSFERRING
-        entry.buffer = np.empty(nbytes, dtype=np.uint8)
-        return memoryview(entry.buffer)
+        entry.generation += 1
+        if entry.segment is None:
+            entry.segment = self.allocate(nbytes)
+        return entry.segment.view
 
-    def end_put(self, handle: str, ok: bool) -> None:
+    def end_put(self, handle: str, ok: bool, generation: int = 0, keep: bool = False) -> None:
+        """``generation`` (0: any) names the push this ends; a superseded one is ignored.
+        ``keep``: a failed push returns to RESERVED for a retry instead of aborting."""
         entry = self.entries.get(handle)
         if entry is None:
             raise TransferError("KV handle was released during the transfer", Status.BAD_STATE)
+        if generation and generation != entry.generation:
+            if ok:
+                raise TransferError("KV push was superseded by a retry", Status.BAD_STATE)
+            return
+        if entry.state is not State.TRANSFERRING:
+            raise TransferError(f"KV handle is {entry.state.name}, not TRANSFERRING",
+                                Status.BAD_STATE)
         if not ok:
-            self._drop(entry, State.ABORTED)
+            if keep:
+                entry.state = State.RESERVED
+            else:
+                self._drop(entry, State.ABORTED)
             return
         entry.state = State.READY
         self.counters.bytes_in_total += entry.nbytes
 
     def begin_get(self, handle: str, request_id: str) -> memoryview:
         entry = self._live(handle, request_id)
-        if entry.state is not State.READY or entry.fetching or entry.buffer is None:
+        if entry.state is not State.READY or entry.fetching or entry.segment is None:
             raise TransferError(f"KV handle is {entry.state.name}, not READY", Status.BAD_STATE)
         entry.fetching = True
-        return memoryview(entry.buffer)
+        return entry.segment.view
+
+    def segment_of(self, handle: str) -> Segment | None:
+        entry = self.entries.get(handle)
+        return entry.segment if entry is not None else None
+
+    def generation_of(self, handle: str) -> int:
+        entry = self.entries.get(handle)
+        return entry.generation if entry is not None else 0
 
     def end_get(self, handle: str, ok: bool) -> None:
         entry = self.entries.get(handle)

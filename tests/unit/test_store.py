@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.transport.base import TransferError
-from services.common.transport.tcp import Status
+from services.common.transport.base import Status, TransferError
 from services.kvstore.store import KvStore, State
 
 pytestmark = pytest.mark.unit
@@ -161,6 +160,31 @@ def test_failed_put_aborts_and_frees(store: KvStore) -> None:
     assert e.state is State.ABORTED
     assert store.bytes_held == 0 and store.counters.aborted_total == 1
     assert store.counters.bytes_in_total == 0
+
+
+def test_failed_put_with_retry_pending_goes_back_to_reserved(store: KvStore) -> None:
+    e = store.reserve("r", 50)
+    store.begin_put(e.handle, "r", 50)
+    store.end_put(e.handle, ok=False, keep=True)  # a shm/rdma push broke; tcp retry comes
+    assert e.state is State.RESERVED and store.bytes_held == 50
+    view = store.begin_put(e.handle, "r", 50)
+    view[:] = b"y" * 50
+    store.end_put(e.handle, ok=True)
+    assert e.state is State.READY and store.counters.aborted_total == 0
+
+
+def test_takeover_supersedes_a_stale_push(store: KvStore) -> None:
+    e = store.reserve("r", 8)
+    store.begin_put(e.handle, "r", 8)
+    old = store.generation_of(e.handle)
+    store.begin_put(e.handle, "r", 8, takeover=True)  # the retry arrives first
+    store.end_put(e.handle, ok=False, generation=old)  # the dead push ends late: ignored
+    assert e.state is State.TRANSFERRING
+    with pytest.raises(TransferError) as ei:
+        store.end_put(e.handle, ok=True, generation=old)
+    assert ei.value.status == Status.BAD_STATE
+    store.end_put(e.handle, ok=True, generation=store.generation_of(e.handle))
+    assert e.state is State.READY
 
 
 def test_double_get_refused_while_fetching(store: KvStore) -> None:

@@ -1,7 +1,9 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -66,7 +68,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., mean_tpot_ms: _Optional[float] = ..., max_tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., kv_transport: _Optional[str] = ..., kv_fallback: _Optional[bool] = ...) -> None: ...
 
 class KvRef(_message.Message):
-    __slots__ = ("handle", "control_address", "data_address", "transport", "nbytes", "num_tokens", "model_fingerprint")
+    __slots__ = ("handle", "control_address", "data_address", "transport", "nbytes", "num_tokens", "model_fingerprint", "endpoints", "fallback")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,8 @@ class KvRef(_message.Message):
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
     handle: str
     control_address: str
     data_address: str
@@ -81,4 +85,18 @@ class KvRef(_message.Message):
     nbytes: int
     num_tokens: int
     model_fingerprint: str
-    def __init__(self, handle: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., transport: _Optional[str] = ..., nbytes: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    endpoints: _containers.RepeatedCompositeFieldContainer[KvEndpoint]
+    fallback: bool
+    def __init__(self, handle: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., transport: _Optional[str] = ..., nbytes: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
+class KvEndpoint(_message.Message):
+    __slots__ = ("transport", "address", "protocol", "host_id")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    transport: str
+    address: str
+    protocol: str
+    host_id: str
+    def __init__(self, transport: _Optional[str] = ..., address: _Optional[str] = ..., protocol: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...

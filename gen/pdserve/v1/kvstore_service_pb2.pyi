@@ -1,6 +1,9 @@
+from pdserve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -33,16 +36,18 @@ class ReserveKvRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class ReserveKvResponse(_message.Message):
-    __slots__ = ("handle", "data_address", "transport", "lease_expires_unix_ms")
+    __slots__ = ("handle", "data_address", "transport", "lease_expires_unix_ms", "endpoints")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     handle: str
     data_address: str
     transport: str
     lease_expires_unix_ms: int
-    def __init__(self, handle: _Optional[str] = ..., data_address: _Optional[str] = ..., transport: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    endpoints: _containers.RepeatedCompositeFieldContainer[_common_pb2.KvEndpoint]
+    def __init__(self, handle: _Optional[str] = ..., data_address: _Optional[str] = ..., transport: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[_common_pb2.KvEndpoint, _Mapping]]] = ...) -> None: ...
 
 class ReleaseKvRequest(_message.Message):
     __slots__ = ("handle", "request_id", "reason")
@@ -65,7 +70,14 @@ class GetKvStoreStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetKvStoreStatsResponse(_message.Message):
-    __slots__ = ("instance_id", "capacity_bytes", "bytes_held", "entries", "reserved_total", "consumed_total", "aborted_total", "expired_total", "rejected_total", "bytes_in_total", "bytes_out_total")
+    __slots__ = ("instance_id", "capacity_bytes", "bytes_held", "entries", "reserved_total", "consumed_total", "aborted_total", "expired_total", "rejected_total", "bytes_in_total", "bytes_out_total", "transfers")
+    class TransfersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +89,7 @@ class GetKvStoreStatsResponse(_message.Message):
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     capacity_bytes: int
     bytes_held: int
@@ -88,4 +101,5 @@ class GetKvStoreStatsResponse(_message.Message):
     rejected_total: int
     bytes_in_total: int
     bytes_out_total: int
-    def __init__(self, instance_id: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., bytes_held: _Optional[int] = ..., entries: _Optional[int] = ..., reserved_total: _Optional[int] = ..., consumed_total: _Optional[int] = ..., aborted_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., bytes_in_total: _Optional[int] = ..., bytes_out_total: _Optional[int] = ...) -> None: ...
+    transfers: _containers.ScalarMap[str, int]
+    def __init__(self, instance_id: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., bytes_held: _Optional[int] = ..., entries: _Optional[int] = ..., reserved_total: _Optional[int] = ..., consumed_total: _Optional[int] = ..., aborted_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., bytes_in_total: _Optional[int] = ..., bytes_out_total: _Optional[int] = ..., transfers: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -1,12 +1,31 @@
-"""KV data-channel transports behind one interface (see ``base``)."""
+"""KV data-plane transports behind one interface (see ``base``), their negotiation and
+fallback (``negotiate``), and the kvstore's data server (``server``).
 
-from services.common.transport.base import KvDataHandler, KvTransport, TransferError
-from services.common.transport.tcp import TcpDataServer, TcpTransport
+Call sites use ``push_kv`` (prefill) and ``pull_kv`` (decode); ``transfer_load`` is the
+process's data-plane counters for its registry load.
+"""
 
-__all__ = ["KvDataHandler", "KvTransport", "TcpDataServer", "TcpTransport", "TransferError"]
+from services.common.transport.base import KvDataHandler, KvTransport, Status, TransferError
+from services.common.transport.config import KvTransferConfig
+from services.common.transport.negotiate import (
+    STATS,
+    TransferResult,
+    client_for,
+    pull_kv,
+    push_kv,
+    transfer_load,
+)
+from services.common.transport.rdma import RdmaTransport
+from services.common.transport.server import DataServer
+from services.common.transport.shm import ShmTransport
+from services.common.transport.tcp import TcpTransport
+
+__all__ = ["STATS", "DataServer", "KvDataHandler", "KvTransferConfig", "KvTransport",
+           "RdmaTransport", "ShmTransport", "Status", "TcpTransport", "TransferError",
+           "TransferResult", "client_for", "get_transport", "pull_kv", "push_kv",
+           "transfer_load"]
 
 
 def get_transport(name: str) -> KvTransport:
-    if name == "tcp":
-        return TcpTransport()
-    raise ValueError(f"unknown KV transport {name!r}; available: tcp")
+    """A transport's client by name (``rdma/tcp`` labels map to ``rdma``)."""
+    return client_for(name.partition("/")[0])

@@ -8,30 +8,65 @@ exchange. The server side delegates buffer ownership to a ``KvDataHandler``
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from typing import Protocol
 
 
+class Status(enum.IntEnum):
+    """Data-channel status codes. Values below 64 go on the wire; the rest are local."""
+
+    OK = 0
+    NOT_FOUND = 1
+    BAD_STATE = 2
+    SIZE_MISMATCH = 3
+    PROTOCOL = 4
+    IO_ERROR = 5
+    UNSUPPORTED = 6  # the server cannot serve this op (e.g. shm for a heap buffer)
+    CORRUPT = 7
+    CONNECT = 64  # local: could not reach the peer at all
+    BROKEN = 65  # local: the connection or the library failed mid-way
+
+
+# Refusals about the KV itself: retrying on another path cannot help.
+FINAL_STATUSES = frozenset({Status.NOT_FOUND, Status.BAD_STATE, Status.SIZE_MISMATCH})
+
+
 class TransferError(Exception):
     """A transfer failed: connection, protocol or remote refusal. ``status`` is the
-    remote status code when the server answered (see ``tcp.Status``)."""
+    remote status code when the server answered, else a local one (``Status``)."""
 
-    def __init__(self, message: str, status: int = -1) -> None:
+    def __init__(self, message: str, status: int = Status.BROKEN) -> None:
         super().__init__(message)
         self.status = status
 
+    @property
+    def retryable(self) -> bool:
+        """True when another path (tcp) may still succeed: connect failures, broken
+        connections, unsupported ops. False for refusals about the KV handle itself."""
+        return self.status not in FINAL_STATUSES
+
 
 class KvTransport(ABC):
-    """Client side of a data channel."""
+    """Client side of a data channel. ``address`` is the endpoint's address for this
+    transport (host:port for tcp and rdma's control, a Unix socket path for shm)."""
 
     name: str
 
-    @abstractmethod
-    async def put(self, address: str, handle: str, request_id: str, data: memoryview) -> None:
-        """Push ``data`` into the reservation ``handle`` at ``address``."""
+    @property
+    def label(self) -> str:
+        """What actually carried the bytes, as reported in timings and spans."""
+        return self.name
 
     @abstractmethod
-    async def get(self, address: str, handle: str, request_id: str) -> memoryview:
+    async def put(self, address: str, handle: str, request_id: str, data: memoryview,
+                  flags: int = 0, block_bytes: int = 0) -> None:
+        """Push ``data`` into the reservation ``handle`` at ``address``. ``block_bytes`` > 0
+        selects block-fixed mode (transports that cannot do it ignore it)."""
+
+    @abstractmethod
+    async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
+                  block_bytes: int = 0) -> memoryview:
         """Fetch the staged buffer of ``handle`` (single consumer)."""
 
 

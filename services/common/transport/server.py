@@ -1,0 +1,309 @@
+"""The kvstore's data server: one listener per transport, one lifecycle (the handler).
+
+  tcp   a TCP socket: PUT/GET (and the block-fixed variants) with the bytes inline,
+        and the control exchange of PUT_RDMA/GET_RDMA (bytes through Mooncake);
+  shm   a Unix socket in a private temp dir: PUT_SHM/GET_SHM pass the buffer's memfd.
+
+Every transfer is bounded by ``max_transfer_s``: a peer that stalls or vanishes ends its
+transfer (and a push returns its bytes to the lifecycle) instead of holding them. Fault
+injection (``faults``) happens here, on the server side of every transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+
+from services.common.kvlayout import HEADER_BYTES
+from services.common.tasks import cancel_and_wait
+from services.common.transport.base import Status, TransferError
+from services.common.transport.faults import Faults
+from services.common.transport.shm import send_fd
+from services.common.transport.tcp import recv_blocks, send_blocks
+from services.common.transport.wire import (
+    FLAG_FALLBACK,
+    FLAG_RETRYABLE,
+    MAGIC,
+    OP_TRANSPORT,
+    REQ,
+    RESP,
+    VERSION,
+    Op,
+    pack_resp,
+    read_resp,
+    recv_exact,
+    recv_into,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Segmented(Protocol):
+    fd: int
+
+
+class DataHandler(Protocol):
+    """What the server needs from the kvstore's lifecycle (``KvStore`` implements it)."""
+
+    def begin_put(self, handle: str, request_id: str, nbytes: int,
+                  takeover: bool = False) -> memoryview: ...
+
+    def end_put(self, handle: str, ok: bool, generation: int = 0, keep: bool = False) -> None: ...
+
+    def begin_get(self, handle: str, request_id: str) -> memoryview: ...
+
+    def end_get(self, handle: str, ok: bool) -> None: ...
+
+    def segment_of(self, handle: str) -> Segmented | None: ...
+
+    def generation_of(self, handle: str) -> int: ...
+
+
+class DataServer:
+    def __init__(self, handler: DataHandler, faults: Faults | None = None,
+                 max_transfer_s: float = 60.0) -> None:
+        self._handler = handler
+        self.faults = faults or Faults()
+        self.max_transfer_s = max_transfer_s
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
+        self._conns: set[asyncio.Task[None]] = set()
+        self._pushes: dict[str, asyncio.Task[None]] = {}  # handle -> connection pushing it
+        self._tmpdir = ""
+        self.port = 0
+        self.unix_path = ""
+        self.rdma_engine = None  # a rdma.MooncakeEngine when rdma is served
+        # "<transport>.<put|get>.<ok|failed|fallback>" -> count, for stats and the scheduler.
+        self.counters: Counter[str] = Counter()
+
+    async def start(self, host: str, port: int, shm: bool = False) -> int:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        self.port = sock.getsockname()[1]
+        self._listen(sock, "tcp")
+        if shm:
+            self._tmpdir = tempfile.mkdtemp(prefix="pdserve-kv-")
+            self.unix_path = os.path.join(self._tmpdir, "data.sock")
+            usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            usock.bind(self.unix_path)
+            self._listen(usock, "shm")
+        return self.port
+
+    def _listen(self, sock: socket.socket, kind: str) -> None:
+        sock.listen(256)
+        sock.setblocking(False)
+        task = asyncio.create_task(self._accept_loop(sock, kind), name=f"kv-data-accept-{kind}")
+        self._listeners.append((sock, task))
+
+    async def _accept_loop(self, lsock: socket.socket, kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            conn.setblocking(False)
+            if kind == "tcp":
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._serve(conn, kind))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, kind: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.max_transfer_s):
+                raw = await recv_exact(loop, conn, REQ.size)
+                magic, version, op, flags, handle_b, rid_len, nbytes, block = REQ.unpack(raw)
+                if magic != MAGIC or version != VERSION or op not in Op._value2member_map_:
+                    await loop.sock_sendall(conn, pack_resp(Status.PROTOCOL, 0,
+                                                            "bad request header or version"))
+                    return
+                op = Op(op)
+                transport = OP_TRANSPORT[op]
+                if (transport == "shm") != (kind == "shm") or (
+                        transport == "rdma" and self.rdma_engine is None):
+                    await loop.sock_sendall(conn, pack_resp(
+                        Status.UNSUPPORTED, 0, f"{op.name} is not served on this {kind} socket"))
+                    return
+                if transport in ("shm", "rdma") and self.faults.take(f"refuse_{transport}",
+                                                                     transport):
+                    return  # injected: the fast path dies before any byte moves
+                request_id = (await recv_exact(loop, conn, rid_len)).decode(errors="replace")
+                handle = handle_b.hex()
+                put = op in (Op.PUT, Op.PUT_BLOCKS, Op.PUT_SHM, Op.PUT_RDMA)
+                key = f"{transport}.{'put' if put else 'get'}"
+                if flags & FLAG_FALLBACK:
+                    self.counters[f"{key}.fallback"] += 1
+                try:
+                    if put:
+                        await self._put(loop, conn, op, transport, handle, request_id, nbytes,
+                                        block, flags)
+                    else:
+                        await self._get(loop, conn, op, transport, handle, request_id, block)
+                except BaseException:
+                    self.counters[f"{key}.failed"] += 1
+                    raise
+                self.counters[f"{key}.ok"] += 1
+        except (TransferError, OSError, TimeoutError) as e:
+            log.info("data channel transfer ended early: %s", e or "timed out")
+        finally:
+            conn.close()
+
+    # -- push ---------------------------------------------------------------------------------
+    async def _put(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
+                   transport: str, handle: str, request_id: str, nbytes: int, block: int,
+                   flags: int) -> None:
+        try:
+            target = self._handler.begin_put(handle, request_id, nbytes, takeover=True)
+        except TransferError as e:
+            await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
+            return
+        generation = self._handler.generation_of(handle)
+        me = asyncio.current_task()
+        old = self._pushes.get(handle)
+        if old is not None and old is not me:
+            old.cancel()  # a retry took over: the old connection must stop writing
+        if me is not None:
+            self._pushes[handle] = me
+        ok = False
+        try:
+            if op is Op.PUT_SHM:
+                await self._serve_shm(loop, conn, handle, nbytes, "put", transport)
+            elif op is Op.PUT_RDMA:
+                await self._serve_rdma(loop, conn, target, "put", transport)
+            else:
+                await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes))
+                await self._recv_payload(loop, conn, target, block, transport)
+            ok = True
+        finally:
+            if self._pushes.get(handle) is me:
+                del self._pushes[handle]
+            try:
+                self._handler.end_put(handle, ok, generation, keep=bool(flags & FLAG_RETRYABLE))
+            except TransferError as e:
+                ok = False
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
+        if ok:
+            await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes))
+
+    async def _recv_payload(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                            target: memoryview, block: int, transport: str) -> None:
+        half = len(target) // 2
+        if self.faults.take("drop_put", transport):
+            await recv_into(loop, conn, target[:half])
+            raise TransferError("injected fault: connection dropped mid-push", Status.BROKEN)
+        if self.faults.take("stall_put", transport):
+            await recv_into(loop, conn, target[:half])
+            await self._until_closed(loop, conn)
+        if block:
+            await recv_blocks(loop, conn, target, block)
+        else:
+            await recv_into(loop, conn, target)
+
+    # -- fetch --------------------------------------------------------------------------------
+    async def _get(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
+                   transport: str, handle: str, request_id: str, block: int) -> None:
+        try:
+            source = self._handler.begin_get(handle, request_id)
+        except TransferError as e:
+            await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
+            return
+        ok = False
+        try:
+            self._maybe_corrupt(source, transport)
+            if op is Op.GET_SHM:
+                await self._serve_shm(loop, conn, handle, len(source), "get", transport)
+            elif op is Op.GET_RDMA:
+                await self._serve_rdma(loop, conn, source, "get", transport)
+            else:
+                await loop.sock_sendall(conn, pack_resp(Status.OK, len(source)))
+                half = len(source) // 2
+                if self.faults.take("drop_get", transport):
+                    await loop.sock_sendall(conn, source[:half])
+                    raise TransferError("injected fault: connection dropped mid-fetch")
+                if self.faults.take("stall_get", transport):
+                    await loop.sock_sendall(conn, source[:half])
+                    await self._until_closed(loop, conn)
+                if block:
+                    await send_blocks(loop, conn, source, block)
+                else:
+                    await loop.sock_sendall(conn, source)
+            ok = True
+        finally:
+            self._handler.end_get(handle, ok)
+        if op in (Op.GET_SHM, Op.GET_RDMA):
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(conn, pack_resp(Status.OK, len(source)))
+
+    def _maybe_corrupt(self, source: memoryview, transport: str) -> None:
+        if self.faults.take("corrupt_header", transport):
+            arr = np.frombuffer(source, dtype=np.uint8)
+            arr[min(40, len(arr) - 1)] ^= 0xFF  # inside the header's JSON: crc mismatch
+        if self.faults.take("corrupt_payload", transport) and len(source) > HEADER_BYTES:
+            arr = np.frombuffer(source, dtype=np.uint8)
+            arr[HEADER_BYTES + (len(arr) - HEADER_BYTES) // 2] ^= 0xFF
+
+    async def _maybe_stall_or_drop(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                                   direction: str, transport: str) -> None:
+        if self.faults.take(f"drop_{direction}", transport):
+            raise TransferError(f"injected fault: connection dropped mid-{direction}")
+        if self.faults.take(f"stall_{direction}", transport):
+            await self._until_closed(loop, conn)
+
+    @staticmethod
+    async def _until_closed(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        """Injected stall: answer nothing until the peer gives up and closes."""
+        while await loop.sock_recv(conn, 1 << 16):
+            pass
+        raise TransferError("injected fault: stalled until the peer closed the connection")
+
+    async def _serve_shm(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                         handle: str, nbytes: int, direction: str, transport: str) -> None:
+        """Hand the buffer's memfd over; the client writes (put) or maps (get) it, then
+        answers DONE."""
+        seg = self._handler.segment_of(handle)
+        if seg is None or seg.fd < 0:
+            raise TransferError("the staged buffer is not shared memory", Status.UNSUPPORTED)
+        await send_fd(loop, conn, RESP.pack(Status.OK, nbytes, 0), seg.fd)
+        await self._maybe_stall_or_drop(loop, conn, direction, transport)
+        await read_resp(loop, conn, "client")  # DONE
+
+    async def _serve_rdma(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                          buf: memoryview, direction: str, transport: str) -> None:
+        engine = self.rdma_engine
+        assert engine is not None
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        addr = int(arr.ctypes.data)
+        engine.register(addr, len(arr))
+        try:
+            await loop.sock_sendall(conn, pack_resp(Status.OK, len(arr),
+                                                    f"{engine.session}|{addr}"))
+            await self._maybe_stall_or_drop(loop, conn, direction, transport)
+            await read_resp(loop, conn, "client")  # DONE: the one-sided transfer finished
+        finally:
+            # Unregister before the buffer can be freed; ``arr`` keeps it alive until here.
+            engine.unregister(addr)
+            del arr
+
+    def transfer_load(self) -> dict[str, float]:
+        return {f"kv.{k}": float(v) for k, v in self.counters.items()}
+
+    async def close(self) -> None:
+        for sock, task in self._listeners:
+            await cancel_and_wait(task)
+            sock.close()
+        for t in list(self._conns):
+            t.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
