@@ -14,12 +14,14 @@ from typing import TypeVar
 from services.common.config import ModelConfig, ServiceConfig
 from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id
+from services.common.transport.config import KvTransferConfig
+from services.common.transport.negotiate import client_transports
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ServiceConfig, ModelConfig):
+class WorkerConfig(KvTransferConfig, ServiceConfig, ModelConfig):
     """Settings of a model worker."""
 
     slots: int = 4  # concurrent requests admitted (b_p for prefill, b_d for decode)
@@ -72,5 +74,5 @@ def worker_info(runtime: ServiceRuntime, cfg: WorkerConfig, fingerprint: str) ->
     """What a model worker advertises in the registry."""
     return InstanceInfo(
         instance_id=runtime.instance_id, role=runtime.role, group=cfg.group,
-        address=runtime.address, slots=cfg.slots, transports=("tcp",),
+        address=runtime.address, slots=cfg.slots, transports=client_transports(cfg),
         model_fingerprint=fingerprint, host_id=host_id(), started_unix=time.time())

@@ -33,7 +33,6 @@ from services.common.errors import (
     InvalidArgument,
     PdserveError,
     ResourceExhausted,
-    Unavailable,
     abort_with,
 )
 from services.common.kvlayout import KvFormatError
@@ -41,11 +40,10 @@ from services.common.runtime import ServiceRuntime, run_main
 from services.common.telemetry import (
     ATTR_COMPLETION_TOKENS,
     ATTR_KV_BYTES,
-    ATTR_KV_TRANSPORT,
     ATTR_REQUEST_ID,
     tracer,
 )
-from services.common.transport import TransferError, get_transport
+from services.common.transport import pull_kv, transfer_load
 from services.common.workers import WorkerConfig, worker_info
 from services.decode.steploop import DecodeSequence, StepLoop
 
@@ -77,12 +75,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         with _tracer.start_as_current_span("kv.fetch") as span:
             span.set_attribute(ATTR_REQUEST_ID, rid)
             span.set_attribute(ATTR_KV_BYTES, int(kv.nbytes))
-            span.set_attribute(ATTR_KV_TRANSPORT, kv.transport)
-            try:
-                buf = await get_transport(kv.transport).get(kv.data_address, kv.handle, rid)
-            except (TransferError, ValueError) as e:
-                raise Unavailable(f"fetching KV failed: {e}", reason="KV_FETCH_FAILED",
-                                  metadata={"request_id": rid}) from e
+            buf, xfer = await pull_kv(self.cfg, kv, rid)
         try:
             meta, cache = await self.steps.run(self.runner.restore, buf,
                                                request.max_new_tokens)
@@ -90,7 +83,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
             cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted
             raise cls(str(e), reason=reason, metadata={"request_id": rid}) from e
-        return meta, cache, len(buf)
+        return meta, cache, len(buf), xfer
 
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
@@ -107,7 +100,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.active[rid] = 0
         try:
             t0 = time.monotonic()
-            meta, cache, nbytes = await self._fetch(request)
+            meta, cache, nbytes, xfer = await self._fetch(request)
             self.active[rid] = nbytes
             fetch_ms = (time.monotonic() - t0) * 1e3
             if meta.num_tokens + request.max_new_tokens > self.runner.info.max_context:
@@ -119,7 +112,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             if request.first_token_id in stops or request.max_new_tokens == 0:
                 reason = (common_pb2.FINISH_REASON_STOP if request.first_token_id in stops
                           else common_pb2.FINISH_REASON_LENGTH)
-                yield pb.DecodeResponse(finish_reason=reason, kv_fetch_ms=fetch_ms)
+                yield pb.DecodeResponse(finish_reason=reason, kv_fetch_ms=fetch_ms,
+                                        kv_transport=xfer.transport, kv_fallback=xfer.fallback)
                 self.stats.completed_total += 1
                 return
             seq = DecodeSequence(rid, cache, request.first_token_id, params, request.max_new_tokens,
@@ -147,7 +141,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                             finish = (common_pb2.FINISH_REASON_STOP if ids[-1] in stops
                                       else common_pb2.FINISH_REASON_LENGTH)
                         yield pb.DecodeResponse(token_ids=ids, finish_reason=finish,
-                                                kv_fetch_ms=fetch_ms if first_msg else 0.0)
+                                                kv_fetch_ms=fetch_ms if first_msg else 0.0,
+                                                kv_transport=xfer.transport if first_msg else "",
+                                                kv_fallback=xfer.fallback and first_msg)
                         first_msg = False
                 finally:
                     self.steps.cancel(seq)
@@ -175,7 +171,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
 
     def load(self) -> dict[str, float]:
         return {"active": float(len(self.active)), "slots": float(self.cfg.slots),
-                "kv_bytes_held": float(sum(self.active.values()))}
+                "kv_bytes_held": float(sum(self.active.values())), **transfer_load()}
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:

@@ -78,7 +78,15 @@ class Progress:
     token_times: list[float] = field(default_factory=list)
     kv: common_pb2.KvRef | None = None
     kv_consumed: bool = False
+    kv_fetch_transport: str = ""  # what carried the decode's fetch (the push is in kv)
+    kv_fetch_fallback: bool = False
     sse_prefill: str = ""  # the prefill whose open-stream count this request holds to the end
+
+    def _kv_path(self) -> str:
+        """"shm" when both hops took shm; "tcp>shm" (push>fetch) when they differ."""
+        push = self.kv.transport if self.kv is not None else ""
+        fetch = self.kv_fetch_transport
+        return push if not fetch or fetch == push else f"{push}>{fetch}"
 
     def timings(self) -> common_pb2.Timings:
         gaps = [b - a for a, b in itertools.pairwise(self.token_times)]
@@ -88,7 +96,8 @@ class Progress:
             mean_tpot_ms=1e3 * sum(gaps) / len(gaps) if gaps else 0.0,
             max_tpot_ms=1e3 * max(gaps) if gaps else 0.0,
             e2e_ms=1e3 * (time.monotonic() - self.t0),
-            kv_transport=self.kv.transport if self.kv is not None else "",
+            kv_transport=self._kv_path(),
+            kv_fallback=(self.kv is not None and self.kv.fallback) or self.kv_fetch_fallback,
         )
 
 
@@ -318,6 +327,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if not started:
                         started = p.kv_consumed = True
                         p.kv_transfer_ms += msg.kv_fetch_ms
+                        p.kv_fetch_transport = msg.kv_transport
+                        p.kv_fetch_fallback = msg.kv_fallback
                     text = detok.add(msg.token_ids)
                     if detok.stopped:
                         yield list(msg.token_ids), text, common_pb2.FINISH_REASON_STOP

@@ -46,12 +46,11 @@ from services.common.runtime import (
 )
 from services.common.telemetry import (
     ATTR_KV_BYTES,
-    ATTR_KV_TRANSPORT,
     ATTR_PROMPT_TOKENS,
     ATTR_REQUEST_ID,
     tracer,
 )
-from services.common.transport import TransferError, get_transport
+from services.common.transport import push_kv, transfer_load
 from services.common.workers import (
     ModelThread,
     PrefillEstimator,
@@ -232,18 +231,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             with _tracer.start_as_current_span("kv.push") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
                 span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
-                span.set_attribute(ATTR_KV_TRANSPORT, res.transport)
-                transport = get_transport(res.transport)
-                try:
-                    await transport.put(res.data_address, handle, rid, memoryview(buf))
-                except TransferError as e:
-                    raise Unavailable(f"KV transfer to the kvstore failed: {e}",
-                                      reason="KV_TRANSFER_FAILED",
-                                      metadata={"request_id": rid}) from e
+                xfer = await push_kv(self.cfg, res, rid, buf, meta.num_tokens,
+                                     context.time_remaining())
             kv = common_pb2.KvRef(
                 handle=handle, control_address=address, data_address=res.data_address,
-                transport=transport.name, nbytes=buf.nbytes, num_tokens=meta.num_tokens,
-                model_fingerprint=self.runner.fingerprint)
+                transport=xfer.transport, nbytes=buf.nbytes, num_tokens=meta.num_tokens,
+                model_fingerprint=self.runner.fingerprint, endpoints=res.endpoints,
+                fallback=xfer.fallback)
             stage_ms = (time.monotonic() - t_first) * 1e3
             handed_off = False
             try:
@@ -292,7 +286,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
     def load(self) -> dict[str, float]:
         return {"busy": float(self.busy), "queued": float(self.queued),
-                "slots": float(self.cfg.slots)}
+                "slots": float(self.cfg.slots), **transfer_load()}
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:

@@ -33,7 +33,9 @@ async def test_greedy_is_token_identical_to_generate(
     assert last.finish_reason == (common_pb2.FINISH_REASON_STOP if stopped
                                   else common_pb2.FINISH_REASON_LENGTH)
     t = last.timings
-    assert t.ttft_ms > 0 and t.e2e_ms >= t.ttft_ms and t.kv_transport == "tcp"
+    # Prefill, kvstore and decode share this host: shm is negotiated, with no fallback.
+    assert t.ttft_ms > 0 and t.e2e_ms >= t.ttft_ms and t.kv_transport == "shm"
+    assert not t.kv_fallback
     assert (t.mean_tpot_ms > 0) == (len(got) > 1)
 
 

@@ -100,6 +100,12 @@ def rdma_usable(cfg: KvTransferConfig) -> bool:
     return (bool(rdma_devices()) or cfg.kv_rdma_tcp_mode) and mooncake_importable()
 
 
+def client_transports(cfg: KvTransferConfig) -> tuple[str, ...]:
+    """What this process can use as a client, in its order (advertised in the registry)."""
+    ok = {"tcp": True, "shm": shm_client_supported(), "rdma": rdma_usable(cfg)}
+    return tuple(t for t in cfg.transports if ok[t])
+
+
 def client_for(transport: str) -> KvTransport:
     if transport == "shm":
         return ShmTransport()
@@ -238,5 +244,5 @@ async def pull_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
     return view, result
 
 
-__all__ = ["STATS", "TransferResult", "TransferStats", "block_bytes", "plan", "pull_kv",
-           "push_kv", "transfer_load"]
+__all__ = ["STATS", "TransferResult", "TransferStats", "block_bytes", "client_transports",
+           "plan", "pull_kv", "push_kv", "transfer_load"]
