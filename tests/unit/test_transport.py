@@ -187,3 +187,22 @@ async def test_shm_fetch_is_a_mapping_not_a_copy(node: Node) -> None:
     assert result.transport == "shm" and view.obj.__class__.__name__ == "mmap"
     assert bytes(view[:64]) == data[:64].tobytes()
     assert node.store.bytes_held == 0
+
+
+async def test_client_killed_mid_push_frees_at_once(node: Node) -> None:
+    """A prefill that dies mid-push closes its socket: the kvstore aborts the entry now,
+    not at lease expiry."""
+    from services.common.transport.wire import Op, connect_tcp, pack_req, read_resp
+
+    loop = asyncio.get_running_loop()
+    e = node.store.reserve("dead", 1 << 20)
+    sock = await connect_tcp(node.endpoints[-1].address)
+    await loop.sock_sendall(sock, pack_req(Op.PUT, e.handle, "dead", 1 << 20))
+    await read_resp(loop, sock)
+    await loop.sock_sendall(sock, b"x" * 1000)
+    sock.close()
+    for _ in range(100):
+        if node.store.bytes_held == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert node.store.bytes_held == 0 and node.store.counters.aborted_total == 1
