@@ -1,0 +1,87 @@
+"""Speed controller: first token at once, smooth bounded pace under bursty arrivals."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from services.device.controller import (
+    ControllerConfig,
+    SpeedController,
+    gaps,
+    percentile,
+    simulate,
+)
+
+
+def bursty(n: int, tpot: float, burst: int, start: float = 200.0) -> list[float]:
+    """Tokens made every ``tpot`` ms but delivered ``burst`` at a time (WAN batching)."""
+    return [start + ((i // burst) + 1) * burst * tpot for i in range(n)]
+
+
+def test_first_token_is_shown_on_arrival() -> None:
+    shown = simulate([123.0, 124.0, 125.0], ControllerConfig())
+    assert shown[0] == 123.0
+    assert shown[1] > 124.0  # the rest is paced, not dumped
+
+
+def test_display_is_ordered_and_never_before_arrival() -> None:
+    rng = random.Random(1)
+    t, arrivals = 0.0, []
+    for _ in range(300):
+        t += rng.expovariate(1 / 25.0)
+        arrivals.append(t)
+    shown = simulate(arrivals, ControllerConfig(tau_ms=25.0))
+    assert all(s >= a for s, a in zip(shown, arrivals, strict=True))
+    assert all(b >= a for a, b in itertools.pairwise(shown))
+
+
+def test_bursts_are_smoothed_and_bounded() -> None:
+    cfg = ControllerConfig(tau_ms=20.0, tau_min_ms=10.0, tau_max_ms=50.0)
+    arrivals = bursty(400, tpot=20.0, burst=10)
+    raw = gaps(arrivals)
+    shown = gaps(simulate(arrivals, cfg))
+    # Display on arrival would show 0 ms and 200 ms gaps; the controller spreads them.
+    assert max(raw) == pytest.approx(200.0)
+    tail = shown[20:]  # after the first burst period, the supply rate is known
+    print(f"\nbursty x10 @20ms: raw max {max(raw):.0f} ms; displayed max {max(tail):.1f} ms, "
+          f"p99 {percentile(tail, 99):.1f} ms, min {min(tail):.1f} ms")
+    assert max(tail) <= cfg.tau_max_ms + 1e-9
+    assert min(tail) >= cfg.tau_min_ms - 1e-9
+    # The average pace follows the supply: the buffer neither grows nor starves.
+    assert sum(tail) / len(tail) == pytest.approx(20.0, rel=0.1)
+
+
+def test_late_cloud_slows_the_pace_gradually() -> None:
+    # 40 tokens at 20 ms, then the cloud slows to 45 ms per token.
+    arr = [i * 20.0 for i in range(40)] + [780.0 + i * 45.0 for i in range(1, 60)]
+    cfg = ControllerConfig(tau_ms=20.0, step_ms=5.0)
+    g = gaps(simulate(arr, cfg))
+    steps = [abs(b - a) for a, b in itertools.pairwise(g)]
+    print(f"\nslowdown 20->45 ms: displayed max {max(g):.1f} ms, p99 {percentile(g, 99):.1f}")
+    assert max(g) <= cfg.tau_max_ms
+    # Smooth: between two paced releases, the pace changes by at most step_ms (a stall,
+    # when the buffer is empty, shows the token on arrival and is the only exception).
+    assert percentile(steps, 90) <= cfg.step_ms + 1e-9
+
+
+def test_controller_drop_buffered_keeps_head() -> None:
+    ctl = SpeedController(ControllerConfig())
+    for i, t in enumerate([0.0, 1.0, 2.0, 3.0]):
+        ctl.push(i, t)
+    assert [t for t, _ in ctl.pop_due(0.0)] == [0]
+    assert ctl.drop_buffered(1) == [2, 3]
+    assert ctl.buffered == 1
+
+
+def test_config_rejects_bad_bounds() -> None:
+    with pytest.raises(ValueError):
+        ControllerConfig(tau_ms=5.0, tau_min_ms=10.0)
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([], 99) == 0.0

@@ -1,0 +1,97 @@
+"""Settings optimiser against brute force, and its constraints one by one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.device.optimizer import (
+    Constraints,
+    Curve,
+    Profiles,
+    brute_force,
+    choose,
+    feasible,
+)
+
+QUALITY = {1.0: 1.0, 0.75: 0.9, 0.5: 0.7, 0.25: 0.4}
+
+
+def profiles(rng: random.Random) -> Profiles:
+    return Profiles(
+        device_prefill=Curve(((0.0, rng.uniform(10, 80)), (1024.0, rng.uniform(200, 3000)),
+                              (4096.0, rng.uniform(3000, 16000)))),
+        device_tpot_ms=rng.uniform(15, 60),
+        cloud_ttft=Curve.linear(rng.uniform(20, 60), rng.uniform(0.02, 0.2)),
+        cloud_tpot_ms=rng.uniform(5, 35),
+        rtt_ms=rng.uniform(10, 150),
+        chunk_tokens=rng.choice([64, 256]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    p = profiles(rng)
+    c = Constraints(ttft_target_ms=rng.uniform(200, 2000), tpot_max_ms=rng.uniform(30, 80),
+                    min_quality=rng.choice([0.0, 0.6, 0.85]), quality=QUALITY)
+    n, out = rng.choice([256, 1024, 2048, 4096]), rng.randint(8, 160)
+    plan = choose(p, c, n, out)
+    # A grid plus both ends of the allowed range (the optimiser's tau is exact).
+    lo = max(c.tau_min_ms, p.cloud_tpot_ms * (1 + p.jitter))
+    taus = sorted({lo, c.tpot_max_ms, *(c.tau_min_ms + 2.0 * i for i in range(40))})
+    bf = brute_force(p, c, n, out, taus)
+    if bf is None:
+        assert plan.mode != "pd_device"
+        return
+    assert plan.mode == "pd_device"
+    assert feasible(p, c, n, out, plan.rho, plan.k, plan.tau_ms)
+    assert plan.cloud_ms == pytest.approx(bf.cloud_ms)
+    assert plan.n_budget == bf.n_budget
+    assert plan.tau_ms <= bf.tau_ms + 1e-9  # exact tau vs a grid
+
+
+def example() -> Profiles:
+    return Profiles(device_prefill=Curve.linear(20, 1.0), device_tpot_ms=30,
+                    cloud_ttft=Curve.linear(30, 0.05), cloud_tpot_ms=15, rtt_ms=50)
+
+
+def test_refinement_chosen_only_when_quality_allows() -> None:
+    p = example()
+    loose = choose(p, Constraints(quality=QUALITY, min_quality=0.0), 2048, 256)
+    strict = choose(p, Constraints(quality=QUALITY, min_quality=0.95), 2048, 256)
+    assert loose.mode == strict.mode == "pd_device"
+    assert strict.rho == 1.0
+    assert loose.cloud_ms <= strict.cloud_ms
+
+
+def test_ttft_target_unreachable_by_cloud_falls_back_to_device() -> None:
+    plan = choose(example(), Constraints(ttft_target_ms=10), 2048, 256)
+    assert plan.mode == "device_only"
+    assert plan.reason
+
+
+def test_device_too_slow_to_decode_falls_back_to_cloud() -> None:
+    p = example()
+    plan = choose(p, Constraints(tpot_max_ms=25), 2048, 256)  # t_dev = 30 > 25
+    assert plan.mode == "cloud_only"
+    assert plan.n_budget == 256
+
+
+def test_no_stall_constraints_hold_for_the_plan() -> None:
+    p = example()
+    plan = choose(p, Constraints(), 1024, 512)
+    a1 = p.first_arrival_ms(1024)
+    assert plan.tau_ms >= p.cloud_tpot_ms * (1 + p.jitter)
+    assert p.device_ready_ms(1024, plan.rho, plan.k) <= a1 + plan.k * plan.tau_ms + 1e-9
+    assert not feasible(p, Constraints(), 1024, 512, plan.rho, plan.k - 1, 50.0)
+
+
+def test_curve_interpolates_and_extrapolates() -> None:
+    c = Curve(((0.0, 10.0), (100.0, 110.0), (200.0, 310.0)))
+    assert c(50) == 60.0
+    assert c(150) == 210.0
+    assert c(300) == 510.0
+    with pytest.raises(ValueError):
+        Curve(((1.0, 1.0), (1.0, 2.0)))
