@@ -36,7 +36,7 @@ from services.common.telemetry import ATTR_REQUEST_ID, tracer
 from services.common.transport import DataServer, KvTransferConfig
 from services.common.transport.faults import Faults
 from services.common.transport.negotiate import rdma_usable
-from services.kvstore.memory import heap_segment, memfd_segment, memfd_supported
+from services.kvstore.memory import SegmentPool, heap_segment, memfd_segment, memfd_supported
 from services.kvstore.store import KvStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class KvStoreConfig(KvTransferConfig, ServiceConfig):
     capacity_bytes: int = 4 << 30  # staged KV cap; ReserveKv answers RESOURCE_EXHAUSTED past it
     lease_s: float = 30.0  # default lease of a reservation
     sweep_s: float = 0.5  # how often expired leases are freed
+    pool_bytes: int = 1 << 30  # idle staged buffers kept mapped for reuse (no page faults)
     kv_faults: str = ""  # fault injection, e.g. "drop_put@shm#1" (transport/faults.py)
 
     def __post_init__(self) -> None:
@@ -130,8 +131,10 @@ class KvStoreService:
         # Staged buffers live in memfds when shm is served, so any of them can be handed
         # to a same-host peer without a copy; tcp and rdma serve them the same way.
         self.shm = "shm" in cfg.transports and memfd_supported()
-        self.store = KvStore(cfg.capacity_bytes, cfg.lease_s,
-                             allocate=memfd_segment if self.shm else heap_segment)
+        self.pool = SegmentPool(memfd_segment if self.shm else heap_segment,
+                                max_idle_bytes=cfg.pool_bytes)
+        self.store = KvStore(cfg.capacity_bytes, cfg.lease_s, allocate=self.pool.allocate,
+                             recycle=self.pool.recycle)
         self.data = DataServer(self.store, Faults.parse(cfg.kv_faults),
                                max_transfer_s=2 * cfg.kv_transfer_timeout_s)
         self._sweeper: asyncio.Task[None] | None = None
@@ -200,6 +203,7 @@ class KvStoreService:
             if self._sweeper is not None:
                 await cancel_and_wait(self._sweeper)
             await self.data.close()
+            self.pool.close()
 
         await self.runtime.stop(cleanup)
 

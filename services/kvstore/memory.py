@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +21,14 @@ import numpy as np
 
 @dataclass
 class Segment:
-    """One staged buffer: ``array`` is the bytes; ``fd`` is its memfd or -1."""
+    """One staged buffer: ``array`` is the bytes; ``fd`` is its memfd or -1. ``base`` is
+    the whole mapping (a pooled segment may be larger than the request); ``shared`` is set
+    once its memfd went to a consumer, which then maps these pages: it is never reused."""
 
     array: np.ndarray
     fd: int = -1
+    base: np.ndarray | None = None
+    shared: bool = False
 
     @property
     def view(self) -> memoryview:
@@ -60,3 +66,61 @@ def memfd_supported() -> bool:
     except OSError:
         return False
     return True
+
+
+class SegmentPool:
+    """Reuses memfd segments so a push writes into pages that are already mapped.
+
+    A fresh buffer costs a page fault per 4 KiB on first write (here ~3.9 GB/s against
+    ~13.8 GB/s for a warm copy). Sizes are rounded up to ``granule`` bytes; idle segments
+    are kept up to ``max_idle_bytes``, oldest dropped first. A segment whose memfd was
+    handed to a consumer (``shared``) is closed, never reused: the consumer maps it.
+    """
+
+    def __init__(self, allocate: Callable[[int], Segment] = memfd_segment,
+                 max_idle_bytes: int = 1 << 30, granule: int = 2 << 20) -> None:
+        self._allocate = allocate
+        self.max_idle_bytes = max_idle_bytes
+        self.granule = granule
+        self._idle: OrderedDict[int, list[Segment]] = OrderedDict()
+        self.idle_bytes = 0
+        self.reused = 0
+
+    def _size_class(self, nbytes: int) -> int:
+        return -(-nbytes // self.granule) * self.granule
+
+    def allocate(self, nbytes: int) -> Segment:
+        size = self._size_class(nbytes)
+        free = self._idle.get(size)
+        if free:
+            seg = free.pop()
+            self.idle_bytes -= size
+            self.reused += 1
+        else:
+            seg = self._allocate(size)
+            seg.base = seg.array
+        assert seg.base is not None
+        seg.array = seg.base[:nbytes]
+        return seg
+
+    def recycle(self, seg: Segment) -> None:
+        size = len(seg.base) if seg.base is not None else 0
+        if seg.shared or not size or size > self.max_idle_bytes:
+            seg.close()
+            return
+        self._idle.setdefault(size, []).append(seg)
+        self._idle.move_to_end(size)
+        self.idle_bytes += size
+        while self.idle_bytes > self.max_idle_bytes:
+            old_size, segs = next(iter(self._idle.items()))
+            segs.pop(0).close()
+            self.idle_bytes -= old_size
+            if not segs:
+                del self._idle[old_size]
+
+    def close(self) -> None:
+        for segs in self._idle.values():
+            for seg in segs:
+                seg.close()
+        self._idle.clear()
+        self.idle_bytes = 0

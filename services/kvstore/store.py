@@ -71,6 +71,8 @@ class KvStore:
     default_lease_s: float
     clock: Callable[[], float] = time.monotonic
     allocate: Callable[[int], Segment] = heap_segment
+    # Called with a segment nobody uses any more (a pool may keep it); default: close it.
+    recycle: Callable[[Segment], None] = Segment.close
     entries: dict[str, Entry] = field(default_factory=dict)
     bytes_held: int = 0
     counters: Counters = field(default_factory=Counters)
@@ -112,10 +114,15 @@ class KvStore:
         if self.entries.pop(entry.handle, None) is None:
             return
         self.bytes_held -= entry.nbytes
-        entry.state = final
         if entry.segment is not None:
-            entry.segment.close()
+            busy = entry.state is State.TRANSFERRING or entry.fetching
+            # A transfer still in flight may touch these bytes: never hand them out again.
+            if busy:
+                entry.segment.close()
+            else:
+                self.recycle(entry.segment)
             entry.segment = None
+        entry.state = final
         if final is State.CONSUMED:
             self.counters.consumed_total += 1
         elif final is State.ABORTED:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 class Segmented(Protocol):
     fd: int
+    shared: bool
 
 
 class DataHandler(Protocol):
@@ -274,9 +275,12 @@ class DataServer:
         seg = self._handler.segment_of(handle)
         if seg is None or seg.fd < 0:
             raise TransferError("the staged buffer is not shared memory", Status.UNSUPPORTED)
+        seg.shared = True  # another process may map these pages from now on
         await send_fd(loop, conn, RESP.pack(Status.OK, nbytes, 0), seg.fd)
         await self._maybe_stall_or_drop(loop, conn, direction, transport)
         await read_resp(loop, conn, "client")  # DONE
+        if direction == "put":
+            seg.shared = False  # the producer unmapped before DONE; the pages are ours again
 
     async def _serve_rdma(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                           buf: memoryview, direction: str, transport: str) -> None:
