@@ -54,6 +54,7 @@ from services.common.telemetry import (
     tracer,
 )
 from services.common.tokenizer import Detokenizer, TextTokenizer
+from services.gateway import assist
 from services.gateway.admission import PrefillAdmission
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate, rank_decodes, rank_least_open_streams
@@ -81,6 +82,7 @@ class Progress:
     kv_fetch_transport: str = ""  # what carried the decode's fetch (the push is in kv)
     kv_fetch_fallback: bool = False
     sse_prefill: str = ""  # the prefill whose open-stream count this request holds to the end
+    refine_ratio: float = 0.0  # P/D-Device: rho asked for (assist.py); 0 = none
 
     def _kv_path(self) -> str:
         """"shm" when both hops took shm; "tcp>shm" (push>fetch) when they differ."""
@@ -168,6 +170,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             span.set_attribute(ATTR_REQUEST_ID, rid)
             try:
                 req = validate(request, rid, self.info, self.tok, self.default_max_tokens)
+                progress.refine_ratio = assist.refine_ratio(request)  # P/D-Device
+                req = assist.apply_budget(request, req)
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(req.prompt_ids))
                 span.set_attribute(ATTR_SCENARIO, req.scenario or self.default_group)
                 async for msg in self._generate(req, context, progress):
@@ -224,6 +228,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # The TTFT SLO is met from here on; the handoff is bounded by the call's deadline.
             try:
                 async with asyncio.timeout_at(_loop_time(deadline)):
+                    refined = await assist.read_refined(call, instance_id) \
+                        if p.refine_ratio else None
+                if refined is not None:  # P/D-Device: P' just after the first token
+                    yield refined
+                async with asyncio.timeout_at(_loop_time(deadline)):
                     kv_ready = await self._await_kv(call, instance_id, p)
             except TimeoutError:
                 raise DeadlineExceeded("the deadline passed during the KV handoff") from None
@@ -262,7 +271,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, sampling=sampling,
             scenario=group,
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
-            if ttft_deadline is not None else 0)
+            if ttft_deadline is not None else 0, refine_ratio=p.refine_ratio)
 
         def on_accepted() -> None:
             p.queue_ms = (time.monotonic() - p.t0) * 1e3

@@ -183,6 +183,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
     ) -> AsyncIterator[pb.PrefillResponse]:
         from services.common.kvlayout import kv_nbytes
+        from services.engine.refine import probe_for, refined_prompt
         from services.engine.sampling import Sampling
 
         rid = request.request_id
@@ -218,14 +219,22 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 span.set_attribute(ATTR_REQUEST_ID, rid)
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
                 t0 = time.monotonic()
+                probe = probe_for(self.runner, request.refine_ratio)  # P/D-Device
                 first, cache = await self.thread.run(
-                    self._compute, list(request.prompt_token_ids), params)
+                    probe.wrap(self._compute) if probe else self._compute,
+                    list(request.prompt_token_ids), params)
                 prefill_ms = (time.monotonic() - t0) * 1e3
             self.estimator.observe(len(request.prompt_token_ids), prefill_ms)
             self._deadline_passed(request, "after")
             t_first = time.monotonic()
             yield pb.PrefillResponse(first_token=pb.FirstToken(token_id=first,
                                                                prefill_ms=prefill_ms))
+            if request.refine_ratio > 0:  # P/D-Device: P' right after the first token
+                kept, method, refine_ms = await self.thread.run(
+                    refined_prompt, probe, cache, list(request.prompt_token_ids),
+                    request.refine_ratio)
+                yield pb.PrefillResponse(refined=pb.RefinedPrompt(
+                    token_ids=kept, method=method, refine_ms=refine_ms))
             meta, buf = await self.thread.run(self.runner.pack, cache, self.cfg.kv_checksum)
             del cache
             with _tracer.start_as_current_span("kv.push") as span:

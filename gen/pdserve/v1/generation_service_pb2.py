@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/v1/generation_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xaa\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08scenario\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\n \x01(\r\x12\x19\n\x11use_chat_template\x18\x0b \x01(\x08\x12\r\n\x05model\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb5\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r2\\\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pdserve/v1/generation_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xdb\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08scenario\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\n \x01(\r\x12\x19\n\x11use_chat_template\x18\x0b \x01(\x08\x12\r\n\x05model\x18\x0c \x01(\t\x12/\n\rdevice_assist\x18\r \x01(\x0b\x32\x18.pdserve.v1.DeviceAssistB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\":\n\x0c\x44\x65viceAssist\x12\x14\n\x0ctoken_budget\x18\x01 \x01(\r\x12\x14\n\x0crefine_ratio\x18\x02 \x01(\x02\"\xee\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12 \n\x18refined_prompt_token_ids\x18\x07 \x03(\x05\x12\x15\n\rrefine_method\x18\x08 \x01(\t2\\\n\x11GenerationService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.generation_servi
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=77
-  _globals['_GENERATEREQUEST']._serialized_end=375
-  _globals['_GENERATERESPONSE']._serialized_start=378
-  _globals['_GENERATERESPONSE']._serialized_end=559
-  _globals['_GENERATIONSERVICE']._serialized_start=561
-  _globals['_GENERATIONSERVICE']._serialized_end=653
+  _globals['_GENERATEREQUEST']._serialized_end=424
+  _globals['_DEVICEASSIST']._serialized_start=426
+  _globals['_DEVICEASSIST']._serialized_end=484
+  _globals['_GENERATERESPONSE']._serialized_start=487
+  _globals['_GENERATERESPONSE']._serialized_end=725
+  _globals['_GENERATIONSERVICE']._serialized_start=727
+  _globals['_GENERATIONSERVICE']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

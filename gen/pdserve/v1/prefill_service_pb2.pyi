@@ -31,20 +31,22 @@ REJECT_REASON_DRAINING: RejectReason
 REJECT_REASON_DEADLINE: RejectReason
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ttft_deadline_unix_ms", "scenario", "admission_mode")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ttft_deadline_unix_ms", "scenario", "admission_mode", "refine_ratio")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TTFT_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_MODE_FIELD_NUMBER: _ClassVar[int]
+    REFINE_RATIO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     ttft_deadline_unix_ms: int
     scenario: str
     admission_mode: AdmissionMode
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ttft_deadline_unix_ms: _Optional[int] = ..., scenario: _Optional[str] = ..., admission_mode: _Optional[_Union[AdmissionMode, str]] = ...) -> None: ...
+    refine_ratio: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ttft_deadline_unix_ms: _Optional[int] = ..., scenario: _Optional[str] = ..., admission_mode: _Optional[_Union[AdmissionMode, str]] = ..., refine_ratio: _Optional[float] = ...) -> None: ...
 
 class PrefillAccepted(_message.Message):
     __slots__ = ("instance_id", "queue_ms")
@@ -78,17 +80,29 @@ class KvReady(_message.Message):
     kv_stage_ms: float
     def __init__(self, kv: _Optional[_Union[_common_pb2.KvRef, _Mapping]] = ..., kv_stage_ms: _Optional[float] = ...) -> None: ...
 
+class RefinedPrompt(_message.Message):
+    __slots__ = ("token_ids", "method", "refine_ms")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REFINE_MS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    method: str
+    refine_ms: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., method: _Optional[str] = ..., refine_ms: _Optional[float] = ...) -> None: ...
+
 class PrefillResponse(_message.Message):
-    __slots__ = ("accepted", "rejected", "first_token", "kv_ready")
+    __slots__ = ("accepted", "rejected", "first_token", "kv_ready", "refined")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_READY_FIELD_NUMBER: _ClassVar[int]
+    REFINED_FIELD_NUMBER: _ClassVar[int]
     accepted: PrefillAccepted
     rejected: PrefillRejected
     first_token: FirstToken
     kv_ready: KvReady
-    def __init__(self, accepted: _Optional[_Union[PrefillAccepted, _Mapping]] = ..., rejected: _Optional[_Union[PrefillRejected, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., kv_ready: _Optional[_Union[KvReady, _Mapping]] = ...) -> None: ...
+    refined: RefinedPrompt
+    def __init__(self, accepted: _Optional[_Union[PrefillAccepted, _Mapping]] = ..., rejected: _Optional[_Union[PrefillRejected, _Mapping]] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., kv_ready: _Optional[_Union[KvReady, _Mapping]] = ..., refined: _Optional[_Union[RefinedPrompt, _Mapping]] = ...) -> None: ...
 
 class GetPrefillStatsRequest(_message.Message):
     __slots__ = ()
