@@ -20,7 +20,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.scheduling import SHARED, Point, percentile, plot, write_json
+from bench.scheduling import SHARED, Point, percentile, plot, sample, write_json
 from bench.simulator import SIM_POLICIES, Result, SimConfig, SimRequest, Simulator
 from bench.traces import TraceRequest, load_trace, paper_example
 
@@ -66,8 +66,9 @@ def run_sim(args: argparse.Namespace) -> int:
     half_p, half_d = max(1, args.prefill // 2), max(1, args.decode // 2)
     points: list[Point] = []
     for trace in traces:
+        # The same window of the trace as the live bench takes, for run/sim parity.
         reqs: list[TraceRequest] = (paper_example(bursts=max(1, n_req // 4)) if trace == "paper"
-                                    else load_trace(trace)[:n_req])
+                                    else sample(load_trace(trace), n_req, args.max_prompt))
         name = "paper" if trace == "paper" else Path(trace).stem
         bar = tqdm(total=len(policies) * len(loads), desc=f"sim {name}", unit="point")
         for load in loads:
