@@ -88,10 +88,18 @@ async def test_roundtrip_bytes_identical(node: Node, transports: str, mode: str)
     assert node.server.counters[f"{push_t}.get.ok"] == 1
 
 
-def test_block_bytes_are_whole_token_blocks() -> None:
+def test_a_block_is_n_tokens_of_one_layer() -> None:
+    from services.common.kvlayout import KvMeta, encode_header
+
+    meta = KvMeta("float32", num_layers=4, num_kv_heads=2, head_dim=8, num_tokens=64,
+                  fingerprint="f")
+    buf = bytearray(meta.total_nbytes)
+    buf[:HEADER_BYTES] = encode_header(meta)
     cfg = KvTransferConfig(kv_transfer_mode="block", kv_block_tokens=16)
-    assert block_bytes(cfg, HEADER_BYTES + 64 * 1000, 64) == 16 * 1000
-    assert block_bytes(KvTransferConfig(), HEADER_BYTES + 64 * 1000, 64) == 0
+    page = 16 * 2 * 2 * 8 * 4  # tokens x (K, V) x heads x head_dim x fp32
+    assert block_bytes(cfg, memoryview(buf), 64) == page
+    assert meta.payload_nbytes // page == 4 * 4  # 4 layers x 4 blocks
+    assert block_bytes(KvTransferConfig(), memoryview(buf), 64) == 0
 
 
 async def test_block_mode_confirms_each_block(node: Node) -> None:

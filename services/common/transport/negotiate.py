@@ -33,7 +33,7 @@ from opentelemetry import trace
 
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.kvlayout import HEADER_BYTES
+from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header
 from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
 from services.common.transport.base import KvTransport, TransferError
 from services.common.transport.config import KvTransferConfig
@@ -151,12 +151,18 @@ def plan(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint],
     return best, fallback
 
 
-def block_bytes(cfg: KvTransferConfig, nbytes: int, num_tokens: int) -> int:
-    """Bytes of one ``kv_block_tokens`` block in block mode (0: contiguous). Only tcp
-    implements block-fixed transfer; shm and rdma are single-buffer paths by nature."""
-    if cfg.kv_transfer_mode != "block" or num_tokens <= 0 or nbytes <= HEADER_BYTES:
+def block_bytes(cfg: KvTransferConfig, data: memoryview, num_tokens: int) -> int:
+    """Bytes of one block in block mode (0: contiguous): ``kv_block_tokens`` tokens of ONE
+    layer (K and V), the page a paged KV cache holds and transfers with one confirmation
+    each. Only tcp implements block-fixed transfer; shm and rdma move one buffer."""
+    if cfg.kv_transfer_mode != "block" or num_tokens <= 0 or len(data) <= HEADER_BYTES:
         return 0
-    return max(1, (nbytes - HEADER_BYTES) // num_tokens * cfg.kv_block_tokens)
+    try:
+        meta = decode_header(data)
+        per_token = meta.layer_nbytes // meta.num_tokens
+    except KvFormatError:  # not a KV buffer (tests): blocks of whole tokens
+        per_token = (len(data) - HEADER_BYTES) // num_tokens
+    return max(1, per_token * cfg.kv_block_tokens)
 
 
 async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], handle: str,
@@ -226,7 +232,8 @@ async def push_kv(cfg: KvTransferConfig, reservation: object, request_id: str,
                        reservation.data_address)  # type: ignore[attr-defined]
     _, result = await _move(cfg, eps, reservation.handle,  # type: ignore[attr-defined]
                             request_id, memoryview(data),
-                            block_bytes(cfg, len(data), num_tokens), timeout_s, push=True)
+                            block_bytes(cfg, memoryview(data), num_tokens), timeout_s,
+                            push=True)
     return result
 
 
@@ -237,7 +244,9 @@ async def pull_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
     if not eps:
         raise Unavailable("KvRef names no data endpoint", reason="KV_FETCH_FAILED",
                           metadata={"request_id": request_id})
-    block = block_bytes(cfg, int(kv.nbytes), int(kv.num_tokens))
+    # A fetch asks for blocks of this many tokens; the kvstore sizes the pages from the
+    # staged header (it knows the layer count) and says so in its answer.
+    block = cfg.kv_block_tokens if cfg.kv_transfer_mode == "block" else 0
     view, result = await _move(cfg, eps, kv.handle, request_id, None, block, timeout_s,
                                push=False)
     assert view is not None

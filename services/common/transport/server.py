@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from services.common.kvlayout import HEADER_BYTES
+from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header
 from services.common.tasks import cancel_and_wait
 from services.common.transport.base import Status, TransferError
 from services.common.transport.faults import Faults
@@ -45,6 +45,15 @@ from services.common.transport.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _page_bytes(source: memoryview, tokens: int) -> int:
+    """A GET_BLOCKS page: ``tokens`` tokens of one layer, sized from the staged header."""
+    try:
+        meta = decode_header(source)
+        return max(1, meta.layer_nbytes // meta.num_tokens * tokens)
+    except KvFormatError:  # not a KV buffer: fixed 64 KiB pages
+        return 64 << 10
 
 
 class Segmented(Protocol):
@@ -227,7 +236,9 @@ class DataServer:
             elif op is Op.GET_RDMA:
                 await self._serve_rdma(loop, conn, source, "get", transport)
             else:
-                await loop.sock_sendall(conn, pack_resp(Status.OK, len(source)))
+                page = _page_bytes(source, block) if block else 0
+                await loop.sock_sendall(conn, pack_resp(Status.OK, len(source),
+                                                        str(page) if page else ""))
                 half = len(source) // 2
                 if self.faults.take("drop_get", transport):
                     await loop.sock_sendall(conn, source[:half])
@@ -235,8 +246,8 @@ class DataServer:
                 if self.faults.take("stall_get", transport):
                     await loop.sock_sendall(conn, source[:half])
                     await self._until_closed(loop, conn)
-                if block:
-                    await send_blocks(loop, conn, source, block)
+                if page:
+                    await send_blocks(loop, conn, source, page)
                 else:
                     await loop.sock_sendall(conn, source)
             ok = True

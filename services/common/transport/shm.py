@@ -81,7 +81,10 @@ async def recv_resp_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
 
 def _map(fd: int, nbytes: int, writable_shared: bool) -> mmap.mmap:
     try:
-        flags = mmap.MAP_SHARED if writable_shared else mmap.MAP_PRIVATE
+        # The producer's mapping is populated up front: one kernel call instead of a
+        # minor fault per 4 KiB page, which on a fresh mapping cost more than the copy.
+        flags = (mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if writable_shared
+                 else mmap.MAP_PRIVATE)
         return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)

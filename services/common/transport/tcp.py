@@ -76,10 +76,10 @@ class TcpTransport(KvTransport):
             op = Op.GET_BLOCKS if block_bytes else Op.GET
             await loop.sock_sendall(sock, pack_req(op, handle, request_id, 0, block_bytes,
                                                    flags))
-            nbytes, _ = await read_resp(loop, sock)
+            nbytes, info = await read_resp(loop, sock)
             view = memoryview(np.empty(nbytes, dtype=np.uint8))  # no zero-fill
-            if block_bytes:
-                await recv_blocks(loop, sock, view, block_bytes)
+            if block_bytes:  # asked in tokens; the answer says the page size in bytes
+                await recv_blocks(loop, sock, view, int(info or block_bytes))
             else:
                 await recv_into(loop, sock, view)
             return view

@@ -9,8 +9,11 @@ One transfer per connection (TCP, or a Unix socket for ``shm``); little-endian:
 
 Ops (each starts with REQ -> RESP, the single metadata exchange):
   PUT / GET          tcp: the payload follows on the same socket; PUT ends with a final RESP.
-  PUT_BLOCKS / GET_BLOCKS  block-fixed mode: the payload moves in ``block_bytes`` pieces and
-                     the receiver confirms each one with a RESP before the next is sent.
+  PUT_BLOCKS / GET_BLOCKS  block-fixed mode: the payload moves in fixed pages (N tokens of
+                     one layer) and the receiver confirms each one with a RESP before the
+                     next is sent. PUT_BLOCKS: ``block_bytes`` is the page size; GET_BLOCKS:
+                     it is N, and the RESP info gives the page size the server derived
+                     from the staged header.
   PUT_SHM / GET_SHM  Unix socket only: RESP carries a memfd (SCM_RIGHTS); the client maps it
                      and answers DONE (a RESP) when it has written or mapped the bytes.
   PUT_RDMA / GET_RDMA  RESP info is "segment|address" of the kvstore's registered buffer; the

@@ -1,0 +1,280 @@
+"""KV data-plane benchmark: each transport against its raw ceiling, measured in one run.
+
+A real kvstore runs in its own process (with a private redis-server); this process plays
+prefill (push) and decode (fetch) through the same ``push_kv`` / ``pull_kv`` the services
+use, with fallback off so every figure is the path it names. KV sizes are SmolLM2's
+(30 layers x 2 x 3 KV heads x 64 x fp32 = 45 KiB per token) for 512, 4k and 32k tokens.
+
+  raw ceilings   blocking-socket loopback TCP (sendall / recv_into a warm buffer, two
+                 threads) for tcp and rdma; memcpy into a warm buffer (np.copyto) for shm
+  paths          tcp, shm, rdma (Mooncake; its TCP protocol here: no RDMA device)
+  block-fixed    tcp in pages of 16 tokens of one layer (24.6 KB for SmolLM2), each
+                 confirmed before the next, as a paged KV transfer does, against
+                 contiguous; push + fetch time
+  concurrency    8 handoffs (push + fetch) at once on tcp and shm, aggregate GB/s
+
+A path's ratio uses its push hop (prefill -> kvstore, into the kvstore's warm pooled
+buffers), the hop that compares like for like with a warm-buffer ceiling. The fetch hop
+(kvstore -> decode) is printed too: over tcp and rdma it lands in a fresh buffer, whose
+page faults cost extra until decode receives into its paged pool (engine issue); over shm
+it maps the kvstore's pages and copies nothing.
+
+  python bench/kv_transfer.py [--quick] [--json FILE]
+
+``--json`` writes the 4k-token figures: tcp_vs_raw_tcp, shm_vs_memcpy, rdma_vs_raw_tcp,
+contiguous_vs_block_time, concurrent_gbps. Timings are medians; the machine is shared
+and noisy (2 cores), so read ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
+from services.common.kvlayout import HEADER_BYTES, KvMeta, encode_header
+from services.common.redis_embed import EmbeddedRedis
+from services.common.transport import KvTransferConfig, pull_kv, push_kv
+from services.common.transport.rdma import mooncake_importable, wire_protocol
+
+PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32 KV bytes per token
+TARGETS = {"tcp_vs_raw_tcp": (">=", 0.85), "shm_vs_memcpy": (">=", 0.70),
+           "contiguous_vs_block_time": ("<=", 0.50)}
+
+
+def kv_bytes(tokens: int) -> int:
+    return HEADER_BYTES + tokens * PER_TOKEN
+
+
+def kv_buffer(tokens: int, seed: int = 0) -> np.ndarray:
+    """A SmolLM2-shaped KV buffer: a valid header (block mode sizes pages from it), then
+    random payload bytes."""
+    data = np.random.default_rng(seed).integers(0, 255, kv_bytes(tokens), dtype=np.uint8)
+    meta = KvMeta("float32", num_layers=30, num_kv_heads=3, head_dim=64, num_tokens=tokens,
+                  fingerprint="bench")
+    data[:HEADER_BYTES] = np.frombuffer(encode_header(meta), dtype=np.uint8)
+    return data
+
+
+def raw_tcp_gbps(nbytes: int, reps: int) -> float:
+    """Blocking loopback TCP: sendall from one thread, recv_into a warm buffer on another."""
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    times: list[float] = []
+
+    def receive() -> None:
+        view = memoryview(dst)
+        for _ in range(reps + 1):
+            got = 0
+            while got < nbytes:
+                got += conn.recv_into(view[got : got + (4 << 20)])
+
+    th = threading.Thread(target=receive)
+    th.start()
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        cli.sendall(memoryview(src))
+        if i:  # the first round warms both buffers
+            times.append(time.perf_counter() - t0)
+    th.join()
+    for s in (cli, conn, srv):
+        s.close()
+    # The send returns when the last bytes are in the socket buffer; the receiver is at most
+    # one socket buffer behind, which is noise at these sizes.
+    return nbytes / statistics.median(times) / 1e9
+
+
+def memcpy_gbps(nbytes: int, reps: int) -> float:
+    src = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+class KvStoreProc:
+    """A real kvstore process serving tcp, shm and rdma (Mooncake's TCP mode here)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.redis = EmbeddedRedis()
+        url = self.redis.start()
+        self.dir = Path(tempfile.mkdtemp(prefix="pdserve-kvbench-"))
+        ready = self.dir / "ready.json"
+        env = {**os.environ, "GLOG_minloglevel": "2"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.kvstore", "--redis-url", url,
+             "--capacity-bytes", str(capacity), "--pool-bytes", str(capacity),
+             "--kv-transports", "shm,rdma,tcp", "--kv-rdma-tcp-mode", "--ready-file",
+             str(ready), "--log-level", "WARNING"],
+            env=env, stdout=open(self.dir / "kvstore.log", "wb"), stderr=subprocess.STDOUT)
+        end = time.monotonic() + 60
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError((self.dir / "kvstore.log").read_text(errors="replace"))
+            time.sleep(0.05)
+        self.address = json.loads(ready.read_text())["address"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.redis.stop()
+
+
+class Client:
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel)
+        self.n = 0
+
+    async def handoff(self, cfg: KvTransferConfig, data: np.ndarray,
+                      tokens: int) -> tuple[float, float, str]:
+        """One push and one fetch; returns (push s, fetch s, path label)."""
+        self.n += 1
+        rid = f"bench-{self.n}"
+        res = await self.stub.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+            request_id=rid, nbytes=data.nbytes))
+        t0 = time.perf_counter()
+        pushed = await push_kv(cfg, res, rid, memoryview(data), tokens)
+        t1 = time.perf_counter()
+        from pdserve.v1 import common_pb2
+
+        kv = common_pb2.KvRef(handle=res.handle, data_address=res.data_address,
+                              endpoints=res.endpoints, nbytes=data.nbytes, num_tokens=tokens)
+        view, pulled = await pull_kv(cfg, kv, rid)
+        t2 = time.perf_counter()
+        assert len(view) == data.nbytes and not pushed.fallback and not pulled.fallback
+        del view
+        return t1 - t0, t2 - t1, pushed.transport
+
+
+def path_cfg(path: str, mode: str = "contiguous") -> KvTransferConfig:
+    return KvTransferConfig(kv_transports=path, kv_fallback=False, kv_rdma_tcp_mode=True,
+                            kv_transfer_mode=mode, kv_block_tokens=16,
+                            kv_transfer_timeout_s=600)
+
+
+async def measure(client: Client, path: str, tokens: int, reps: int,
+                  mode: str = "contiguous") -> dict[str, Any]:
+    data = kv_buffer(tokens, seed=tokens)
+    cfg = path_cfg(path, mode)
+    pushes, fetches, label = [], [], ""
+    for i in range(reps + 1):
+        p, f, label = await client.handoff(cfg, data, tokens)
+        if i:  # the first round warms the kvstore's pool and the engines
+            pushes.append(p)
+            fetches.append(f)
+    push, fetch = statistics.median(pushes), statistics.median(fetches)
+    return {"path": label, "push_s": push, "fetch_s": fetch, "push_gbps": data.nbytes / push / 1e9,
+            "fetch_gbps": data.nbytes / fetch / 1e9, "handoff_s": push + fetch}
+
+
+async def concurrent(client: Client, path: str, tokens: int, n: int = 8) -> dict[str, float]:
+    data = kv_buffer(tokens, seed=7)
+    cfg = path_cfg(path)
+    await asyncio.gather(*(client.handoff(cfg, data, tokens) for _ in range(n)))  # warm
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client.handoff(cfg, data, tokens) for _ in range(n)))
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "gbps": n * data.nbytes / wall / 1e9}
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    sizes = [512, 4096] if quick else [512, 4096, 32768]
+    reps = 2 if quick else 5
+    paths = ["tcp", "shm"] + (["rdma"] if mooncake_importable() else [])
+    store = KvStoreProc(capacity=6 * kv_bytes(max(sizes)) + 10 * kv_bytes(4096))
+    out: dict[str, Any] = {"sizes": {}}
+    try:
+        client = Client(store.address)
+        for tokens in sizes:
+            n = kv_bytes(tokens)
+            r = reps if tokens <= 4096 else max(2, reps // 2)
+            row: dict[str, Any] = {"bytes": n, "raw_tcp_gbps": raw_tcp_gbps(n, r),
+                                   "memcpy_gbps": memcpy_gbps(n, r)}
+            for path in paths:
+                row[path] = await measure(client, path, tokens, r)
+            row["tcp_block16"] = await measure(client, "tcp", tokens, r, mode="block")
+            row["contiguous_vs_block_time"] = (row["tcp"]["handoff_s"]
+                                               / row["tcp_block16"]["handoff_s"])
+            out["sizes"][tokens] = row
+            report(tokens, row, paths)
+        k4 = out["sizes"][4096]
+        out["concurrent"] = {p: await concurrent(client, p, 4096) for p in ("tcp", "shm")}
+        single = {p: kv_bytes(4096) / k4[p]["handoff_s"] / 1e9 for p in ("tcp", "shm")}
+        for p, c in out["concurrent"].items():
+            print(f"8 concurrent 4k handoffs on {p}: {c['gbps']:.2f} GB/s aggregate "
+                  f"(one at a time: {single[p]:.2f} GB/s; x{c['gbps'] / single[p]:.2f})")
+        await client.channel.close()
+    finally:
+        store.stop()
+    k4 = out["sizes"][4096]
+    out["summary"] = {
+        "tcp_vs_raw_tcp": k4["tcp"]["push_gbps"] / k4["raw_tcp_gbps"],
+        "shm_vs_memcpy": k4["shm"]["push_gbps"] / k4["memcpy_gbps"],
+        "rdma_vs_raw_tcp": (k4["rdma"]["push_gbps"] / k4["raw_tcp_gbps"]) if "rdma" in k4
+        else float("nan"),
+        "contiguous_vs_block_time": k4["contiguous_vs_block_time"],
+        "concurrent_gbps": out["concurrent"]["tcp"]["gbps"],
+    }
+    return out
+
+
+def report(tokens: int, row: dict[str, Any], paths: list[str]) -> None:
+    print(f"\n{tokens} tokens ({row['bytes'] / 1e6:.1f} MB): raw TCP {row['raw_tcp_gbps']:.2f} "
+          f"GB/s, memcpy {row['memcpy_gbps']:.2f} GB/s")
+    for path in [*paths, "tcp_block16"]:
+        m = row[path]
+        ceiling = row["memcpy_gbps"] if path == "shm" else row["raw_tcp_gbps"]
+        print(f"  {path:12s} ({m['path']:8s}) push {m['push_gbps']:6.2f} GB/s "
+              f"({m['push_gbps'] / ceiling:4.2f}x ceiling) | fetch {m['fetch_gbps']:7.2f} GB/s "
+              f"| handoff {m['handoff_s'] * 1e3:8.1f} ms")
+    print(f"  contiguous / block-fixed(16) handoff time: {row['contiguous_vs_block_time']:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="512 and 4k tokens, 2 reps")
+    ap.add_argument("--json", help="write the 4k-token figures here")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    out = asyncio.run(run(args.quick))
+    s = out["summary"]
+    print(f"\nsummary at 4k tokens (rdma = Mooncake over {wire_protocol()}), "
+          f"{time.monotonic() - t0:.0f} s:")
+    for key, value in s.items():
+        target = TARGETS.get(key)
+        verdict = ""
+        if target is not None:
+            ok = value >= target[1] if target[0] == ">=" else value <= target[1]
+            verdict = f"  target {target[0]} {target[1]:.2f}: {'met' if ok else 'NOT met'}"
+        print(f"  {key:26s} {value:6.2f}{verdict}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: round(v, 4) for k, v in s.items()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
