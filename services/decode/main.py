@@ -4,14 +4,16 @@ Lifecycle of the process: load the model and warm it up, bind gRPC, register in
 Redis as role "decode" with ``slots``, then serve until SIGTERM.
 
 Lifecycle of a request (``Decode``, server-streaming):
-  1. Take a slot (RESOURCE_EXHAUSTED when all are busy: the gateway picks another).
+  1. Take a slot and reserve the request's blocks in the paged KV pool (prompt +
+     max_new_tokens) BEFORE the transfer starts; RESOURCE_EXHAUSTED when either is
+     full (the gateway picks another decode).
   2. Fetch the KV from the kvstore's data channel (single consumer: the kvstore
-     frees it once sent), verify header, model fingerprint and checksum, and view
-     it as a transformers DynamicCache without copying.
-  3. Step from the first token until EOS, a stop token or max_new_tokens, one
-     message per token. Model calls from all requests share one thread, so
-     concurrent requests interleave step by step.
-  Cancellation (the gateway's call ends) stops at the next step and frees the cache.
+     frees it once sent), verify header, model fingerprint and checksum, and
+     scatter it into the reserved blocks (RecvScatter) on the step thread.
+  3. Join the continuous batch at the next step (one forward for all active
+     requests) and stream tokens until EOS, a stop token or max_new_tokens.
+  Cancellation (the gateway's call ends) or any failure leaves the batch before its
+  next step and returns the blocks to the pool.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,6 +30,7 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
+from services.common.config import ConfigError
 from services.common.errors import (
     Aborted,
     FailedPrecondition,
@@ -35,7 +39,7 @@ from services.common.errors import (
     ResourceExhausted,
     abort_with,
 )
-from services.common.kvlayout import KvFormatError
+from services.common.kvlayout import KvFormatError, decode_header
 from services.common.runtime import ServiceRuntime, run_main
 from services.common.telemetry import (
     ATTR_COMPLETION_TOKENS,
@@ -46,8 +50,10 @@ from services.common.telemetry import (
 from services.common.transport import pull_kv, transfer_load
 from services.common.workers import WorkerConfig, worker_info
 from services.decode.steploop import DecodeSequence, StepLoop
+from services.engine.paged import PoolExhausted
 
 if TYPE_CHECKING:
+    from services.engine.paged import BlockAllocator, BlockTable
     from services.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -55,17 +61,41 @@ _tracer = tracer(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
 
+@dataclass(frozen=True)
+class DecodeConfig(WorkerConfig):
+    """A decode worker: a model worker plus its paged KV pool."""
+
+    kv_pool_tokens: int = 32768  # token slots in the paged KV pool (SmolLM2: 45 KiB each)
+    kv_pool_block_tokens: int = 16  # tokens per pool block
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kv_pool_block_tokens <= 0 or self.kv_pool_tokens < self.kv_pool_block_tokens:
+            raise ConfigError("need kv_pool_block_tokens > 0 and kv_pool_tokens >= "
+                              f"kv_pool_block_tokens, got {self.kv_pool_tokens}, "
+                              f"{self.kv_pool_block_tokens}")
+
+    @staticmethod
+    def of(cfg: WorkerConfig) -> DecodeConfig:
+        """A plain worker config as a decode config (pool settings at their defaults)."""
+        if isinstance(cfg, DecodeConfig):
+            return cfg
+        return DecodeConfig(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
-    def __init__(self, cfg: WorkerConfig, runtime: ServiceRuntime, runner: ModelRunner,
-                 steps: StepLoop) -> None:
+    def __init__(self, cfg: DecodeConfig, runtime: ServiceRuntime, runner: ModelRunner,
+                 steps: StepLoop, pool: BlockAllocator) -> None:
         self.cfg = cfg
         self.runtime = runtime
         self.runner = runner
         self.steps = steps
-        self.active: dict[str, int] = {}  # request_id -> KV bytes held
+        self.pool = pool
+        self.active: dict[str, BlockTable | None] = {}  # request_id -> its reserved blocks
         self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
 
-    async def _fetch(self, request: pb.DecodeRequest):  # type: ignore[no-untyped-def]
+    async def _fetch(self, request: pb.DecodeRequest,  # type: ignore[no-untyped-def]
+                     table: BlockTable | None):
         kv, rid = request.kv, request.request_id
         if kv.model_fingerprint and kv.model_fingerprint != self.runner.fingerprint:
             raise FailedPrecondition(
@@ -77,13 +107,33 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             span.set_attribute(ATTR_KV_BYTES, int(kv.nbytes))
             buf, xfer = await pull_kv(self.cfg, kv, rid)
         try:
-            meta, cache = await self.steps.run(self.runner.restore, buf,
-                                               request.max_new_tokens)
+            if table is None:  # a KvRef without num_tokens: size the table from the header
+                table = self.active[rid] = self._reserve(request, decode_header(buf).num_tokens)
+            # RecvScatter into the reserved blocks, on the step thread between steps
+            meta, state = await self.steps.run(self.runner.restore_paged, buf, table)
         except KvFormatError as e:
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
             cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted
             raise cls(str(e), reason=reason, metadata={"request_id": rid}) from e
-        return meta, cache, len(buf), xfer
+        if kv.num_tokens and meta.num_tokens != kv.num_tokens:
+            raise Aborted(f"KV holds {meta.num_tokens} tokens, the KvRef said {kv.num_tokens}",
+                          reason="KV_CORRUPT", metadata={"request_id": rid})
+        return state, xfer, table
+
+    def _reserve(self, request: pb.DecodeRequest, n: int) -> BlockTable:
+        """The request's blocks, before any byte moves (when the KvRef says how many): a
+        full pool is a clean rejection."""
+        rid = request.request_id
+        if n + request.max_new_tokens > self.runner.info.max_context:
+            raise InvalidArgument("prompt plus max_new_tokens exceeds the model context",
+                                  metadata={"request_id": rid})
+        try:
+            # +1: the slot of the last token fed, so every step has a slot to write
+            return self.pool.allocate(rid, n + request.max_new_tokens + 1)
+        except PoolExhausted as e:
+            # Same reason as full slots: the gateway tries the next decode, then waits.
+            raise ResourceExhausted(f"decode KV pool is full: {e}", reason="DECODE_SLOTS_FULL",
+                                    metadata={"request_id": rid}) from e
 
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
@@ -97,14 +147,14 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             await abort_with(context, ResourceExhausted(
                 f"all {self.cfg.slots} decode slots are busy", reason="DECODE_SLOTS_FULL",
                 metadata={"request_id": rid}))
-        self.active[rid] = 0
+        self.active[rid] = None
+        table: BlockTable | None = None
         try:
+            if request.kv.num_tokens:
+                table = self.active[rid] = self._reserve(request, int(request.kv.num_tokens))
             t0 = time.monotonic()
-            meta, cache, nbytes, xfer = await self._fetch(request)
-            self.active[rid] = nbytes
+            state, xfer, table = await self._fetch(request, table)
             fetch_ms = (time.monotonic() - t0) * 1e3
-            if meta.num_tokens + request.max_new_tokens > self.runner.info.max_context:
-                raise InvalidArgument("prompt plus max_new_tokens exceeds the model context")
             sp = request.sampling
             params = Sampling(sp.temperature, sp.top_p or 1.0,
                               sp.seed if sp.HasField("seed") else None)
@@ -116,9 +166,9 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                                         kv_transport=xfer.transport, kv_fallback=xfer.fallback)
                 self.stats.completed_total += 1
                 return
-            seq = DecodeSequence(rid, cache, request.first_token_id, params, request.max_new_tokens,
-                           stops, asyncio.get_running_loop())
-            del cache
+            seq = DecodeSequence(rid, state, table, request.first_token_id, params,
+                                 request.max_new_tokens, stops, asyncio.get_running_loop())
+            del state
             with _tracer.start_as_current_span("decode.loop") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
                 self.steps.submit(seq)
@@ -156,7 +206,10 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             self.stats.failed_total += 1
             await abort_with(context, e)
         finally:
-            self.active.pop(rid, None)
+            # Idempotent with the step loop's own free. Safe even while a step is in
+            # flight: block contents are only written on the step thread, and a new
+            # owner's RecvScatter runs after that step.
+            self.pool.free(self.active.pop(rid, None))
 
     async def GetDecodeStats(
         self, request: pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext
@@ -164,26 +217,31 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         out = pb.GetDecodeStatsResponse()
         out.CopyFrom(self.stats)
         out.active = len(self.active)
-        out.kv_bytes_held = sum(self.active.values())
+        out.kv_bytes_held = self.pool.used_bytes
         out.steps_total = self.steps.steps_total
         out.step_seconds_total = self.steps.step_seconds_total
         return out
 
     def load(self) -> dict[str, float]:
         return {"active": float(len(self.active)), "slots": float(self.cfg.slots),
-                "kv_bytes_held": float(sum(self.active.values())), **transfer_load()}
+                "kv_bytes_held": float(self.pool.used_bytes),
+                "kv_blocks_free": float(self.pool.free_blocks),
+                "kv_blocks_total": float(self.pool.num_blocks),
+                "batch_max": float(self.steps.max_batch), **transfer_load()}
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
     from services.engine.factory import load_runner
 
+    cfg = DecodeConfig.of(cfg)
     runtime = ServiceRuntime(cfg, "decode", [SERVICE])
     steps = StepLoop()
     # Load on the step thread: the event loop keeps serving health and heartbeats.
     runner = await steps.run(load_runner, cfg.model, cfg.cache_dir, cfg.torch_threads)
     await steps.run(runner.warmup)
-    steps.runner = runner
-    servicer = DecodeServicer(cfg, runtime, runner, steps)
+    pool = await steps.run(runner.attach_pool, cfg.kv_pool_tokens, cfg.kv_pool_block_tokens)
+    steps.runner, steps.pool = runner, pool
+    servicer = DecodeServicer(cfg, runtime, runner, steps, pool)
     await runtime.start(lambda s: pb_grpc.add_DecodeServiceServicer_to_server(servicer, s))
     await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
     return runtime, servicer
@@ -197,4 +255,4 @@ async def stop(runtime: ServiceRuntime, servicer: DecodeServicer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_main(WorkerConfig, "decode", start, stop, argv)
+    run_main(DecodeConfig, "decode", start, stop, argv)

@@ -1,15 +1,20 @@
-"""The decode step loop: one thread steps every active sequence in turn.
+"""The decode step loop: continuous batching on the one thread that runs torch.
+
+Each iteration runs the queued model jobs (loading, RecvScatter of arrived KV), then
+ONE batched forward over every active sequence (``runner.decode_batch``): each is fed
+its last token at its own position over its own blocks of the paged KV pool. A
+sequence submitted while a step runs joins at the next step; one that finishes (stop
+token, max_new_tokens) or is cancelled leaves at once and its blocks go back to the
+pool, so the next ready request can take them (P/D-Serve's asynchronous retrieval).
 
 It is the only thread of the process that runs torch: two threads driving torch
-means two OpenMP teams whose idle workers spin against each other (measured
-10-25% slower steps on 2 cores). Other model work (loading, KV unpacking) is
-queued with ``run`` and executed between steps.
+means two OpenMP teams whose idle workers spin against each other (measured 10-25%
+slower steps on 2 cores).
 
 The model thread never waits on the event loop: it pushes each token into the
-sequence's asyncio queue with ``call_soon_threadsafe`` and goes straight on to
-the next step. The gRPC side drains the queue (coalescing tokens that piled up
-into one message). Cancellation sets a flag the loop checks before each step;
-the sequence's cache is dropped as soon as it leaves the loop.
+sequence's asyncio queue with ``call_soon_threadsafe`` and goes straight on to the
+next step. The gRPC side drains the queue (coalescing tokens that piled up into one
+message). Cancellation sets a flag the loop reads before each step.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from services.engine.runner import ModelRunner
+    from services.engine.paged import BlockAllocator, BlockTable
     from services.engine.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,8 @@ T = TypeVar("T")
 @dataclass
 class DecodeSequence:
     request_id: str
-    cache: Any
+    state: Any  # the runner's per-request decode state (PagedSeq, or the mock's)
+    table: BlockTable | None  # its blocks in the pool, freed when it leaves
     token: int
     params: Sampling
     max_new_tokens: int
@@ -48,13 +54,16 @@ class DecodeSequence:
 
 class StepLoop:
     def __init__(self) -> None:
-        self.runner: ModelRunner | None = None  # set once loaded on this thread
+        self.runner: Any = None  # set once loaded on this thread (ModelRunner or MockRunner)
+        self.pool: BlockAllocator | None = None  # the runner's KV pool, once attached
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._active: list[DecodeSequence] = []
         self._cv = threading.Condition()
         self._stopped = False
-        self.steps_total = 0
+        self.steps_total = 0  # batched forwards
+        self.tokens_total = 0  # tokens they produced (sum of batch sizes)
         self.step_seconds_total = 0.0
+        self.max_batch = 0
         self._thread = threading.Thread(target=self._run, name="decode-steps", daemon=True)
         self._thread.start()
 
@@ -67,6 +76,7 @@ class StepLoop:
         return await asyncio.wrap_future(fut)
 
     def submit(self, seq: DecodeSequence) -> None:
+        """Join the batch at the next step."""
         with self._cv:
             self._active.append(seq)
             self._cv.notify()
@@ -102,32 +112,41 @@ class StepLoop:
                         fut.set_result(job())
                     except BaseException as e:
                         fut.set_exception(e)
-            assert self.runner is not None or not batch
-            if batch and hasattr(self.runner, "batch_contexts"):
-                # The mock engine prices a step by the whole round's contexts.
-                self.runner.batch_contexts = [getattr(s.cache, "length", 0) for s in batch]
+            for seq in [s for s in batch if s.cancelled]:
+                self._finish(seq)
+            batch = [s for s in batch if not s.cancelled]
+            if batch:
+                self._step(batch)
+
+    def _step(self, batch: list[DecodeSequence]) -> None:
+        t0 = time.perf_counter()
+        try:
+            tokens = self.runner.decode_batch([s.token for s in batch],
+                                              [s.state for s in batch],
+                                              [s.params for s in batch])
+        except Exception as e:  # surfaced to every request of the step; the loop keeps serving
+            log.exception("decode step failed for a batch of %d", len(batch))
             for seq in batch:
-                if seq.cancelled:
-                    self._finish(seq)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    seq.token = self.runner.decode_step(seq.token, seq.cache, seq.params)
-                except Exception as e:  # surfaced to the request, the loop keeps serving
-                    log.exception("decode step failed for %s", seq.request_id)
-                    seq.loop.call_soon_threadsafe(seq.queue.put_nowait, e)
-                    self._finish(seq)
-                    continue
-                self.steps_total += 1
-                self.step_seconds_total += time.perf_counter() - t0
-                seq.produced += 1
-                done = seq.token in seq.stop_ids or seq.produced >= seq.max_new_tokens
-                seq.loop.call_soon_threadsafe(seq.queue.put_nowait, (seq.token, done))
-                if done:
-                    self._finish(seq)
+                seq.loop.call_soon_threadsafe(seq.queue.put_nowait, e)
+                self._finish(seq)
+            return
+        self.steps_total += 1
+        self.tokens_total += len(batch)
+        self.max_batch = max(self.max_batch, len(batch))
+        self.step_seconds_total += time.perf_counter() - t0
+        for seq, token in zip(batch, tokens, strict=True):
+            seq.token = token
+            seq.produced += 1
+            done = token in seq.stop_ids or seq.produced >= seq.max_new_tokens
+            seq.loop.call_soon_threadsafe(seq.queue.put_nowait, (token, done))
+            if done:
+                self._finish(seq)
 
     def _finish(self, seq: DecodeSequence) -> None:
+        """Leave the batch and give the blocks back now (idempotent)."""
         with self._cv:
             if seq in self._active:
                 self._active.remove(seq)
-        seq.cache = None  # free the KV now, not when the gRPC side lets go of the object
+        if self.pool is not None:
+            self.pool.free(seq.table)
+        seq.state = None

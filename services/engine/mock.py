@@ -30,13 +30,16 @@ from typing import Any
 import numpy as np
 
 from services.common.kvlayout import (
+    DTYPE_SIZES,
     HEADER_BYTES,
+    KvFormatError,
     KvMeta,
     encode_header,
     payload_crc32,
     verify,
 )
 from services.common.modelinfo import ModelInfo
+from services.engine.paged import BlockAllocator, BlockTable
 from services.engine.sampling import Sampling
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -108,6 +111,7 @@ class MockRunner:
         self.prefix_hits_tokens = 0
         self.batch_contexts: list[int] = []  # set by the decode step loop for each round
         self.scale = float(self.profile.get("time_scale", 1.0))
+        self.pool: BlockAllocator | None = None
 
     def _sleep(self, ms: float) -> None:
         if ms > 0:
@@ -153,6 +157,31 @@ class MockRunner:
     def restore(self, buf: memoryview, max_new_tokens: int) -> tuple[KvMeta, MockState]:
         meta = verify(buf, self.fingerprint)
         return meta, MockState((), meta.num_tokens)
+
+    def attach_pool(self, pool_tokens: int, block_tokens: int) -> BlockAllocator:
+        """Block accounting only: the mock holds no KV, but admission sees the same limits."""
+        i = self.info
+        per_block = i.num_layers * 2 * i.num_kv_heads * i.head_dim * block_tokens * \
+            DTYPE_SIZES[i.kv_dtype]
+        self.pool = BlockAllocator(-(-pool_tokens // block_tokens), block_tokens, per_block)
+        return self.pool
+
+    def restore_paged(self, buf: memoryview, table: BlockTable) -> tuple[KvMeta, MockState]:
+        meta, state = self.restore(buf, 0)
+        if meta.num_tokens > table.capacity:
+            raise KvFormatError(f"KV of {meta.num_tokens} tokens exceeds the reserved "
+                                f"{table.capacity} slots")
+        return meta, state
+
+    def decode_batch(self, tokens: list[int], states: list[MockState],
+                     params: list[Sampling]) -> list[int]:
+        """One round: the whole batch's step time, once (same model as per-sequence shares)."""
+        self._sleep(self.latency.step_ms([s.length for s in states]))
+        out = []
+        for s in states:
+            s.length += 1
+            out.append(self._token(s.ids_tail, s.length))
+        return out
 
     def warmup(self) -> None:
         pass

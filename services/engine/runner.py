@@ -2,6 +2,9 @@
 
 - ``prefill``: run the prompt, sample the first token, return it with the KV cache.
 - ``decode_step``: feed one token through a request's cache, sample the next.
+- Decode workers instead ``attach_pool`` (a paged KV pool, ``engine.pool``), restore each
+  received KV into reserved blocks (``restore_paged``, RecvScatter) and step every active
+  request in one forward (``decode_batch``).
 
 Calls are synchronous and meant for one dedicated executor thread per process,
 so concurrent requests interleave step by step instead of oversubscribing cores.
@@ -21,6 +24,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from services.common.kvlayout import KvMeta
 from services.common.modelinfo import ModelInfo, fingerprint
 from services.engine.kv import cache_from_layers, pack_kv, unpack_kv
+from services.engine.paged import BlockTable
+from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
 from services.engine.sampling import Sampling, sample
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ class ModelRunner:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         self.model.eval()
         self.config = self.model.config
+        self.pool: KvPool | None = None
         log.info("loaded %s (%s) in %.1fs", self.info.name, self.fingerprint[:12],
                  time.monotonic() - t0)
 
@@ -62,6 +68,24 @@ class ModelRunner:
         """Verify a received buffer and copy it once into a cache sized for decoding."""
         meta, layers = unpack_kv(buf, self.fingerprint)
         return meta, cache_from_layers(layers, self.config, meta.num_tokens + max_new_tokens + 1)
+
+    def attach_pool(self, pool_tokens: int, block_tokens: int) -> KvPool:
+        """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it."""
+        use_paged_attention(self.model)
+        self.pool = KvPool(self.config, -(-pool_tokens // block_tokens), block_tokens)
+        return self.pool
+
+    def restore_paged(self, buf: memoryview, table: BlockTable) -> tuple[KvMeta, PagedSeq]:
+        """RecvScatter: verify a received buffer and copy it into the reserved ``table``."""
+        assert self.pool is not None, "attach_pool first"
+        meta = self.pool.scatter(buf, table, self.fingerprint)
+        return meta, PagedSeq(table, meta.num_tokens)
+
+    def decode_batch(self, tokens: list[int], seqs: list[PagedSeq],
+                     params: list[Sampling]) -> list[int]:
+        """One forward over every sequence (each fed its last token); the next tokens."""
+        assert self.pool is not None, "attach_pool first"
+        return decode_batch(self.model, self.pool, tokens, seqs, params)
 
     def warmup(self) -> None:
         _, cache = self.prefill([0, 1, 2, 3], Sampling())
