@@ -129,7 +129,7 @@ def test_put_size_mismatch(store: KvStore) -> None:
     with pytest.raises(TransferError) as ei:
         store.begin_put(e.handle, "r", 99)
     assert ei.value.status == Status.SIZE_MISMATCH
-    assert e.state is State.RESERVED and e.buffer is None
+    assert e.state is State.RESERVED and e.buffer is not None and len(e.buffer) == 100
     store.begin_put(e.handle, "r", 100)  # the right size still works
     assert e.state is State.TRANSFERRING
 
