@@ -40,6 +40,7 @@ from services.common.kvlayout import (
 )
 from services.common.modelinfo import ModelInfo
 from services.engine.paged import BlockAllocator, BlockTable
+from services.engine.prefix import chain_hashes
 from services.engine.sampling import Sampling
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -81,12 +82,7 @@ class LatencyModel:
 
 def block_hashes(ids: list[int]) -> list[bytes]:
     """Chained hashes of the full 64-token blocks (nano-vllm style)."""
-    out, prev = [], b""
-    for i in range(0, len(ids) - len(ids) % BLOCK, BLOCK):
-        prev = hashlib.blake2b(prev + np.asarray(ids[i : i + BLOCK], np.int64).tobytes(),
-                               digest_size=16).digest()
-        out.append(prev)
-    return out
+    return chain_hashes(ids, BLOCK)
 
 
 @dataclass
@@ -120,10 +116,11 @@ class MockRunner:
     def _token(self, tail: tuple[int, ...], position: int) -> int:
         return 16 + (sum(tail) * 31 + position * 17) % 240
 
-    def prefill(self, ids: list[int], params: Sampling) -> tuple[int, MockState]:
+    def prefill(self, ids: list[int], params: Sampling,
+                reuse_prefix: bool = True) -> tuple[int, MockState]:
         hashes = block_hashes(ids)
         cached = 0
-        for h in hashes:
+        for h in hashes if reuse_prefix else ():
             if h not in self.prefix_cache:
                 break
             self.prefix_cache.move_to_end(h)

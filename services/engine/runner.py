@@ -1,6 +1,8 @@
 """``ModelRunner``: one loaded causal LM, and the two operations the workers need.
 
 - ``prefill``: run the prompt, sample the first token, return it with the KV cache.
+  With ``attach_prefix_cache`` it first reuses the KV of the longest cached prefix
+  (``engine.prefix``) and computes only the rest; the returned cache is still whole.
 - ``decode_step``: feed one token through a request's cache, sample the next.
 - Decode workers instead ``attach_pool`` (a paged KV pool, ``engine.pool``), restore each
   received KV into reserved blocks (``restore_paged``, RecvScatter) and step every active
@@ -26,6 +28,7 @@ from services.common.modelinfo import ModelInfo, fingerprint
 from services.engine.kv import cache_from_layers, pack_kv, unpack_kv
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
+from services.engine.prefix import PrefixCache, chain_hashes
 from services.engine.sampling import Sampling, sample
 
 log = logging.getLogger(__name__)
@@ -42,16 +45,53 @@ class ModelRunner:
         self.model.eval()
         self.config = self.model.config
         self.pool: KvPool | None = None
+        self.prefix: PrefixCache | None = None
         log.info("loaded %s (%s) in %.1fs", self.info.name, self.fingerprint[:12],
                  time.monotonic() - t0)
 
+    def attach_prefix_cache(self, capacity_bytes: int, block_tokens: int) -> PrefixCache:
+        self.prefix = PrefixCache(capacity_bytes, block_tokens)
+        return self.prefix
+
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], params: Sampling) -> tuple[int, DynamicCache]:
-        ids = torch.tensor([token_ids], dtype=torch.long)
+    def prefill(self, token_ids: list[int], params: Sampling,
+                reuse_prefix: bool = True) -> tuple[int, DynamicCache]:
+        """``reuse_prefix=False``: compute the whole prompt (still fills the prefix cache),
+        for callers that hook the prompt's forward pass (P/D-Device's refine probe)."""
         cache = DynamicCache(config=self.config)
+        hashes: list[bytes] = []
+        done = 0
+        if self.prefix is not None and reuse_prefix:
+            bt = self.prefix.block_tokens
+            hashes = chain_hashes(token_ids, bt)
+            # At least one token is computed: its logits give the first output token.
+            hit = self.prefix.match(hashes, (len(token_ids) - 1) // bt)
+            if hit:
+                kv = torch.cat(hit, dim=3)  # [layers, 2, heads, tokens, head_dim]
+                for i in range(kv.shape[0]):
+                    cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
+                done = len(hit) * bt
+        ids = torch.tensor([token_ids[done:]], dtype=torch.long)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
+        if self.prefix is not None and not hashes:
+            hashes = chain_hashes(token_ids, self.prefix.block_tokens)
+        if self.prefix is not None and len(hashes) > done // self.prefix.block_tokens:
+            self._remember(out.past_key_values, hashes, done // self.prefix.block_tokens)
         return sample(out.logits[0, -1], params, len(token_ids)), out.past_key_values
+
+    def _remember(self, cache: DynamicCache, hashes: list[bytes], first: int) -> None:
+        """Copy the KV of full blocks ``first..`` into the prefix cache."""
+        assert self.prefix is not None
+        bt = self.prefix.block_tokens
+        k = torch.stack([layer.keys[0] for layer in cache.layers])  # [layers, heads, T, d]
+        v = torch.stack([layer.values[0] for layer in cache.layers])
+        kv = torch.stack([k, v], dim=1)
+        blocks = []
+        for j in range(first, len(hashes)):
+            block = kv[:, :, :, j * bt : (j + 1) * bt].clone()
+            blocks.append((block, block.numel() * block.element_size()))
+        self.prefix.insert(hashes, blocks)
 
     @torch.inference_mode()
     def decode_step(self, token: int, cache: DynamicCache, params: Sampling) -> int:

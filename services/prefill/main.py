@@ -9,7 +9,11 @@ Lifecycle of a request (``Prefill``, server-streaming):
      once (the gateway forwards elsewhere). A request already past its TTFT
      deadline ends with DEADLINE_EXCEEDED (early intervention, before compute).
   2. ``accepted`` -> forward pass -> ``first_token``. The deadline is checked
-     again after compute.
+     again after compute. The forward reuses the KV of the longest cached prompt
+     prefix (chained 64-token block hashes, LRU under ``prefix_cache_mb``) and
+     computes only the rest; the KV handed to decode is still whole. Prompts of
+     different requests are not batched into one forward: on 2 CPU cores that
+     measured no faster than running them one after another (docs/engine.md).
   3. KV handoff: pack one contiguous buffer, reserve it at a kvstore, push it on
      the data channel, then ``kv_ready`` with the KvRef. The slot is held until here.
   Cancellation or failure at any step releases the reservation at the kvstore.
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import grpc
@@ -29,6 +34,7 @@ import grpc
 from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
+from services.common.config import ConfigError
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -66,6 +72,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+@dataclass(frozen=True)
+class PrefillConfig(WorkerConfig):
+    """A prefill worker: a model worker plus its prefix KV cache."""
+
+    prefix_cache_mb: int = 256  # LRU cap of the prefix KV cache; 0 turns it off
+    prefix_block_tokens: int = 64  # tokens per cached block (chained hashes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefix_cache_mb < 0 or self.prefix_block_tokens <= 0:
+            raise ConfigError(f"need prefix_cache_mb >= 0 and prefix_block_tokens > 0, got "
+                              f"{self.prefix_cache_mb}, {self.prefix_block_tokens}")
+
+    @staticmethod
+    def of(cfg: WorkerConfig) -> PrefillConfig:
+        """A plain worker config as a prefill config (prefix settings at their defaults)."""
+        if isinstance(cfg, PrefillConfig):
+            return cfg
+        return PrefillConfig(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
 
 
 class PrefillServicer(pb_grpc.PrefillServiceServicer):
@@ -222,7 +249,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 probe = probe_for(self.runner, request.refine_ratio)  # P/D-Device
                 first, cache = await self.thread.run(
                     probe.wrap(self._compute) if probe else self._compute,
-                    list(request.prompt_token_ids), params)
+                    list(request.prompt_token_ids), params, probe is None)
                 prefill_ms = (time.monotonic() - t0) * 1e3
             self.estimator.observe(len(request.prompt_token_ids), prefill_ms)
             self._deadline_passed(request, "after")
@@ -259,8 +286,10 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
             raise
 
-    def _compute(self, ids: list[int], params: Sampling):  # type: ignore[no-untyped-def]
-        out = self.runner.prefill(ids, params)
+    def _compute(self, ids: list[int], params: Sampling,  # type: ignore[no-untyped-def]
+                 reuse_prefix: bool = True):
+        # A probed prefill must see the whole prompt's forward: no prefix reuse then.
+        out = self.runner.prefill(ids, params, reuse_prefix)
         if self.cfg.emulate_prefill_ms_per_token > 0:
             time.sleep(len(ids) * self.cfg.emulate_prefill_ms_per_token / 1000.0)
         return out
@@ -294,18 +323,23 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         return out
 
     def load(self) -> dict[str, float]:
+        prefix = getattr(self.runner, "prefix", None)  # hits, misses, saved tokens, bytes
         return {"busy": float(self.busy), "queued": float(self.queued),
-                "slots": float(self.cfg.slots), **transfer_load()}
+                "slots": float(self.cfg.slots), **transfer_load(),
+                **(prefix.metrics() if prefix is not None else {})}
 
 
 async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
     from services.engine.factory import load_runner
 
+    cfg = PrefillConfig.of(cfg)
     runtime = ServiceRuntime(cfg, "prefill", [SERVICE])
     thread = ModelThread("prefill-model")
     # Load on the model thread: the event loop keeps serving health and heartbeats.
     runner = await thread.run(load_runner, cfg.model, cfg.cache_dir, cfg.torch_threads)
     await thread.run(runner.warmup)
+    if cfg.prefix_cache_mb > 0 and hasattr(runner, "attach_prefix_cache"):
+        runner.attach_prefix_cache(cfg.prefix_cache_mb << 20, cfg.prefix_block_tokens)
     servicer = PrefillServicer(cfg, runtime, runner, thread)
     await runtime.start(lambda s: pb_grpc.add_PrefillServiceServicer_to_server(servicer, s))
     servicer.view = RegistryView(runtime.redis)
@@ -326,4 +360,4 @@ async def stop(runtime: ServiceRuntime, servicer: PrefillServicer) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_main(WorkerConfig, "prefill", start, stop, argv)
+    run_main(PrefillConfig, "prefill", start, stop, argv)

@@ -104,3 +104,18 @@ async def test_cancel_mid_stream_frees_every_block(
             break
         await asyncio.sleep(0.05)
     assert (await cluster.kv_stats()).bytes_held == 0
+
+
+async def test_a_shared_prefix_hits_the_prefill_cache_and_stays_identical(
+    batched: tuple[Cluster, decode_main.DecodeServicer], tiny  # type: ignore[no-untyped-def]
+) -> None:
+    cluster, _ = batched
+    _, tok, model = tiny
+    prefill = cluster.prefill_nodes[0][1]
+    system = "You are a careful assistant who answers briefly and exactly. " * 3
+    before = prefill.load()["prefix_saved_tokens"]
+    for q in ("What is two plus two?", "Name a colour."):
+        got, _, _ = await cluster.generate(prompt=system + q, max_tokens=12)
+        assert got == reference(model, tok.encode(system + q), 12)
+    load = prefill.load()
+    assert load["prefix_hits"] >= 1 and load["prefix_saved_tokens"] - before >= 64
