@@ -8,9 +8,6 @@ use, with fallback off so every figure is the path it names. KV sizes are SmolLM
   raw ceilings   blocking-socket loopback TCP (sendall / recv_into a warm buffer, two
                  threads) for tcp and rdma; memcpy into a warm buffer (np.copyto) for shm
   paths          tcp, shm, rdma (Mooncake; its TCP protocol here: no RDMA device)
-  shm_early      shm with the reservation made 0.2 s + size/2 GB/s before the push (prefill
-                 reserves before it computes; the kvstore allocates the pages meanwhile);
-                 shm_vs_memcpy uses this row, the plain shm row is the no-overlap worst case
   block-fixed    tcp in pages of 16 tokens of one layer (24.6 KB for SmolLM2), each
                  confirmed before the next, as a paged KV transfer does, against
                  contiguous; push + fetch time
@@ -153,15 +150,13 @@ class Client:
         self.stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel)
         self.n = 0
 
-    async def handoff(self, cfg: KvTransferConfig, data: np.ndarray, tokens: int,
-                      gap_s: float = 0.0) -> tuple[float, float, str]:
-        """One push and one fetch; returns (push s, fetch s, path label). ``gap_s`` waits
-        between reserving and pushing, untimed: prefill reserves before it computes."""
+    async def handoff(self, cfg: KvTransferConfig, data: np.ndarray,
+                      tokens: int) -> tuple[float, float, str]:
+        """One push and one fetch; returns (push s, fetch s, path label)."""
         self.n += 1
         rid = f"bench-{self.n}"
         res = await self.stub.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
             request_id=rid, nbytes=data.nbytes))
-        await asyncio.sleep(gap_s)
         t0 = time.perf_counter()
         pushed = await push_kv(cfg, res, rid, memoryview(data), tokens)
         t1 = time.perf_counter()
@@ -183,12 +178,12 @@ def path_cfg(path: str, mode: str = "contiguous") -> KvTransferConfig:
 
 
 async def measure(client: Client, path: str, tokens: int, reps: int,
-                  mode: str = "contiguous", gap_s: float = 0.0) -> dict[str, Any]:
+                  mode: str = "contiguous") -> dict[str, Any]:
     data = kv_buffer(tokens, seed=tokens)
     cfg = path_cfg(path, mode)
     pushes, fetches, label = [], [], ""
     for i in range(reps + 1):
-        p, f, label = await client.handoff(cfg, data, tokens, gap_s)
+        p, f, label = await client.handoff(cfg, data, tokens)
         if i:  # the first round warms the kvstore's pool and the engines
             pushes.append(p)
             fetches.append(f)
@@ -208,7 +203,7 @@ async def concurrent(client: Client, path: str, tokens: int, n: int = 8) -> dict
 
 
 async def run(quick: bool) -> dict[str, Any]:
-    sizes = [512, 4096] if quick else [512, 4096, 32768]
+    sizes = [4096] if quick else [512, 4096, 32768]
     reps = 2 if quick else 5
     paths = ["tcp", "shm"] + (["rdma"] if mooncake_importable() else [])
     store = KvStoreProc(capacity=6 * kv_bytes(max(sizes)) + 10 * kv_bytes(4096))
@@ -221,21 +216,18 @@ async def run(quick: bool) -> dict[str, Any]:
             # The machine is shared: sample the ceilings between the paths, take medians.
             raw, mem = [], []
             row: dict[str, Any] = {"bytes": n}
-            # shm_early: reserved a moment before the push, as prefill does before it
-            # computes, so the kvstore has allocated the fresh pages by then.
-            variants = [(p, p, "contiguous", 0.0) for p in paths] + [
-                ("shm_early", "shm", "contiguous", 0.2 + n / 2e9),
-                ("tcp_block16", "tcp", "block", 0.0)]
-            for key, path, mode, gap in variants:
+            variants = [(p, p, "contiguous") for p in paths] + [
+                ("tcp_block16", "tcp", "block")]
+            for key, path, mode in variants:
                 raw.append(raw_tcp_gbps(n, 1))
                 mem.append(memcpy_gbps(n, 1))
-                row[key] = await measure(client, path, tokens, r, mode, gap)
+                row[key] = await measure(client, path, tokens, r, mode)
             row["raw_tcp_gbps"] = statistics.median(raw)
             row["memcpy_gbps"] = statistics.median(mem)
             row["contiguous_vs_block_time"] = (row["tcp"]["handoff_s"]
                                                / row["tcp_block16"]["handoff_s"])
             out["sizes"][tokens] = row
-            report(tokens, row, [*paths, "shm_early", "tcp_block16"])
+            report(tokens, row, [*paths, "tcp_block16"])
         k4 = out["sizes"][4096]
         out["concurrent"] = {p: await concurrent(client, p, 4096) for p in ("tcp", "shm")}
         single = {p: kv_bytes(4096) / k4[p]["handoff_s"] / 1e9 for p in ("tcp", "shm")}
@@ -248,7 +240,7 @@ async def run(quick: bool) -> dict[str, Any]:
     k4 = out["sizes"][4096]
     out["summary"] = {
         "tcp_vs_raw_tcp": k4["tcp"]["push_gbps"] / k4["raw_tcp_gbps"],
-        "shm_vs_memcpy": k4["shm_early"]["push_gbps"] / k4["memcpy_gbps"],
+        "shm_vs_memcpy": k4["shm"]["push_gbps"] / k4["memcpy_gbps"],
         "rdma_vs_raw_tcp": (k4["rdma"]["push_gbps"] / k4["raw_tcp_gbps"]) if "rdma" in k4
         else float("nan"),
         "contiguous_vs_block_time": k4["contiguous_vs_block_time"],
@@ -271,7 +263,7 @@ def report(tokens: int, row: dict[str, Any], paths: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="512 and 4k tokens, 2 reps")
+    ap.add_argument("--quick", action="store_true", help="4k tokens only, 2 reps")
     ap.add_argument("--json", help="write the 4k-token figures here")
     args = ap.parse_args()
     t0 = time.monotonic()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,39 +68,18 @@ def memfd_supported() -> bool:
     return True
 
 
-def _prefault(fd: int, nbytes: int) -> None:
-    """Allocate a fresh memfd's pages on a thread (fallocate releases the GIL), while the
-    prefill computes: the push then writes into pages that exist. Works on a dup of the
-    descriptor, so a release that closes the segment meanwhile cannot redirect it."""
-    dup = os.dup(fd)
-
-    def run() -> None:
-        try:
-            os.posix_fallocate(dup, 0, nbytes)
-        except OSError:
-            pass  # only an optimisation: the pages then fault in on first write
-        finally:
-            os.close(dup)
-
-    threading.Thread(target=run, name="kv-prefault", daemon=True).start()
-
-
 class SegmentPool:
     """Reuses memfd segments so a push writes into pages that are already mapped.
 
     A fresh buffer costs a page fault per 4 KiB on first write (here ~3.9 GB/s against
-    ~13.8 GB/s for a warm copy). A fresh memfd's pages are allocated on a thread at once
-    (``prefault``), which overlaps with the prefill's compute. Sizes are rounded up to
-    ``granule`` bytes; idle segments are kept up to ``max_idle_bytes``, oldest first out.
-    A segment whose memfd went to a consumer (``shared``) is closed, never reused: the
-    consumer maps it.
+    ~13.8 GB/s for a warm copy). Sizes are rounded up to ``granule`` bytes; idle segments
+    are kept up to ``max_idle_bytes``, oldest first out. A segment whose memfd went to a
+    consumer (``shared``) is closed, never reused: the consumer maps it.
     """
 
     def __init__(self, allocate: Callable[[int], Segment] = memfd_segment,
-                 max_idle_bytes: int = 1 << 30, granule: int = 2 << 20,
-                 prefault: bool = True) -> None:
+                 max_idle_bytes: int = 1 << 30, granule: int = 2 << 20) -> None:
         self._allocate = allocate
-        self.prefault = prefault
         self.max_idle_bytes = max_idle_bytes
         self.granule = granule
         self._idle: OrderedDict[int, list[Segment]] = OrderedDict()
@@ -121,8 +99,6 @@ class SegmentPool:
         else:
             seg = self._allocate(size)
             seg.base = seg.array
-            if self.prefault and seg.fd >= 0:
-                _prefault(seg.fd, size)
         assert seg.base is not None
         seg.array = seg.base[:nbytes]
         return seg

@@ -98,8 +98,7 @@ class KvStore:
             )
         handle = secrets.token_hex(16)
         entry = Entry(handle, request_id, nbytes, self.clock() + (lease_s or self.default_lease_s))
-        # The buffer exists from the reservation on: prefill reserves before it computes, so
-        # a pool can fault its pages in meanwhile (memory.SegmentPool prefault).
+        # The buffer exists from the reservation on (a memfd's pages only once written).
         entry.segment = self.allocate(nbytes)
         self.entries[handle] = entry
         self.bytes_held += nbytes

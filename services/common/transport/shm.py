@@ -15,7 +15,6 @@ chosen across hosts by mistake: a failed connect is a fallback to tcp, and visib
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mmap
 import os
 import socket
@@ -90,6 +89,18 @@ def _map(fd: int, nbytes: int, writable_shared: bool) -> mmap.mmap:
         os.close(fd)
 
 
+def _fill(fd: int, data: memoryview) -> None:
+    """Map the kvstore's buffer, copy ``data`` in, unmap (before DONE: the kvstore may
+    reuse these pages once it has the DONE)."""
+    mm = _map(fd, len(data), writable_shared=True)
+    try:
+        dst = np.frombuffer(mm, dtype=np.uint8)
+        np.copyto(dst, np.frombuffer(data, dtype=np.uint8))
+        del dst
+    finally:
+        mm.close()
+
+
 class ShmTransport(KvTransport):
     name = "shm"
 
@@ -101,18 +112,14 @@ class ShmTransport(KvTransport):
             await loop.sock_sendall(sock, pack_req(Op.PUT_SHM, handle, request_id, len(data),
                                                    0, flags))
             nbytes, fd = await recv_resp_fd(loop, sock)
-            mm = _map(fd, nbytes, writable_shared=True)
-            try:
-                dst = np.frombuffer(mm, dtype=np.uint8)
-                src = np.frombuffer(data, dtype=np.uint8)
-                if len(data) > THREAD_COPY_BYTES:
-                    await asyncio.to_thread(np.copyto, dst, src)
-                else:
-                    np.copyto(dst, src)
-                del dst
-            finally:
-                with contextlib.suppress(BufferError):
-                    mm.close()
+            if nbytes != len(data):
+                os.close(fd)
+                raise TransferError(f"kvstore offered {nbytes} bytes for {len(data)}",
+                                    Status.SIZE_MISMATCH)
+            if len(data) > THREAD_COPY_BYTES:  # map, copy and unmap off the event loop
+                await asyncio.to_thread(_fill, fd, data)
+            else:
+                _fill(fd, data)
             await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE
             await read_resp(loop, sock)
         except OSError as e:
