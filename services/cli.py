@@ -5,6 +5,7 @@
   pdserve generate "prompt" [--max-tokens N] ...                  stream from a gateway
   pdserve model prepare [--model M]                               convert/cache a model once
   pdserve status [--redis-url URL]                                registry: groups and members
+  pdserve serve device --cloud-address A; pdserve device chat|profile  P/D-Device
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-ROLES = ("gateway", "prefill", "decode", "kvstore")
+ROLES = ("gateway", "prefill", "decode", "kvstore", "device")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="list scenario groups and live instances")
     st.add_argument("--redis-url", default="")
+
+    from services.device.cli import add_parser as add_device_parser
+
+    add_device_parser(sub)
     return p
 
 
@@ -179,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(_generate(args))
     elif args.cmd == "model":
         code = _prepare(args)
+    elif args.cmd == "device":
+        from services.device.cli import run as run_device
+
+        code = run_device(args)
     else:
         code = asyncio.run(_status(args))
     sys.exit(code)

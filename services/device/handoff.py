@@ -67,8 +67,8 @@ class Reconciler:
             return self.cached, []
         seq_len = self.prompt_len + len(self.received)
         end = min(seq_len, self.cached + self.chunk)
-        ids = [*prompt[self.cached:min(end, self.prompt_len)],
-               *self.received[max(0, self.cached - self.prompt_len):end - self.prompt_len]]
+        lo, hi = max(0, self.cached - self.prompt_len), max(0, end - self.prompt_len)
+        ids = [*prompt[self.cached:min(end, self.prompt_len)], *self.received[lo:hi]]
         return self.cached, ids
 
     def chunk_done(self, start: int, n: int) -> None:

@@ -15,6 +15,7 @@ def run(seed: int) -> tuple[list[int], list[int], Reconciler]:
     prompt = list(range(100, 100 + rng.randint(1, 40)))
     cloud = [rng.randrange(1000) for _ in range(60)]
     rec = Reconciler(len(prompt), chunk=rng.randint(1, 16))
+    prefilled: list[int] = []
     shown: list[int] = []
     buffer: list[int] = []
     received = 0
@@ -29,7 +30,11 @@ def run(seed: int) -> tuple[list[int], list[int], Reconciler]:
         else:
             start, ids = rec.next_chunk(prompt)
             if ids:
+                assert start == len(prefilled)
+                prefilled.extend(ids)
                 rec.chunk_done(start, len(ids))
+                # The cache holds exactly P' followed by the cloud's tokens, in order.
+                assert prefilled == (prompt + cloud)[:len(prefilled)]
             if rec.can_hand_off(len(shown)):
                 _, keep = rec.hand_off(len(shown))
                 del buffer[keep:]
@@ -53,6 +58,13 @@ def test_stream_is_coherent(seed: int) -> None:
     assert shown[:c] == cloud[:c]  # a prefix of the cloud's stream, in order
     assert shown[c:] == rec.device_tokens  # then the device's, none repeated or skipped
     assert rec.dropped == len(cloud) - c
+
+
+def test_chunk_inside_the_prompt_takes_no_cloud_tokens() -> None:
+    rec = Reconciler(10, chunk=4)
+    for i in range(8):
+        rec.receive(i + 1, 100 + i)
+    assert rec.next_chunk(list(range(10))) == (0, [0, 1, 2, 3])
 
 
 def test_chunks_cover_prompt_then_received() -> None:

@@ -1,0 +1,3 @@
+from services.device.main import main
+
+main()
