@@ -1,0 +1,295 @@
+"""Engine throughput: continuous batching, prefill batching and the prefix cache.
+
+Every figure is a ratio measured in this one run (the machine is 2 shared cores).
+
+1. Decode tokens/s at 1, 4, 8 and 16 concurrent streams (SmolLM2 by default, prompts
+   of 201-301 tokens, 64 new tokens): our batched paged decode (``decode_batch``: one
+   forward per step over the paged pool) against our own single stream, and against
+   a left-padded HF ``generate`` batch of the same prompts in the same process (its
+   decode time = generate(64 new) - generate(1 new), i.e. without its prefill).
+2. Prefill batching: four prompts of different lengths one after another against one
+   padded batch of four (the measurement behind prefill's no-batching default).
+3. The prefix cache on the Mooncake trace (``hash_ids`` are 512-token blocks): the
+   real ``PrefixCache`` per prefill, requests spread over prefills in scenario groups
+   (scenario = the prompt's first block) or over all prefills. Prefill times come from
+   the mock latency model (``--profile``, default scaled-gpu), so the TTFTs are
+   modelled (FIFO queue per prefill), the hit rates are the cache's own.
+4. The whole cluster (``pdserve up``) against ``transformers serve --continuous-batching
+   --cb-num-blocks 64 --cb-max-batch-tokens 2048`` on the same saved model dir: a
+   251-token chat prompt, 64 new tokens, 8 concurrent streams (``bench/engine_peer.py``;
+   the peer's serving packages go to a private ``pip --target`` folder).
+
+  python bench/engine.py [--model smollm2] [--quick] [--skip-serve] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import prompt_ids
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / \
+    "mooncake_synthetic_trace.jsonl"
+
+
+def _lengths(n: int, center: int, spread: int = 50) -> list[int]:
+    return [center - spread + (i * 37) % (2 * spread + 1) for i in range(n)]
+
+
+def decode_scaling(spec: str, streams: list[int], new_tokens: int, center: int,
+                   threads: int, rounds: int, bar: Any) -> dict[int, dict[str, float]]:
+    """Per-step decode time at each batch size, ours and a padded HF batch, alternating
+    ``rounds`` times so that machine noise hits both; medians."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.engine.runner import ModelRunner
+    from services.engine.sampling import Sampling
+
+    runner = ModelRunner(spec, threads=threads)
+    pool = runner.attach_pool(max(streams) * (center + 60 + new_tokens + 16), 16)
+    hf = AutoModelForCausalLM.from_pretrained(runner.path, dtype=torch.float32).eval()
+    pad = runner.info.eos_token_ids[0] if runner.info.eos_token_ids else 0
+    per_round = max(1, (new_tokens - 1) // rounds)
+    out: dict[int, dict[str, float]] = {}
+    for b in streams:
+        prompts = [prompt_ids(n, runner.info.vocab_size, seed=i)
+                   for i, n in enumerate(_lengths(b, center))]
+        seqs, toks = [], []
+        for p in prompts:  # prefill and RecvScatter are not timed: decode only
+            first, cache = runner.prefill(p, Sampling())
+            _, buf = runner.pack(cache, False)
+            _, seq = runner.restore_paged(memoryview(buf),
+                                          pool.allocate("b", len(p) + new_tokens + 1))
+            seqs.append(seq)
+            toks.append(first)
+        # The padded baseline: what generate() runs per step (left-padded batch over a
+        # DynamicCache, attention mask, per-row positions), without generate's own
+        # per-step overhead, so it is if anything a stricter baseline than generate.
+        width = max(map(len, prompts))
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            hf_cache = DynamicCache(config=hf.config)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            o = hf(input_ids=ids, attention_mask=mask, position_ids=pos,
+                   past_key_values=hf_cache, use_cache=True, logits_to_keep=1)
+            hf_tok = o.logits[:, -1].argmax(-1, keepdim=True)
+            hf_pos = torch.tensor([[len(p)] for p in prompts])
+        ours_t, hf_t = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                toks = runner.decode_batch(toks, seqs, [Sampling()] * b)
+            ours_t.append((time.perf_counter() - t0) / per_round)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(per_round):
+                    mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], 1)
+                    o = hf(input_ids=hf_tok, attention_mask=mask, position_ids=hf_pos,
+                           past_key_values=hf_cache, use_cache=True, logits_to_keep=1)
+                    hf_tok, hf_pos = o.logits[:, -1].argmax(-1, keepdim=True), hf_pos + 1
+            hf_t.append((time.perf_counter() - t0) / per_round)
+            bar.update(1)
+        for s in seqs:
+            pool.free(s.table)
+        out[b] = {"ours_tok_s": b / statistics.median(ours_t),
+                  "padded_hf_tok_s": b / statistics.median(hf_t),
+                  "ours_step_ms": 1e3 * statistics.median(ours_t),
+                  "padded_hf_step_ms": 1e3 * statistics.median(hf_t)}
+    return out
+
+
+def prefill_batching(spec: str, lengths: list[int], rounds: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.common.modelinfo import ModelInfo
+
+    info = ModelInfo.load(spec)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()
+    prompts = [prompt_ids(n, info.vocab_size, seed=n) for n in lengths]
+    width = max(lengths)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # right pad
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    seq_t, bat_t = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for p in prompts:
+                model(input_ids=torch.tensor([p]), past_key_values=DynamicCache(
+                    config=model.config), use_cache=True, logits_to_keep=1)
+            seq_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(
+                config=model.config), use_cache=True, logits_to_keep=1)
+            bat_t.append(time.perf_counter() - t0)
+    s, b = statistics.median(seq_t), statistics.median(bat_t)
+    return {"sequential_s": s, "batched_s": b, "batched_over_sequential": b / s}
+
+
+def prefix_replay(trace: Path, prefills: int, groups: int, cache_blocks: int,
+                  profile: str, limit: int) -> dict[str, dict[str, float]]:
+    from services.engine.mock import LatencyModel, profile_path
+    from services.engine.prefix import PrefixCache
+
+    rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    rows = rows[:limit] if limit else rows
+    lat = LatencyModel.from_profile(json.loads(profile_path(profile).read_text()))
+    block = 512  # the trace's hash_ids name 512-token blocks
+    out = {}
+    for name, grouped in (("grouped", True), ("ungrouped", False)):
+        caches = [PrefixCache(cache_blocks, block) for _ in range(prefills)]
+        free_at = [0.0] * prefills
+        ttft, tokens, saved = [], 0, 0
+        per_group = prefills // groups
+        for r in rows:
+            members = range(prefills)
+            if grouped:  # scenario = the prompt's first block: its group's prefills only
+                g = r["hash_ids"][0] % groups
+                members = range(g * per_group, (g + 1) * per_group)
+            t = r["timestamp"]
+            i = min(members, key=lambda k: (max(free_at[k], t), k))
+            keys = [h.to_bytes(8, "little") for h in r["hash_ids"]]
+            n = r["input_length"]
+            hit = caches[i].match(keys, (n - 1) // block)
+            caches[i].insert(keys, [(None, 1)] * (len(keys) - len(hit)))
+            cached = len(hit) * block
+            start = max(free_at[i], t)
+            free_at[i] = start + lat.prefill_ms(n, cached)
+            ttft.append(free_at[i] - t)
+            tokens += n
+            saved += cached
+        hits = sum(c.stats.hits for c in caches)
+        ttft.sort()
+        out[name] = {"token_hit_rate": saved / tokens, "request_hit_rate": hits / len(rows),
+                     "ttft_p50_ms": ttft[len(ttft) // 2],
+                     "ttft_p99_ms": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]}
+    return out
+
+
+def plot(scaling: dict[int, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(scaling)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [scaling[x]["ours_tok_s"] for x in xs], "o-", label="pdserve batched paged decode")
+    ax.plot(xs, [scaling[x]["padded_hf_tok_s"] for x in xs], "s--",
+            label="HF generate, padded batch")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Decode throughput (one run, 2 shared CPU cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and trace rows")
+    ap.add_argument("--json", type=Path, help="write the ratios here")
+    ap.add_argument("--plot", type=Path,
+                    default=Path(__file__).resolve().parent.parent / "docs/img/engine_decode.png")
+    ap.add_argument("--prompt-tokens", type=int, default=251)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both engines (0: one per core)")
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--prefills", type=int, default=8)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--prefix-cache-blocks", type=int, default=1024,
+                    help="per prefill, in the trace's 512-token blocks")
+    ap.add_argument("--profile", default="scaled-gpu", help="mock latency profile for TTFT")
+    ap.add_argument("--skip-serve", action="store_true",
+                    help="skip the comparison with transformers serve")
+    ap.add_argument("--peer-site", type=Path,
+                    default=Path.home() / ".cache/pdserve/peer-site",
+                    help="where the peer's serving packages are installed (pip --target)")
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    streams = [1, 4, 8, 16]
+    new_tokens = 32 if args.quick else 64
+    rounds = 2 if args.quick else 4
+    with tqdm(total=rounds * len(streams), desc="decode scaling", unit="round") as bar:
+        scaling = decode_scaling(args.model, streams, new_tokens, args.prompt_tokens,
+                                 args.threads, rounds, bar)
+    with tqdm(total=1, desc="prefill batching", unit="case") as bar:
+        pb = prefill_batching(args.model, [128, 192, 256, 320], 2 if args.quick else 3)
+        pb_eq = prefill_batching(args.model, [224] * 4, 2 if args.quick else 3)
+        bar.update(1)
+    with tqdm(total=1, desc="prefix replay", unit="trace") as bar:
+        prefix = prefix_replay(args.trace, args.prefills, args.groups,
+                               args.prefix_cache_blocks, args.profile, 0)
+        bar.update(1)
+    serve = None
+    if not args.skip_serve:
+        from bench.engine_peer import compare
+
+        with tqdm(total=2, desc="vs transformers serve", unit="system") as bar:
+            serve = compare(args.model, args.peer_site, args.prompt_tokens, 64, 8,
+                            8 if args.quick else 16, bar)
+
+    one = scaling[1]["ours_tok_s"]
+    print(f"\nDecode ({args.model}, prompts {args.prompt_tokens}±50 tokens, "
+          f"{new_tokens} new tokens):")
+    print("  streams  ours tok/s  vs 1 strm  padded HF tok/s  ours/padded")
+    for b in streams:
+        s = scaling[b]
+        print(f"  {b:7d}  {s['ours_tok_s']:10.1f}  {s['ours_tok_s'] / one:9.2f}  "
+              f"{s['padded_hf_tok_s']:15.1f}  {s['ours_tok_s'] / s['padded_hf_tok_s']:11.2f}")
+    print(f"Prefill of 4 prompts (128-320 tokens): one after another {pb['sequential_s']:.2f} s,"
+          f" one padded batch {pb['batched_s']:.2f} s (batched/sequential "
+          f"{pb['batched_over_sequential']:.2f}); four of 224 tokens: batched/sequential "
+          f"{pb_eq['batched_over_sequential']:.2f}")
+    print(f"Prefix cache on the Mooncake trace ({args.prefills} prefills, {args.groups} groups, "
+          f"{args.prefix_cache_blocks} blocks each, TTFT modelled with {args.profile}):")
+    for name, p in prefix.items():
+        print(f"  {name:9s} token hit rate {p['token_hit_rate']:.3f}, requests with a hit "
+              f"{p['request_hit_rate']:.3f}, TTFT p50 {p['ttft_p50_ms']:.0f} ms, "
+              f"p99 {p['ttft_p99_ms']:.0f} ms")
+    if serve is None:
+        print("vs transformers serve: skipped (--skip-serve)")
+    else:
+        print(f"Cluster vs transformers serve --continuous-batching ({serve['prompt_tokens']}-"
+              f"token chat prompt, 64 new tokens, 8 concurrent):")
+        for name in ("ours", "theirs"):
+            r = serve[name]
+            print(f"  {name:6s} {r['tok_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
+                  f"p99 {r['ttft_p99_s']:.2f} s ({r['tokens']:.0f} tokens in {r['wall_s']:.1f} s)")
+        print("  ratios (ours/theirs): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in serve["ratios"].items()))
+    plot(scaling, args.plot)
+    print(f"plot: {args.plot}")
+    result = {
+        "decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
+        "decode16_vs_padded_hf16": scaling[16]["ours_tok_s"] / scaling[16]["padded_hf_tok_s"],
+        "vs_transformers_serve": serve["ratios"] if serve else None,
+        "prefix_hit_rate_grouped": prefix["grouped"]["token_hit_rate"],
+        "prefix_hit_rate_ungrouped": prefix["ungrouped"]["token_hit_rate"],
+        "prefix_ttft_p50_grouped_over_ungrouped":
+            prefix["grouped"]["ttft_p50_ms"] / prefix["ungrouped"]["ttft_p50_ms"],
+        "prefill_batched_over_sequential": pb["batched_over_sequential"],
+        "prefill_batched_over_sequential_equal_lengths": pb_eq["batched_over_sequential"],
+        "decode_tok_s": {str(b): scaling[b] for b in streams},
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
