@@ -65,6 +65,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
 class DecodeConfig(WorkerConfig):
     """A decode worker: a model worker plus its paged KV pool."""
 
+    # b_d: requests in the continuous batch. Higher than prefill's b_p because a decode
+    # step batches them into one forward; the pool, not this, bounds their KV.
+    slots: int = 16
     kv_pool_tokens: int = 32768  # token slots in the paged KV pool (SmolLM2: 45 KiB each)
     kv_pool_block_tokens: int = 16  # tokens per pool block
 
