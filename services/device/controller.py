@@ -15,7 +15,9 @@ into a buffer. The controller decides their display times ``D_j``:
   B      = tokens buffered (received, not yet shown) at the moment of release
   tau*   = base * (1 + gain * (target - B) / target)   slower when the buffer is low
                                                         (the cloud/network runs late),
-                                                        faster when a burst filled it
+                                                        faster when a burst filled it,
+           but never below tau_ms: the plan's display times are what the device's
+           catch-up was sized against, so the display must not run ahead of them
   tau_j  = clamp(tau*, tau_{j-1} - step, tau_{j-1} + step) then clamp(tau_min, tau_max)
 
 The step limit keeps consecutive gaps within ``step_ms`` of each other (smooth), the
@@ -96,6 +98,9 @@ class SpeedController:
         # The token about to be released still counts as in hand.
         level = len(self._buffer) - 1
         want = base * (1.0 + c.gain * (c.buffer_target - level) / c.buffer_target)
+        # Never faster than the planned pace: the plan's display times D_j are what the
+        # device's catch-up was sized against; running ahead would outrun it.
+        want = max(want, c.tau_ms)
         want = min(max(want, self._tau - c.step_ms), self._tau + c.step_ms)
         return min(max(want, c.tau_min_ms), c.tau_max_ms)
 

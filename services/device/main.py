@@ -16,6 +16,7 @@ Lifecycle of a chat: validate -> settings (optimiser, or the request's overrides
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -174,15 +175,19 @@ def _device_curve(cfg: DeviceConfig, engine: Any) -> dict[str, Any]:
     if cfg.engine == "mock":
         sizes = (0, 256, 512, 1024, 2048, 4096, 8192, 16384)
         return {"prefill": [[n, engine.prefill_ms(0, n)] for n in sizes],
-                "tpot_ms": engine.tpot}
+                "tpot_ms": engine.tpot, "chunk_overhead_ms": engine.a}
     return measure_device(engine)
 
 
 async def start(cfg: DeviceConfig) -> tuple[ServiceRuntime, DeviceServicer, WanRelay | None,
                                              grpc.aio.Channel | None]:
     runtime = ServiceRuntime(cfg, "device", [SERVICE])
-    info = ModelInfo.load("tiny" if cfg.model.startswith("mock:") else cfg.model,
-                          cfg.cache_dir)
+    info = ModelInfo.load(cfg.model, cfg.cache_dir)
+    if cfg.engine == "mock":  # the modelled device model's context, the tokenizer's ids
+        from services.device.engine import load_profile
+
+        ctx = int(load_profile(cfg.device_profile).get("max_context", info.max_context))
+        info = dataclasses.replace(info, max_context=ctx)
     tok = TextTokenizer(info.path)
     thread = ModelThread("device-model")
     engine = await thread.run(_engine, cfg, info)

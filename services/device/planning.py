@@ -1,7 +1,7 @@
 """What the device's optimiser knows, and per-request settings (docs/pd-device.md).
 
 The optimiser profile (JSON, written by ``pdserve device profile``):
-  {"device": {"prefill": [[n, ms], ...], "tpot_ms": t},
+  {"device": {"prefill": [[n, ms], ...], "tpot_ms": t, "chunk_overhead_ms": o},
    "cloud": {"ttft": [[n, ms], ...], "tpot_ms": t},
    "rtt_ms": r, "bandwidth_mbps": b, "quality": {"1.0": 1.0, "0.5": 0.8, ...}}
 Without one the device measures its own curve at start-up (``measure_device``) and
@@ -58,7 +58,8 @@ class Planner:
             cloud_ttft=_curve(cloud["ttft"]), cloud_tpot_ms=float(cloud["tpot_ms"]),
             rtt_ms=float(profile.get("rtt_ms", rtt_ms)),
             bandwidth_mbps=float(profile.get("bandwidth_mbps", bandwidth_mbps or 1e4)),
-            chunk_tokens=chunk_tokens)
+            chunk_tokens=chunk_tokens,
+            chunk_overhead_ms=float(dev.get("chunk_overhead_ms", 5.0)))
         self._ttft_scale = 1.0
 
     def plan(self, n: int, out_len: int, constraints: Constraints | None = None) -> Plan:

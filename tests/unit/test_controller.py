@@ -85,3 +85,11 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
     assert percentile(list(range(1, 101)), 99) == 99
     assert percentile([], 99) == 0.0
+
+
+def test_display_never_runs_ahead_of_the_planned_pace() -> None:
+    # The cloud is 6x faster than the plan: the display keeps the planned pace, which is
+    # what the device's catch-up was sized against.
+    cfg = ControllerConfig(tau_ms=30.0)
+    g = gaps(simulate([i * 5.0 for i in range(100)], cfg))
+    assert min(g) >= 30.0 - 1e-9

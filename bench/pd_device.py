@@ -1,0 +1,350 @@
+"""P/D-Device bench: TTFT, displayed TPOT, cloud busy time and quality against rho.
+
+One run, all measured here (the machine is shared; figures are noisy):
+  1. Quality vs rho (in-process, a real model: SmolLM2, tiny with --quick): for each
+     prompt, the unrefined answer (greedy from P) against the pd_device answer with P'
+     (the cloud's first ``K`` tokens from P, then the device's greedy tokens from
+     P' + those). Agreement = share of positions equal; exact = whole answer equal.
+     P' comes from the same attention probe the prefill worker runs.
+  2. Timing (real processes): ``pdserve up --engine mock --profile scaled-gpu`` as the
+     cloud (a modelled GPU; real gRPC, gateway, kvstore, KV bytes), and a device process
+     with the profile mock ``phone`` (a modelled ~1B phone model) behind a WAN relay
+     (RTT, bandwidth). Requests replay the Azure code trace: for each prompt bucket
+     (512, 1k, 2k, 4k) the first requests whose prompt length is within the bucket, with
+     their own output lengths (capped at --max-out), and the same requests restricted
+     to outputs >= --long-out (the trace's long tail) as a second workload. Each request
+     runs in device_only, cloud_only and pd_device (settings from the optimiser).
+
+--json FILE writes {"ttft_reduction_2k", "max_tpot_ms", "p99_tpot_ms", "cloud_busy_ratio"}
+(pd_device against device_only TTFT at 2k, pd_device displayed gaps over all requests,
+pd_device cloud busy time over cloud_only's, summed over all requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import UpCluster
+from pdserve.v1 import device_service_pb2 as pb
+from pdserve.v1 import device_service_pb2_grpc as pb_grpc
+from services.device.controller import percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE = Path("/work/shared/traces/azure_llm_2023_code.csv")
+MODES = {"device_only": pb.DEVICE_MODE_DEVICE_ONLY, "cloud_only": pb.DEVICE_MODE_CLOUD_ONLY,
+         "pd_device": pb.DEVICE_MODE_PD_DEVICE}
+RHOS = (1.0, 0.75, 0.5, 0.25)
+K_CLOUD = 4  # cloud tokens before the device continues, in the quality measurement
+
+
+# -- quality -----------------------------------------------------------------------------
+def passages(n: int, words: int) -> list[str]:
+    """Local English text (licence texts, this repo's docs), cut into passages."""
+    sources = [Path("/usr/share/common-licenses/Apache-2.0"),
+               Path("/usr/share/common-licenses/GPL-3"), ROOT / "docs/architecture.md",
+               ROOT / "docs/scheduling.md", ROOT / "README.md"]
+    text = " ".join(p.read_text(errors="replace") for p in sources if p.exists()).split()
+    step = max(words, len(text) // max(1, n))
+    return [" ".join(text[i * step:i * step + words]) for i in range(n)]
+
+
+def quality(model_spec: str, prompts: int, words: int, gen: int) -> dict[str, dict[str, float]]:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.common.modelinfo import ModelInfo
+    from services.common.tokenizer import TextTokenizer
+    from services.engine.refine import ImportanceProbe, refine
+
+    info = ModelInfo.load(model_spec)
+    tok = TextTokenizer(info.path)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        cache = DynamicCache(config=model.config)
+        out, x = [], ids
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([x]), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits
+            out.append(int(logits[0, -1].argmax()))
+            x = out[-1:]
+        return out
+
+    scores: dict[float, list[tuple[float, float]]] = {r: [] for r in RHOS}
+    with torch.inference_mode():
+        for text in passages(prompts, words):
+            ids = tok.encode_chat(f"{text}\n\nSummarise the text above in one sentence.")
+            probe = ImportanceProbe(model)
+            cache = DynamicCache(config=model.config)
+            probe.wrap(lambda ids=ids, cache=cache: model(
+                input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                logits_to_keep=1))()
+            importance = probe.scores(cache)
+            ref = greedy(ids, gen)
+            for rho in RHOS:
+                p2 = refine(ids, importance, rho) if rho < 1 else ids
+                got = ref[:K_CLOUD] + greedy(p2 + ref[:K_CLOUD], gen - K_CLOUD)
+                agree = sum(a == b for a, b in zip(got, ref, strict=True)) / gen
+                scores[rho].append((agree, float(got == ref)))
+    return {str(r): {"agreement": statistics.fmean(a for a, _ in v),
+                     "exact": statistics.fmean(e for _, e in v), "prompts": len(v)}
+            for r, v in scores.items()}
+
+
+# -- timing ------------------------------------------------------------------------------
+@dataclass
+class Req:
+    bucket: int
+    prompt_len: int
+    out_len: int
+    workload: str
+
+
+@dataclass
+class Result:
+    req: Req
+    mode: str
+    ttft_ms: float
+    gaps: list[float]
+    summary: Any = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) -> list[Req]:
+    rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"]))
+            for r in csv.DictReader(TRACE.open())]
+    out: list[Req] = []
+    for b in buckets:
+        near = [(p, g) for p, g in rows if 0.8 * b <= p <= 1.25 * b]
+        out += [Req(b, p, min(g, max_out), "trace") for p, g in near[:per]]
+        out += [Req(b, p, min(g, max_out), "long") for p, g in near if g >= long_out][:per]
+    return out
+
+
+def start_device(cloud: str, log_dir: Path, plan: Path, args: argparse.Namespace
+                 ) -> tuple[subprocess.Popen[bytes], str]:
+    ready = log_dir / "device.ready.json"
+    log = open(log_dir / "device.out", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "device", "--engine", "mock",
+         "--device-profile", "phone", "--model", "tiny", "--cloud-address", cloud,
+         "--wan-rtt-ms", str(args.rtt_ms), "--wan-bandwidth-mbps", str(args.bandwidth_mbps),
+         "--plan-profile", str(plan), "--chunk-tokens", "256", "--ttft-target-ms", "1500",
+         "--tpot-max-ms", "50", "--min-quality", str(args.min_quality),
+         "--cloud-timeout-s", "30", "--ready-file", str(ready)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    end = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            raise RuntimeError((log_dir / "device.out").read_text())
+        time.sleep(0.1)
+    return proc, str(json.loads(ready.read_text())["address"])
+
+
+def cloud_profile(address: str) -> dict[str, Any]:
+    """TTFT_c(n) and TPOT_c of this cloud, measured straight at the gateway."""
+    from bench.common import prompt_ids, stream
+
+    ttft, tpot = [], []
+    for n in (256, 1024, 2048, 4096):
+        t = stream(address, prompt_ids(n, 256, seed=n), 16)
+        ttft.append([n, t.ttft_s * 1e3])
+        tpot.append(t.tpot_s * 1e3)
+    return {"ttft": ttft, "tpot_ms": statistics.median(tpot)}
+
+
+def chat(stub: pb_grpc.DeviceServiceStub, req: Req, mode: str) -> Result:
+    from bench.common import prompt_ids
+
+    times: list[float] = []
+    summary = None
+    # A fresh prompt per request and mode: the mock cloud caches prefixes, and a reused
+    # prompt would make the second mode's cloud prefill look free.
+    seed = zlib.crc32(f"{req.prompt_len}/{req.out_len}/{req.workload}/{mode}".encode())
+    for msg in stub.Chat(pb.ChatRequest(prompt_token_ids=prompt_ids(req.prompt_len, 256,
+                                                                     seed=seed),
+                                        max_tokens=max(1, req.out_len), mode=MODES[mode]),
+                         timeout=600):
+        times += [t.display_ms for t in msg.tokens]
+        if msg.HasField("summary"):
+            summary = msg.summary
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return Result(req, mode, times[0], gaps, summary)
+
+
+# -- report ------------------------------------------------------------------------------
+def report(results: list[Result], buckets: list[int]) -> tuple[list[dict[str, Any]], Any]:
+    rows = []
+    for wl in ("trace", "long"):
+        for b in buckets:
+            row: dict[str, Any] = {"workload": wl, "bucket": b}
+            for mode in MODES:
+                rs = [r for r in results if r.req.bucket == b and r.req.workload == wl
+                      and r.mode == mode]
+                if not rs:
+                    continue
+                g = [x for r in rs for x in r.gaps]
+                row[mode] = {
+                    "n": len(rs), "ttft_ms": statistics.median(r.ttft_ms for r in rs),
+                    "max_tpot_ms": max(g, default=0.0), "p99_tpot_ms": percentile(g, 99),
+                    # Without the t1 -> t2 gap (the cloud's KV handoff to its decode).
+                    "max_tpot_after_t2_ms": max((x for r in rs for x in r.gaps[1:]),
+                                                default=0.0),
+                    "cloud_busy_ms": statistics.fmean(r.summary.cloud_busy_ms for r in rs),
+                    "handoff": statistics.fmean(r.summary.handoff_index for r in rs),
+                    "out_len": statistics.fmean(r.req.out_len for r in rs)}
+            if "pd_device" in row and "cloud_only" in row:
+                busy = row["pd_device"]["cloud_busy_ms"]
+                row["throughput_gain"] = row["cloud_only"]["cloud_busy_ms"] / busy if busy else 0
+            rows.append(row)
+    return rows, None
+
+
+def plots(rows: list[dict[str, Any]], q: dict[str, dict[str, float]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in zip(axes, ("ttft_ms", "max_tpot_ms", "cloud_busy_ms"),
+                              ("TTFT (median, ms)", "max displayed TPOT (ms)",
+                               "cloud busy per request (ms)"), strict=True):
+        for wl, style in (("trace", "-"), ("long", "--")):
+            for mode, color in (("device_only", "tab:red"), ("cloud_only", "tab:blue"),
+                                ("pd_device", "tab:green")):
+                pts = [(r["bucket"], r[mode][key]) for r in rows
+                       if r["workload"] == wl and mode in r]
+                if pts and not (key == "cloud_busy_ms" and mode == "device_only"):
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=color,
+                            label=f"{mode} ({wl})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(title)
+        if key == "max_tpot_ms":
+            ax.axhline(50, color="grey", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "pd-device-latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    rhos = sorted(float(r) for r in q)
+    ax.plot(rhos, [q[str(r)]["agreement"] for r in rhos], marker="o", label="agreement")
+    ax.plot(rhos, [q[str(r)]["exact"] for r in rhos], marker="s", label="exact match")
+    ax.set_xlabel("refinement ratio rho")
+    ax.set_ylabel("vs unrefined answer")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "pd-device-quality.png")
+    fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run: 2 buckets, tiny quality")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--per-bucket", type=int, default=3)
+    ap.add_argument("--max-out", type=int, default=256)
+    ap.add_argument("--long-out", type=int, default=128)
+    ap.add_argument("--rtt-ms", type=float, default=50.0)
+    ap.add_argument("--bandwidth-mbps", type=float, default=20.0)
+    ap.add_argument("--min-quality", type=float, default=0.8)
+    ap.add_argument("--plots", default=str(ROOT / "docs/img"))
+    args = ap.parse_args()
+    buckets = [512, 2048] if args.quick else [512, 1024, 2048, 4096]
+    per = 1 if args.quick else args.per_bucket
+
+    t0 = time.monotonic()
+    q = quality("tiny" if args.quick else "smollm2", 3 if args.quick else 6,
+                120 if args.quick else 250, 12 if args.quick else 20)
+    print(f"quality vs rho ({'tiny' if args.quick else 'smollm2'}, {K_CLOUD} cloud tokens "
+          f"then the device):")
+    for r, v in q.items():
+        print(f"  rho {float(r):.2f}: agreement {v['agreement']:.2f}, exact {v['exact']:.2f}")
+
+    reqs = trace_requests(buckets, per, args.max_out, args.long_out)
+    results: list[Result] = []
+    with UpCluster("mock", extra=["--engine", "mock", "--profile", "scaled-gpu"]) as up, \
+            tempfile.TemporaryDirectory(prefix="pd-device-") as tmp:
+        from services.device.engine import MockDevice
+
+        phone = MockDevice("phone", 320)
+        plan = {"device": {"prefill": [[n, phone.prefill_ms(0, n)] for n in
+                                       (0, 512, 1024, 2048, 4096, 8192)],
+                           "tpot_ms": phone.tpot, "chunk_overhead_ms": phone.a},
+                "cloud": cloud_profile(up.address), "rtt_ms": args.rtt_ms,
+                "bandwidth_mbps": args.bandwidth_mbps,
+                "quality": {r: v["agreement"] for r, v in q.items()}}
+        (Path(tmp) / "plan.json").write_text(json.dumps(plan))
+        print(f"cloud profile (measured): {plan['cloud']}")
+        proc, address = start_device(up.address, Path(tmp), Path(tmp) / "plan.json", args)
+        try:
+            with grpc.insecure_channel(address) as ch:
+                stub = pb_grpc.DeviceServiceStub(ch)
+                for req in reqs:
+                    for mode in MODES:
+                        results.append(chat(stub, req, mode))
+                        s = results[-1].summary
+                        print(f"  {req.workload:5} {req.prompt_len:5}+{req.out_len:3} "
+                              f"{mode:11} ttft {s.ttft_ms:7.0f} ms  max gap "
+                              f"{s.max_tpot_ms:6.1f}  busy {s.cloud_busy_ms:7.0f} ms  "
+                              f"hand-off {s.handoff_index:3}  N {s.token_budget:3} "
+                              f"rho {s.refine_ratio:.2f} tau {s.tau_ms:4.1f}"
+                              f"{'  ' + s.fallback if s.fallback else ''}", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    rows, _ = report(results, buckets)
+    pd = [r for r in results if r.mode == "pd_device"]
+    gaps = [g for r in pd for g in r.gaps]
+    two_k = next(r for r in rows if r["bucket"] == 2048 and r["workload"] == "trace")
+    busy = {m: sum(r.summary.cloud_busy_ms for r in results if r.mode == m)
+            for m in ("pd_device", "cloud_only")}
+    out = {"ttft_reduction_2k": 1 - two_k["pd_device"]["ttft_ms"] / two_k["device_only"]["ttft_ms"],
+           "max_tpot_ms": max(gaps, default=0.0), "p99_tpot_ms": percentile(gaps, 99),
+           "cloud_busy_ratio": busy["pd_device"] / busy["cloud_only"]}
+    print("\nbucket workload | TTFT ms dev/cloud/pd | max TPOT ms pd | busy ms cloud/pd | gain")
+    for r in rows:
+        d, c, p = r["device_only"], r["cloud_only"], r["pd_device"]
+        print(f"{r['bucket']:6} {r['workload']:5} | {d['ttft_ms']:6.0f} {c['ttft_ms']:5.0f} "
+              f"{p['ttft_ms']:5.0f} | {p['max_tpot_ms']:5.1f} (p99 {p['p99_tpot_ms']:5.1f}) | "
+              f"{c['cloud_busy_ms']:6.0f} {p['cloud_busy_ms']:6.0f} | "
+              f"{r.get('throughput_gain', 0):5.2f}x  (hand-off ~{p['handoff']:.0f} of "
+              f"{p['out_len']:.0f})")
+    print(f"\n{json.dumps(out)}  [{time.monotonic() - t0:.0f} s; machine shared, one run]")
+    for p in plots(rows, q, Path(args.plots)):
+        print(f"plot: {p}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
+        Path(args.json).with_suffix(".detail.json").write_text(
+            json.dumps({"summary": out, "rows": rows, "quality": q, "args": vars(args)},
+                       indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
