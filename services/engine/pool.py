@@ -114,8 +114,20 @@ class PagedSeq:
 @dataclass
 class _StepContext:
     pool: KvPool
-    seqs: list[PagedSeq]
     slots: torch.Tensor  # [B] slot of each sequence's new token
+    # Per sequence, computed once per step (not per layer): (first slot, tokens) for a
+    # contiguous table, else (None, slot indices to gather).
+    reads: list[tuple[int | None, int | torch.Tensor]]
+
+    def kv(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, n = self.reads[b]
+        if start is not None:
+            assert isinstance(n, int)
+            kv = self.pool.storage[layer, :, :, start : start + n]
+        else:
+            assert isinstance(n, torch.Tensor)
+            kv = self.pool.storage[layer].index_select(2, n)
+        return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
 
 
 def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -129,8 +141,8 @@ def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     store[0].index_copy_(1, ctx.slots, key[:, :, 0].transpose(0, 1))
     store[1].index_copy_(1, ctx.slots, value[:, :, 0].transpose(0, 1))
     outs = []
-    for b, seq in enumerate(ctx.seqs):
-        k, v = ctx.pool.gather(seq.table, layer, seq.length + 1)
+    for b in range(len(ctx.reads)):
+        k, v = ctx.kv(layer, b)
         out, _ = sdpa_attention_forward(module, query[b : b + 1], k, v, None, **kwargs)
         outs.append(out)
     return torch.cat(outs, 0), None
@@ -152,8 +164,13 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     for s in seqs:
         if s.length + 1 > s.table.capacity:
             raise IndexError(f"{s.table.owner} has no reserved slot for token {s.length}")
-    ctx = _StepContext(pool, seqs,
-                       torch.tensor([s.table.slot(s.length) for s in seqs], dtype=torch.long))
+    reads: list[tuple[int | None, int | torch.Tensor]] = []
+    for s in seqs:
+        start, n = s.table.run_start, s.length + 1
+        reads.append((start, n) if start is not None else
+                     (None, torch.tensor(s.table.slots(n), dtype=torch.long)))
+    ctx = _StepContext(pool, torch.tensor([s.table.slot(s.length) for s in seqs],
+                                          dtype=torch.long), reads)
     ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
     pos = torch.tensor([s.length for s in seqs], dtype=torch.long).unsqueeze(1)
     out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,

@@ -25,7 +25,7 @@ BLOCK = 4  # small blocks: tables span many blocks and fragment easily
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    r = ModelRunner("tiny")
+    r = ModelRunner("tiny", threads=1)  # tiny: one thread is faster on shared cores
     r.attach_pool(2048, BLOCK)
     return r
 

@@ -54,7 +54,7 @@ def test_a_block_larger_than_the_cap_is_not_cached() -> None:
 
 @pytest.fixture(scope="module")
 def runners() -> tuple[ModelRunner, ModelRunner]:
-    plain, cached = ModelRunner("tiny"), ModelRunner("tiny")
+    plain, cached = ModelRunner("tiny", threads=1), ModelRunner("tiny", threads=1)
     cached.attach_prefix_cache(64 << 20, 16)
     return plain, cached
 
@@ -88,8 +88,8 @@ def test_a_prefix_hit_is_token_identical(runners: tuple[ModelRunner, ModelRunner
 
 
 def test_an_evicted_prefix_is_recomputed_correctly() -> None:
-    plain = ModelRunner("tiny")
-    r = ModelRunner("tiny")
+    plain = ModelRunner("tiny", threads=1)
+    r = ModelRunner("tiny", threads=1)
     cfg = r.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     block_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 16 * head_dim * 4
