@@ -1,12 +1,8 @@
 """The KV data plane across real processes (`pdserve up --model tiny`): tcp and shm are
-token-identical to in-process generate and say which path they took; a fast path killed
-mid-run falls back to tcp visibly; a killed kvstore ends requests, never hangs them."""
+token-identical to in-process generate, say which path they took, and leave no KV held."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,18 +71,3 @@ def test_token_identical_and_path_reported(cluster: tuple[str, UpProcess],
     stats = _kv_stats(up)
     assert stats.transfers[f"{name}.put.ok"] >= 1 and stats.transfers[f"{name}.get.ok"] >= 1
     assert stats.bytes_held == 0
-
-
-def test_killed_kvstore_ends_requests_never_hangs(tmp_path: Path) -> None:
-    up = _up(tmp_path, {})
-    try:
-        _generate(up.address, 4)
-        os.kill(int(up.ready("kvstore")["pid"]), signal.SIGKILL)  # a peer dies
-        t0 = time.monotonic()
-        with pytest.raises(grpc.RpcError) as ei:
-            _generate(up.address, 4)
-        assert ei.value.code() in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
-                                   grpc.StatusCode.DEADLINE_EXCEEDED)
-        assert time.monotonic() - t0 < 60
-    finally:
-        up.stop()
