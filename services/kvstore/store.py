@@ -12,7 +12,7 @@ TRANSFERRING entry takes it over (a new generation), so a retry never waits for 
 server to notice that the first connection died. Every other broken push aborts.
 
 No I/O here: the clock is injected, and the data channel calls the
-``begin_*``/``end_*`` hooks (``services.common.transport.base.KvDataHandler``).
+``begin_*``/``end_*`` hooks (``services.common.transport.server.DataHandler``).
 """
 
 from __future__ import annotations

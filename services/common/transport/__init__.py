@@ -5,7 +5,7 @@ Call sites use ``push_kv`` (prefill) and ``pull_kv`` (decode); ``transfer_load``
 process's data-plane counters for its registry load.
 """
 
-from services.common.transport.base import KvDataHandler, KvTransport, Status, TransferError
+from services.common.transport.base import KvTransport, Status, TransferError
 from services.common.transport.config import KvTransferConfig
 from services.common.transport.negotiate import (
     STATS,
@@ -20,12 +20,6 @@ from services.common.transport.server import DataServer
 from services.common.transport.shm import ShmTransport
 from services.common.transport.tcp import TcpTransport
 
-__all__ = ["STATS", "DataServer", "KvDataHandler", "KvTransferConfig", "KvTransport",
-           "RdmaTransport", "ShmTransport", "Status", "TcpTransport", "TransferError",
-           "TransferResult", "client_for", "get_transport", "pull_kv", "push_kv",
-           "transfer_load"]
-
-
-def get_transport(name: str) -> KvTransport:
-    """A transport's client by name (``rdma/tcp`` labels map to ``rdma``)."""
-    return client_for(name.partition("/")[0])
+__all__ = ["STATS", "DataServer", "KvTransferConfig", "KvTransport", "RdmaTransport",
+           "ShmTransport", "Status", "TcpTransport", "TransferError", "TransferResult",
+           "client_for", "pull_kv", "push_kv", "transfer_load"]

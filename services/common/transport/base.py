@@ -2,15 +2,15 @@
 
 A transport moves one request's contiguous KV buffer between a client (prefill
 pushing, decode pulling) and the kvstore's data server, after one metadata
-exchange. The server side delegates buffer ownership to a ``KvDataHandler``
-(the kvstore's lifecycle), so a transport never decides when bytes are freed.
+exchange. The server side (``server.DataServer``) delegates buffer ownership to a
+``DataHandler`` (the kvstore's lifecycle), so a transport never decides when bytes are
+freed.
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import Protocol
 
 
 class Status(enum.IntEnum):
@@ -68,16 +68,3 @@ class KvTransport(ABC):
     async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
                   block_bytes: int = 0) -> memoryview:
         """Fetch the staged buffer of ``handle`` (single consumer)."""
-
-
-class KvDataHandler(Protocol):
-    """Server-side hooks the kvstore implements. Each raises ``TransferError``
-    with a status code to refuse."""
-
-    def begin_put(self, handle: str, request_id: str, nbytes: int) -> memoryview: ...
-
-    def end_put(self, handle: str, ok: bool) -> None: ...
-
-    def begin_get(self, handle: str, request_id: str) -> memoryview: ...
-
-    def end_get(self, handle: str, ok: bool) -> None: ...
