@@ -155,9 +155,9 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         finally:
             await run.close()
         summary = run.summary(s.mode)
-        cloud_gaps = summary.cloud_tokens > 1 and run.cloud_finished
-        self.planner.observe(len(ids), summary.ttft_ms if summary.cloud_tokens else 0.0,
-                             0.0 if not cloud_gaps else summary.mean_tpot_ms)
+        if not summary.fallback:  # a failed cloud says nothing about its speed
+            first = run.cloud_arrivals[0] if run.cloud_arrivals else 0.0
+            self.planner.observe(len(ids), first, run.cloud_tpot_ms())
         yield pb.ChatResponse(text=detok.flush(), summary=summary, request_id=rid)
 
 

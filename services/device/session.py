@@ -69,6 +69,7 @@ class ChatRun:
         self._wake = asyncio.Event()
         self._cloud_news = asyncio.Event()
         self.cloud_tokens: list[int] = []
+        self.cloud_arrivals: list[float] = []  # ms, for the planner's cloud TPOT estimate
         self.refined: list[int] | None = None
         self.refine_method = ""
         self.cloud_finished = False  # the cloud ended its stream normally
@@ -162,6 +163,7 @@ class ChatRun:
                         self.dropped += 1
                         continue
                     self.cloud_tokens.append(int(tok))
+                    self.cloud_arrivals.append(self.now_ms())
                     self._push(int(tok), CLOUD)
                 finish = msg.finish_reason or finish
                 self._cloud_news.set()
@@ -258,6 +260,12 @@ class ChatRun:
         self.device_compute_ms = sess.compute_ms
 
     # -- result ---------------------------------------------------------------------------
+    def cloud_tpot_ms(self) -> float:
+        """Mean gap between cloud tokens as they arrived, without the t1 -> t2 gap (the
+        cloud's KV handoff): the cloud's TPOT as this device sees it; 0 if unknown."""
+        a = self.cloud_arrivals[1:]
+        return (a[-1] - a[0]) / (len(a) - 1) if len(a) > 2 else 0.0
+
     def summary(self, mode: int) -> dpb.ChatSummary:
         times = [t for _, t, _ in self.shown]
         g = [b - a for a, b in itertools.pairwise(times)]

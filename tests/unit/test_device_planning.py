@@ -1,0 +1,35 @@
+"""The device's planner: profile file -> optimiser inputs, and the online cloud update."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.device.optimizer import Constraints
+from services.device.planning import Planner
+
+PROFILE = {"device": {"prefill": [[0, 40], [1024, 1300], [4096, 8000]], "tpot_ms": 35,
+                      "chunk_overhead_ms": 40},
+           "cloud": {"ttft": [[0, 30], [4096, 300]], "tpot_ms": 15},
+           "quality": {"1.0": 1.0, "0.5": 0.9}}
+
+
+def test_profile_becomes_a_plan() -> None:
+    p = Planner(PROFILE, rtt_ms=50, bandwidth_mbps=20, chunk_tokens=256,
+                constraints=Constraints())
+    assert p.constraints.quality == {1.0: 1.0, 0.5: 0.9}
+    assert p.profiles.chunk_overhead_ms == 40
+    plan = p.plan(2048, 256)
+    assert plan.mode == "pd_device" and plan.k >= 1 and plan.n_budget <= 256
+
+
+def test_observe_moves_toward_what_requests_saw() -> None:
+    p = Planner(PROFILE, rtt_ms=50, bandwidth_mbps=20, chunk_tokens=256,
+                constraints=Constraints())
+    before = p.profiles.first_arrival_ms(1024)
+    for _ in range(20):
+        p.observe(1024, first_arrival_ms=2 * before, cloud_tpot_ms=25.0)
+    assert p.profiles.cloud_tpot_ms == pytest.approx(25.0, rel=0.01)
+    plan_ttft = p.plan(1024, 256).ttft_ms
+    assert plan_ttft > 1.5 * before  # the cloud looked slower; the plan expects it now
+    p.observe(1024, 0.0, 0.0)  # nothing known: no change
+    assert p.profiles.cloud_tpot_ms == pytest.approx(25.0, rel=0.01)
