@@ -219,7 +219,65 @@ def main() -> None:
     ap.add_argument("--peer-site", type=Path,
                     default=Path.home() / ".cache/pdserve/peer-site",
                     help="where the peer's serving packages are installed (pip --target)")
+    ap.add_argument("--parts", default="prefix,prefill,decode,serve",
+                    help="comma list of the parts to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    result: dict[str, Any] = {}
+
+    def save() -> None:  # after every part, so a later failure keeps what was measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
+    if "prefix" in parts:
+        result.update(_run_prefix(args))
+        save()
+    if "prefill" in parts:
+        result.update(_run_prefill(args))
+        save()
+    if "decode" in parts:
+        result.update(_run_decode(args))
+        save()
+    if "serve" in parts and not args.skip_serve:
+        result.update(_run_serve(args))
+        save()
+
+
+def _run_prefix(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc="prefix replay", unit="trace") as bar:
+        prefix = prefix_replay(args.trace, args.prefills, args.groups,
+                               args.prefix_cache_blocks, args.profile, 0)
+        bar.update(1)
+    print(f"Prefix cache on the Mooncake trace ({args.prefills} prefills, {args.groups} groups, "
+          f"{args.prefix_cache_blocks} blocks each, TTFT modelled with {args.profile}):")
+    for name, p in prefix.items():
+        print(f"  {name:9s} token hit rate {p['token_hit_rate']:.3f}, requests with a hit "
+              f"{p['request_hit_rate']:.3f}, TTFT p50 {p['ttft_p50_ms']:.0f} ms, "
+              f"p99 {p['ttft_p99_ms']:.0f} ms")
+    return {"prefix_hit_rate_grouped": prefix["grouped"]["token_hit_rate"],
+            "prefix_hit_rate_ungrouped": prefix["ungrouped"]["token_hit_rate"],
+            "prefix_replay": prefix}
+
+
+def _run_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    with tqdm(total=2, desc="prefill batching", unit="case") as bar:
+        pb = prefill_batching(args.model, [128, 192, 256, 320], 2 if args.quick else 3)
+        bar.update(1)
+        pb_eq = prefill_batching(args.model, [224] * 4, 2 if args.quick else 3)
+        bar.update(1)
+    print(f"Prefill of 4 prompts (128-320 tokens): one after another {pb['sequential_s']:.2f} s,"
+          f" one padded batch {pb['batched_s']:.2f} s (batched/sequential "
+          f"{pb['batched_over_sequential']:.2f}); four of 224 tokens: batched/sequential "
+          f"{pb_eq['batched_over_sequential']:.2f}")
+    return {"prefill_batched_over_sequential": pb["batched_over_sequential"],
+            "prefill_batched_over_sequential_equal_lengths": pb_eq["batched_over_sequential"]}
+
+
+def _run_decode(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     streams = [1, 4, 8, 16]
@@ -228,67 +286,39 @@ def main() -> None:
     with tqdm(total=rounds * len(streams), desc="decode scaling", unit="round") as bar:
         scaling = decode_scaling(args.model, streams, new_tokens, args.prompt_tokens,
                                  args.threads, rounds, bar)
-    with tqdm(total=1, desc="prefill batching", unit="case") as bar:
-        pb = prefill_batching(args.model, [128, 192, 256, 320], 2 if args.quick else 3)
-        pb_eq = prefill_batching(args.model, [224] * 4, 2 if args.quick else 3)
-        bar.update(1)
-    with tqdm(total=1, desc="prefix replay", unit="trace") as bar:
-        prefix = prefix_replay(args.trace, args.prefills, args.groups,
-                               args.prefix_cache_blocks, args.profile, 0)
-        bar.update(1)
-    serve = None
-    if not args.skip_serve:
-        from bench.engine_peer import compare
-
-        with tqdm(total=2, desc="vs transformers serve", unit="system") as bar:
-            serve = compare(args.model, args.peer_site, args.prompt_tokens, 64, 8,
-                            8 if args.quick else 16, bar)
-
     one = scaling[1]["ours_tok_s"]
-    print(f"\nDecode ({args.model}, prompts {args.prompt_tokens}±50 tokens, "
-          f"{new_tokens} new tokens):")
+    print(f"Decode ({args.model}, prompts {args.prompt_tokens}±50 tokens, "
+          f"{new_tokens} new tokens, median of {rounds} alternating rounds):")
     print("  streams  ours tok/s  vs 1 strm  padded HF tok/s  ours/padded")
     for b in streams:
         s = scaling[b]
         print(f"  {b:7d}  {s['ours_tok_s']:10.1f}  {s['ours_tok_s'] / one:9.2f}  "
               f"{s['padded_hf_tok_s']:15.1f}  {s['ours_tok_s'] / s['padded_hf_tok_s']:11.2f}")
-    print(f"Prefill of 4 prompts (128-320 tokens): one after another {pb['sequential_s']:.2f} s,"
-          f" one padded batch {pb['batched_s']:.2f} s (batched/sequential "
-          f"{pb['batched_over_sequential']:.2f}); four of 224 tokens: batched/sequential "
-          f"{pb_eq['batched_over_sequential']:.2f}")
-    print(f"Prefix cache on the Mooncake trace ({args.prefills} prefills, {args.groups} groups, "
-          f"{args.prefix_cache_blocks} blocks each, TTFT modelled with {args.profile}):")
-    for name, p in prefix.items():
-        print(f"  {name:9s} token hit rate {p['token_hit_rate']:.3f}, requests with a hit "
-              f"{p['request_hit_rate']:.3f}, TTFT p50 {p['ttft_p50_ms']:.0f} ms, "
-              f"p99 {p['ttft_p99_ms']:.0f} ms")
-    if serve is None:
-        print("vs transformers serve: skipped (--skip-serve)")
-    else:
-        print(f"Cluster vs transformers serve --continuous-batching ({serve['prompt_tokens']}-"
-              f"token chat prompt, 64 new tokens, 8 concurrent):")
-        for name in ("ours", "theirs"):
-            r = serve[name]
-            print(f"  {name:6s} {r['tok_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
-                  f"p99 {r['ttft_p99_s']:.2f} s ({r['tokens']:.0f} tokens in {r['wall_s']:.1f} s)")
-        print("  ratios (ours/theirs): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in serve["ratios"].items()))
     plot(scaling, args.plot)
     print(f"plot: {args.plot}")
-    result = {
-        "decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
-        "decode16_vs_padded_hf16": scaling[16]["ours_tok_s"] / scaling[16]["padded_hf_tok_s"],
-        "vs_transformers_serve": serve["ratios"] if serve else None,
-        "prefix_hit_rate_grouped": prefix["grouped"]["token_hit_rate"],
-        "prefix_hit_rate_ungrouped": prefix["ungrouped"]["token_hit_rate"],
-        "prefix_ttft_p50_grouped_over_ungrouped":
-            prefix["grouped"]["ttft_p50_ms"] / prefix["ungrouped"]["ttft_p50_ms"],
-        "prefill_batched_over_sequential": pb["batched_over_sequential"],
-        "prefill_batched_over_sequential_equal_lengths": pb_eq["batched_over_sequential"],
-        "decode_tok_s": {str(b): scaling[b] for b in streams},
-    }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    return {"decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
+            "decode16_vs_padded_hf16":
+                scaling[16]["ours_tok_s"] / scaling[16]["padded_hf_tok_s"],
+            "decode_tok_s": {str(b): scaling[b] for b in streams}}
+
+
+def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from bench.engine_peer import compare
+
+    with tqdm(total=2, desc="vs transformers serve", unit="system") as bar:
+        serve = compare(args.model, args.peer_site, args.prompt_tokens, 64, 8,
+                        8 if args.quick else 16, bar)
+    print(f"Cluster vs transformers serve --continuous-batching ({serve['prompt_tokens']}-"
+          f"token chat prompt, 64 new tokens, 8 concurrent):")
+    for name in ("ours", "theirs"):
+        r = serve[name]
+        print(f"  {name:6s} {r['tok_s']:6.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
+              f"p99 {r['ttft_p99_s']:.2f} s ({r['tokens']:.0f} tokens in {r['wall_s']:.1f} s)")
+    print("  ratios (ours/theirs): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in serve["ratios"].items()))
+    return {"vs_transformers_serve": serve["ratios"], "serve": serve}
 
 
 if __name__ == "__main__":

@@ -147,8 +147,9 @@ def compare(model: str, site: Path, tokens: int, new_tokens: int, concurrency: i
         out["theirs"] = load(lambda: http_stream(peer.port, str(info.path), text, new_tokens),
                              requests, concurrency)
     bar.update(1)
-    env = {"PDSERVE_SLOTS": str(concurrency)}  # b_p and b_d: every stream gets a slot
-    with UpCluster(model, env=env) as cluster:
+    # Worker defaults: decode batches 16, prefill admits 4 (the rest wait in the gateway's
+    # forwarding queue, as P/D-Serve does).
+    with UpCluster(model) as cluster:
         stream(cluster.address, ids, 8)  # warm-up
 
         def ours() -> tuple[float, int]:
