@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import json
 import os
 import statistics
@@ -94,10 +95,11 @@ async def one(stub: generation_service_pb2_grpc.GenerationServiceStub, ids: list
 
 async def replay(address: str, reqs: list[TraceRequest], load: float, mode: str,
                  vocab: int, slo: list[float], time_scale: float,
-                 progress) -> tuple[list[Outcome], float]:  # type: ignore[no-untyped-def]
+                 progress, salt: int = 0,  # type: ignore[no-untyped-def]
+                 ) -> tuple[list[Outcome], float]:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = generation_service_pb2_grpc.GenerationServiceStub(ch)
-        prompts = [prompt_ids(r, i, vocab) for i, r in enumerate(reqs)]
+        prompts = [prompt_ids(r, i, vocab, salt) for i, r in enumerate(reqs)]
         t0 = time.monotonic()
         results: list[Outcome | None] = [None] * len(reqs)
 
@@ -241,6 +243,7 @@ def main() -> int:
     env = {"PDSERVE_HEARTBEAT_S": "0.1", "PDSERVE_REGISTRY_TTL_S": "2.0",
            "PDSERVE_KV_CHECKSUM": "0"}
     points: list[Point] = []
+    salts = itertools.count(1)  # fresh prompts per replay: no prefix-cache hits across runs
     cluster = UpCluster(f"mock:{args.profile}", extra=["--engine", "mock", "--profile",
                         args.profile, "--groups", groups, "--slots", "1"], env=env)
     cluster.wait()
@@ -261,7 +264,7 @@ def main() -> int:
         warm = [TraceRequest(i * 0.05, 256 + 64 * i, 4) for i in range(16)]
         for address in gateways.values():
             asyncio.run(replay(address, warm, 1.0, "open", vocab, [60_000.0] * len(warm),
-                               1.0, _NullBar()))
+                               1.0, _NullBar(), salt=next(salts)))
         for trace in traces:
             reqs = paper_example() if trace == "paper" else load_trace(trace)
             name = "paper" if trace == "paper" else Path(trace).stem
@@ -274,7 +277,7 @@ def main() -> int:
                 # Rotate the order per load so slow drift on the machine is spread evenly.
                 for policy in policies[k % len(policies):] + policies[:k % len(policies)]:
                     res, wall = asyncio.run(replay(gateways[policy], reqs, load, args.mode,
-                                                   vocab, slo, scale, bar))
+                                                   vocab, slo, scale, bar, next(salts)))
                     pt = summarise(name, policy, load, res, wall)
                     points.append(pt)
                     bar.write(f"{name:28} {policy:15} load {load:6.1f}: SLO success "

@@ -52,16 +52,20 @@ def paper_example(bursts: int = 20, gap_s: float = 1.0) -> list[TraceRequest]:
     return out
 
 
-def prompt_ids(req: TraceRequest, index: int, vocab: int) -> list[int]:
-    """Token ids of exactly ``prompt_len``; equal hash ids give equal 512-token blocks."""
+def prompt_ids(req: TraceRequest, index: int, vocab: int, salt: int = 0) -> list[int]:
+    """Token ids of exactly ``prompt_len``; equal hash ids give equal 512-token blocks.
+
+    ``salt`` makes every replay of a trace distinct: the workers keep a prefix cache, so
+    replaying the same prompts for the next policy or load would hit it and make
+    whichever ran later look faster. Sharing *within* a replay (equal hash ids) stays."""
     if req.hash_ids:
         ids: list[int] = []
         for h in req.hash_ids:
-            rng = random.Random(h)
+            rng = random.Random(f"{salt}/{h}")
             ids.extend(rng.randrange(16, vocab) for _ in range(HASH_BLOCK))
         ids = ids[: req.prompt_len]
-        rng = random.Random(1_000_003 + index)
+        rng = random.Random(f"{salt}/tail/{index}")
         ids.extend(rng.randrange(16, vocab) for _ in range(req.prompt_len - len(ids)))
         return ids
-    rng = random.Random(index)
+    rng = random.Random(f"{salt}/{index}")
     return [rng.randrange(16, vocab) for _ in range(req.prompt_len)]

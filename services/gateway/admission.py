@@ -29,6 +29,7 @@ from services.common.errors import (
     PdserveError,
     ResourceExhausted,
     Unavailable,
+    error_info,
     from_rpc_error,
 )
 from services.common.registry import InstanceInfo
@@ -100,6 +101,7 @@ class PrefillAdmission:
                          for i in insts}
                 order = prefill_order(self.policy, group, cands, self.open_streams,
                                       next(self._tick), self.filler, loads, frozenset(rejected))
+                busy = 0
                 for cand in order:
                     asked += 1
                     try:
@@ -109,6 +111,7 @@ class PrefillAdmission:
                         last_error = e.err
                         continue
                     if got is None:
+                        busy += 1
                         self.stats.rejections_total += 1
                         self.filler.on_reject(group, cand.instance_id)
                         rejected.add(cand.instance_id)
@@ -117,6 +120,8 @@ class PrefillAdmission:
                     if asked > 1:
                         self.stats.forwarded_total += 1
                     return got
+                if order and busy == 0 and last_error is not None:
+                    raise last_error  # every prefill is unreachable, none is merely busy
                 if not self.policy.rejects:
                     raise last_error or Unavailable(f"no prefill in group {group!r} is reachable",
                                                     reason="NO_PREFILL")
@@ -183,7 +188,10 @@ class PrefillAdmission:
             raise Unavailable(f"prefill {inst.instance_id} ended without a first token")
         except grpc.aio.AioRpcError as e:
             err = from_rpc_error(e, f"prefill {inst.instance_id}")
-            if not started and e.code() == grpc.StatusCode.UNAVAILABLE:
+            # Unreachable (no answer with our ErrorInfo) before it started: ask another. A
+            # prefill that answered UNAVAILABLE itself (its kvstore is down) ends the request
+            # with that reason rather than parking it in the queue until its deadline.
+            if not started and e.code() == grpc.StatusCode.UNAVAILABLE and error_info(e) is None:
                 raise _Vanished(err) from e
             raise err from e
         finally:

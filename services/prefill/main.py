@@ -41,6 +41,7 @@ from services.common.errors import (
     PdserveError,
     Unavailable,
     abort_with,
+    error_info,
     from_rpc_error,
 )
 from services.common.keys import slotfree_channel
@@ -233,6 +234,10 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 yield pb.PrefillResponse(rejected=pb.PrefillRejected(
                     reason=pb.REJECT_REASON_KV_CAPACITY, message=err.message))
                 return
+            if error_info(e) is None:  # no answer from the kvstore itself: say which hop broke
+                err = Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
+                                  reason="KVSTORE_UNAVAILABLE",
+                                  metadata={"request_id": rid, "kvstore": address})
             raise err from e
         handle = res.handle
         try:

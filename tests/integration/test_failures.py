@@ -115,3 +115,17 @@ async def test_no_decode_is_unavailable_and_the_kv_is_released(redis_url: str) -
                 break
             await asyncio.sleep(0.05)
         assert stats.bytes_held == 0 and stats.aborted_total == 1
+
+
+async def test_a_dead_but_still_registered_kvstore_fails_requests_at_once(redis_url: str) -> None:
+    async with Cluster(redis_url, prefills=2) as c:
+        await c.kvstore.runtime.server.stop(0)  # gone, but its lease has not expired yet
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await c.generate(prompt_token_ids=[5] * 20, max_tokens=2)  # no TTFT deadline
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(exc.value).reason == "KVSTORE_UNAVAILABLE"  # type: ignore[union-attr]
+        assert "kvstore" in (exc.value.details() or "")
+        assert loop.time() - t0 < 15  # not parked in the forwarding queue (max_queue_s = 60)
+        assert await c.gateway[1].admission.queue.depth(c.group) == 0  # type: ignore[union-attr]
