@@ -120,8 +120,11 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         if mode == pb.DEVICE_MODE_PD_DEVICE and plan.mode != "pd_device" and not overridden:
             log.info("optimiser: %s for %d tokens (%s)", plan.mode, n, plan.reason)
             mode = MODES[plan.mode]
-        tau = request.tau_ms or (plan.tau_ms if plan.mode == "pd_device" else 0.0) \
-            or max(cfg.tau_min_ms, self.planner.profiles.cloud_tpot_ms)
+        # The pace: the plan's for pd_device; the source's own TPOT for the baselines.
+        own = self.planner.profiles.device_tpot_ms if mode == pb.DEVICE_MODE_DEVICE_ONLY \
+            else self.planner.profiles.cloud_tpot_ms
+        tau = request.tau_ms or (plan.tau_ms if mode == pb.DEVICE_MODE_PD_DEVICE and
+                                 plan.mode == "pd_device" else own)
         tau = min(max(tau, cfg.tau_min_ms), c.tpot_max_ms)
         ctl = ControllerConfig(tau_ms=tau, tau_min_ms=cfg.tau_min_ms,
                                tau_max_ms=max(tau, c.tpot_max_ms))
