@@ -40,6 +40,8 @@ from typing import Any
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from bench.common import UpCluster
 from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc

@@ -28,6 +28,7 @@ cannot hide, which the optimiser's no-stall constraints are there to prevent.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import deque
@@ -79,6 +80,14 @@ class SpeedController:
     def push(self, token: int, now: float) -> None:
         self._buffer.append((token, now))
         self._arrivals.append(now)
+
+    def retarget(self, tau_ms: float, gain: float) -> None:
+        """New planned pace and buffer gain (at hand-off: the device's own steady supply).
+        The pace still moves by at most ``step_ms`` per token, so the change is smooth."""
+        c = self.cfg
+        tau = min(max(tau_ms, c.tau_min_ms), c.tau_max_ms)
+        self.cfg = dataclasses.replace(c, tau_ms=tau, gain=gain)
+        self._arrivals.clear()  # the old source's arrival rate says nothing about the new one
 
     def drop_buffered(self, keep: int) -> list[int]:
         """Keep only the first ``keep`` buffered tokens; return the dropped ones (hand-off)."""

@@ -61,6 +61,9 @@ class DeviceConfig(ServiceConfig, ModelConfig):
     default_max_tokens: int = 128
     ttft_target_ms: float = 1500.0
     tpot_max_ms: float = 50.0
+    # The pace is planned this far below tpot_max_ms: a display wakes up late by the event
+    # loop's jitter (1-5 ms here on 2 busy cores), and the bound is on measured gaps.
+    display_margin_ms: float = 5.0
     min_quality: float = 0.0
     tau_min_ms: float = 10.0
     cloud_timeout_s: float = 5.0  # no first cloud token by then: local prefill
@@ -73,8 +76,10 @@ class DeviceConfig(ServiceConfig, ModelConfig):
             raise ConfigError(f"engine must be torch or mock, got {self.engine!r}")
         if self.speed_factor < 1.0 or self.chunk_tokens < 1 or self.cloud_timeout_s <= 0:
             raise ConfigError("need speed_factor >= 1, chunk_tokens >= 1, cloud_timeout_s > 0")
-        if not 0 < self.tau_min_ms <= self.tpot_max_ms:
-            raise ConfigError("need 0 < tau_min_ms <= tpot_max_ms")
+        if not 0 < self.tau_min_ms <= self.tpot_max_ms - self.display_margin_ms:
+            raise ConfigError("need 0 < tau_min_ms <= tpot_max_ms - display_margin_ms")
+        if self.display_margin_ms < 0:
+            raise ConfigError("need display_margin_ms >= 0")
 
 
 class DeviceServicer(pb_grpc.DeviceServiceServicer):
@@ -111,8 +116,10 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         if mode != pb.DEVICE_MODE_DEVICE_ONLY and self.stub is None:
             raise InvalidArgument("this device has no cloud configured (--cloud-address); "
                                   "use mode device_only", reason="NO_CLOUD")
+        pace_max = max(cfg.tau_min_ms, (request.tpot_max_ms or cfg.tpot_max_ms)
+                       - cfg.display_margin_ms)
         c = Constraints(ttft_target_ms=request.ttft_target_ms or cfg.ttft_target_ms,
-                        tpot_max_ms=request.tpot_max_ms or cfg.tpot_max_ms,
+                        tpot_max_ms=pace_max,
                         min_quality=request.min_quality or cfg.min_quality,
                         tau_min_ms=cfg.tau_min_ms, quality=self.planner.constraints.quality)
         plan = self.planner.plan(n, max_tokens, c)
@@ -126,14 +133,18 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         tau = request.tau_ms or (plan.tau_ms if mode == pb.DEVICE_MODE_PD_DEVICE and
                                  plan.mode == "pd_device" else own)
         tau = min(max(tau, cfg.tau_min_ms), c.tpot_max_ms)
+        # device_only shows local tokens as they come (gain 0): nothing to smooth.
         ctl = ControllerConfig(tau_ms=tau, tau_min_ms=cfg.tau_min_ms,
-                               tau_max_ms=max(tau, c.tpot_max_ms))
+                               tau_max_ms=max(tau, c.tpot_max_ms),
+                               gain=0.0 if mode == pb.DEVICE_MODE_DEVICE_ONLY
+                               else ControllerConfig.gain)
+        local = min(max(self.planner.profiles.device_tpot_ms, cfg.tau_min_ms), c.tpot_max_ms)
         budget = request.token_budget or (plan.n_budget if plan.mode == "pd_device"
                                           else max_tokens)
         return RunSettings(mode=mode, max_tokens=max_tokens, n_budget=min(budget, max_tokens),
                            rho=request.refine_ratio or plan.rho, tau_ms=tau,
                            chunk_tokens=cfg.chunk_tokens, cloud_timeout_s=cfg.cloud_timeout_s,
-                           rtt_ms=cfg.wan_rtt_ms, controller=ctl)
+                           rtt_ms=cfg.wan_rtt_ms, controller=ctl, local_pace_ms=local)
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[pb.ChatResponse]:
@@ -197,7 +208,8 @@ async def start(cfg: DeviceConfig) -> tuple[ServiceRuntime, DeviceServicer, WanR
     await thread.run(engine.warmup)
     profile = load_plan_profile(cfg.plan_profile) if cfg.plan_profile else \
         {"device": await thread.run(_device_curve, cfg, engine)}
-    constraints = Constraints(ttft_target_ms=cfg.ttft_target_ms, tpot_max_ms=cfg.tpot_max_ms,
+    constraints = Constraints(ttft_target_ms=cfg.ttft_target_ms,
+                              tpot_max_ms=cfg.tpot_max_ms - cfg.display_margin_ms,
                               min_quality=cfg.min_quality, tau_min_ms=cfg.tau_min_ms)
     planner = Planner(profile, cfg.wan_rtt_ms, cfg.wan_bandwidth_mbps, cfg.chunk_tokens,
                       constraints)

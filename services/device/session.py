@@ -56,6 +56,10 @@ class RunSettings:
     cloud_timeout_s: float = 10.0
     rtt_ms: float = 0.0
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    # Pace of the device's own tokens after the hand-off (0: keep the plan's pace). The
+    # plan's slow pace only exists to give the catch-up prefill time; once it is done,
+    # the display can step down to the device's TPOT.
+    local_pace_ms: float = 0.0
 
 
 class ChatRun:
@@ -249,6 +253,9 @@ class ChatRun:
             self._src.pop()
         self.dropped += len(dropped)
         self._stop_cloud()
+        if self.s.local_pace_ms > 0:
+            # Local tokens come at a steady rate: no network jitter for a buffer to absorb.
+            self.ctl.retarget(self.s.local_pace_ms, gain=0.0)
         total = c
         while total < self.s.max_tokens:
             rec.device_token(pred)

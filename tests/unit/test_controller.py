@@ -93,3 +93,32 @@ def test_display_never_runs_ahead_of_the_planned_pace() -> None:
     cfg = ControllerConfig(tau_ms=30.0)
     g = gaps(simulate([i * 5.0 for i in range(100)], cfg))
     assert min(g) >= 30.0 - 1e-9
+
+
+def test_retarget_steps_down_to_the_local_pace_smoothly() -> None:
+    # Before the hand-off the plan paces at 48 ms; afterwards the device's own tokens come
+    # every 35 ms and the display steps down to them, at most step_ms per token.
+    cfg = ControllerConfig(tau_ms=48.0, tau_max_ms=48.0, step_ms=5.0)
+    ctl = SpeedController(cfg)
+    shown: list[float] = []
+    t = 0.0
+    for i in range(10):  # cloud tokens, all in hand
+        ctl.push(i, t)
+    while ctl.buffered:
+        due = ctl.next_release()
+        assert due is not None
+        shown.extend(d for _, d in ctl.pop_due(due))
+    ctl.retarget(35.0, gain=0.0)
+    t = shown[-1]
+    for i in range(30):  # local tokens at the device's TPOT
+        t += 35.0
+        ctl.push(100 + i, t)
+        while (due := ctl.next_release()) is not None and due <= t:
+            shown.extend(d for _, d in ctl.pop_due(due))
+    while (due := ctl.next_release()) is not None:
+        shown.extend(d for _, d in ctl.pop_due(due))
+    g = gaps(shown)
+    assert max(g) <= 48.0 + 1e-9
+    assert all(abs(b - a) <= 5.0 + 1e-9 for a, b in itertools.pairwise(g[:12]))
+    assert g[-1] == pytest.approx(35.0)
+    assert ctl.cfg.gain == 0.0 and ctl.cfg.tau_ms == 35.0
