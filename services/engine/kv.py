@@ -1,7 +1,8 @@
 """A request's KV as one contiguous buffer (see ``services.common.kvlayout``).
 
 ``pack_kv`` copies each layer's K and V into one preallocated buffer: one copy,
-laid out layer-major so a layer can be sent on its own. ``unpack_kv`` returns
+laid out layer-major so a layer can be sent on its own (``LayerPacker`` does it layer
+by layer during the forward, for per-layer transfer). ``unpack_kv`` returns
 per-layer tensors that are views into the received buffer (no copy) and
 rebuilds a transformers ``DynamicCache`` from them.
 """
@@ -44,6 +45,31 @@ def pack_kv(
         meta = KvMeta(**{**meta.__dict__, "payload_crc32": payload_crc32(buf[HEADER_BYTES:])})
     buf[:HEADER_BYTES] = np.frombuffer(encode_header(meta), dtype=np.uint8)
     return meta, buf
+
+
+class LayerPacker:
+    """Packs a prefill's cache into the transfer buffer one layer at a time, as each
+    decoder layer finishes (per-layer transfer: ``transport.layers``). The bytes are the
+    ones ``pack_kv`` writes; the header goes in last (``header``), with the crc32 that the
+    sender computed over the layers it sent."""
+
+    def __init__(self, meta: KvMeta) -> None:
+        self.meta = meta
+        self.buf = np.empty(meta.total_nbytes, dtype=np.uint8)
+        payload = torch.from_numpy(self.buf[HEADER_BYTES:]).view(_TORCH_DTYPES[meta.dtype])
+        self._payload = payload.view(meta.num_layers, 2, meta.num_kv_heads, meta.num_tokens,
+                                     meta.head_dim)
+
+    def __call__(self, layer: int, cache: DynamicCache) -> None:
+        kv = cache.layers[layer]
+        self._payload[layer, 0].copy_(kv.keys[0])
+        self._payload[layer, 1].copy_(kv.values[0])
+
+    def header(self, crc: int) -> bytes:
+        self.meta = KvMeta(**{**self.meta.__dict__, "payload_crc32": crc})
+        raw = encode_header(self.meta)
+        self.buf[:HEADER_BYTES] = np.frombuffer(raw, dtype=np.uint8)
+        return raw
 
 
 def unpack_kv(

@@ -1,6 +1,7 @@
 """``ModelRunner``: one loaded causal LM, and the two operations the workers need.
 
-- ``prefill``: run the prompt, sample the first token, return it with the KV cache.
+- ``prefill``: run the prompt, sample the first token, return it with the KV cache
+  (``on_layer`` sees each layer's KV as soon as it is computed: per-layer transfer).
   With ``attach_prefix_cache`` it first reuses the KV of the longest cached prefix
   (``engine.prefix``) and computes only the rest; the returned cache is still whole.
 - ``decode_step``: feed one token through a request's cache, sample the next.
@@ -14,9 +15,11 @@ so concurrent requests interleave step by step instead of oversubscribing cores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from services.common.kvlayout import KvMeta
 from services.common.modelinfo import ModelInfo, fingerprint
-from services.engine.kv import cache_from_layers, pack_kv, unpack_kv
+from services.engine.kv import _NAMES, LayerPacker, cache_from_layers, pack_kv, unpack_kv
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
 from services.engine.prefix import PrefixCache, chain_hashes
@@ -54,11 +57,40 @@ class ModelRunner:
         return self.prefix
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], params: Sampling,
-                reuse_prefix: bool = True) -> tuple[int, DynamicCache]:
+    def prefill(self, token_ids: list[int], params: Sampling, reuse_prefix: bool = True,
+                on_layer: Callable[[int, DynamicCache], None] | None = None,
+                ) -> tuple[int, DynamicCache]:
         """``reuse_prefix=False``: compute the whole prompt (still fills the prefix cache),
-        for callers that hook the prompt's forward pass (P/D-Device's refine probe)."""
+        for callers that hook the prompt's forward pass (P/D-Device's refine probe).
+        ``on_layer(i, cache)`` runs as soon as decoder layer i has finished: its K/V in
+        ``cache`` are final (per-layer transfer)."""
+        if on_layer is not None:
+            with self._layer_hooks(on_layer) as cache:
+                return self._prefill(token_ids, params, reuse_prefix, cache)
+        return self._prefill(token_ids, params, reuse_prefix, DynamicCache(config=self.config))
+
+    @contextlib.contextmanager
+    def _layer_hooks(self, on_layer: Callable[[int, DynamicCache], None],
+                     ) -> Iterator[DynamicCache]:
         cache = DynamicCache(config=self.config)
+        handles = [layer.register_forward_hook(
+            lambda _m, _a, _o, i=i: on_layer(i, cache))
+            for i, layer in enumerate(self.model.model.layers)]
+        try:
+            yield cache
+        finally:
+            for h in handles:
+                h.remove()
+
+    def layer_packer(self, num_tokens: int, checksum: bool) -> LayerPacker:
+        """A transfer buffer for ``num_tokens`` tokens, packed layer by layer (``on_layer``)."""
+        i = self.info
+        meta = KvMeta(_NAMES[self.model.dtype], i.num_layers, i.num_kv_heads, i.head_dim,
+                      num_tokens, self.fingerprint, -1 if not checksum else 0)
+        return LayerPacker(meta)
+
+    def _prefill(self, token_ids: list[int], params: Sampling, reuse_prefix: bool,
+                 cache: DynamicCache) -> tuple[int, DynamicCache]:
         hashes: list[bytes] = []
         done = 0
         if self.prefix is not None and reuse_prefix:

@@ -23,7 +23,8 @@ import numpy as np
 class Segment:
     """One staged buffer: ``array`` is the bytes; ``fd`` is its memfd or -1. ``base`` is
     the whole mapping (a pooled segment may be larger than the request); ``shared`` is set
-    once its memfd went to a consumer, which then maps these pages: it is never reused."""
+    while its memfd is out with a peer, and stays set if a consumer may still map these
+    pages: it is then never reused."""
 
     array: np.ndarray
     fd: int = -1
@@ -72,14 +73,18 @@ class SegmentPool:
     """Reuses memfd segments so a push writes into pages that are already mapped.
 
     A fresh buffer costs a page fault per 4 KiB on first write (here ~3.9 GB/s against
-    ~13.8 GB/s for a warm copy). Sizes are rounded up to ``granule`` bytes; idle segments
-    are kept up to ``max_idle_bytes``, oldest first out. A segment whose memfd went to a
-    consumer (``shared``) is closed, never reused: the consumer maps it.
+    ~13.8 GB/s for a warm copy). Sizes are rounded up to ``granule`` bytes, and a request
+    takes the smallest idle segment of up to ``slack`` x its size; idle segments are kept
+    up to ``max_idle_bytes``, oldest first out. A segment whose memfd a consumer may still
+    map (``shared``: it did not confirm it had copied out and unmapped) is closed, never
+    reused.
     """
 
     def __init__(self, allocate: Callable[[int], Segment] = memfd_segment,
-                 max_idle_bytes: int = 1 << 30, granule: int = 2 << 20) -> None:
+                 max_idle_bytes: int = 1 << 30, granule: int = 2 << 20,
+                 slack: float = 1.25) -> None:
         self._allocate = allocate
+        self.slack = slack
         self.max_idle_bytes = max_idle_bytes
         self.granule = granule
         self._idle: OrderedDict[int, list[Segment]] = OrderedDict()
@@ -91,9 +96,15 @@ class SegmentPool:
 
     def allocate(self, nbytes: int) -> Segment:
         size = self._size_class(nbytes)
-        free = self._idle.get(size)
-        if free:
+        # Best fit among idle classes up to ``slack`` x the size: prompts vary in length,
+        # and an exact class alone would rarely be warm.
+        fits = [s for s in self._idle if size <= s <= size * self.slack]
+        if fits:
+            size = min(fits)
+            free = self._idle[size]
             seg = free.pop()
+            if not free:
+                del self._idle[size]
             self.idle_bytes -= size
             self.reused += 1
         else:

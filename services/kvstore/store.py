@@ -187,15 +187,26 @@ class KvStore:
         entry = self.entries.get(handle)
         return entry.generation if entry is not None else 0
 
-    def end_get(self, handle: str, ok: bool) -> None:
+    def end_get(self, handle: str, ok: bool, lend: bool = False) -> Segment | None:
+        """``lend``: a consumer still maps the buffer (shm); a successful fetch then returns
+        its segment, which the caller hands back with ``give_back`` once the consumer is
+        done with it (the entry is CONSUMED either way)."""
         entry = self.entries.get(handle)
         if entry is None:
-            return
+            return None
         entry.fetching = False
+        lent = None
         if ok:
             self.counters.bytes_out_total += entry.nbytes
+            if lend:
+                lent, entry.segment = entry.segment, None
             self._drop(entry, State.CONSUMED)
         # On failure the entry stays READY, so the consumer may retry within its lease.
+        return lent
+
+    def give_back(self, segment: Segment) -> None:
+        """A lent segment the consumer is done with: pooled, or closed if still shared."""
+        self.recycle(segment)
 
     # -- control ------------------------------------------------------------------------------
     def release(self, handle: str, request_id: str) -> State | None:

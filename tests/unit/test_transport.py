@@ -4,6 +4,7 @@ transfer modes, negotiation, fallback to tcp, fault injection, zero leaked bytes
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,12 +13,19 @@ import pytest
 
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.kvlayout import HEADER_BYTES
+from services.common.kvlayout import HEADER_BYTES, KvMeta, encode_header, verify
 from services.common.runtime import host_id
-from services.common.transport import DataServer, KvTransferConfig, pull_kv, push_kv
+from services.common.transport import (
+    DataServer,
+    KvTransferConfig,
+    fetch_kv,
+    pull_kv,
+    push_kv,
+)
 from services.common.transport.faults import Faults
 from services.common.transport.negotiate import STATS, block_bytes, plan
-from services.kvstore.memory import memfd_segment
+from services.common.transport.shm import MAPPINGS
+from services.kvstore.memory import SegmentPool, memfd_segment
 from services.kvstore.store import KvStore
 
 pytestmark = pytest.mark.unit
@@ -214,3 +222,143 @@ async def test_client_killed_mid_push_frees_at_once(node: Node) -> None:
             break
         await asyncio.sleep(0.01)
     assert node.store.bytes_held == 0 and node.store.counters.aborted_total == 1
+
+
+@pytest.fixture()
+async def pooled() -> AsyncIterator[tuple[Node, SegmentPool]]:
+    """A node whose kvstore pools its memfds, as the kvstore process does."""
+    pool = SegmentPool(granule=4096)
+    store = KvStore(1 << 30, 30.0, allocate=pool.allocate, recycle=pool.recycle)
+    server = DataServer(store, max_transfer_s=5.0)
+    port = await server.start("127.0.0.1", 0, shm=True)
+    eps = [common_pb2.KvEndpoint(transport="shm", address=server.unix_path, protocol="memfd",
+                                 host_id=host_id()),
+           common_pb2.KvEndpoint(transport="tcp", address=f"127.0.0.1:{port}", protocol="tcp")]
+    yield Node(store, server, eps), pool
+    await server.close()
+    assert store.bytes_held == 0, "KV bytes leaked"
+    pool.close()
+
+
+async def _staged(node: Node, rid: str, data: np.ndarray) -> common_pb2.KvRef:
+    e = node.store.reserve(rid, data.nbytes)
+    res = Reservation(e.handle, node.endpoints[-1].address, node.endpoints)
+    await push_kv(KvTransferConfig(), res, rid, memoryview(data), TOKENS)
+    return common_pb2.KvRef(handle=e.handle, endpoints=node.endpoints, nbytes=data.nbytes)
+
+
+async def test_shm_fetch_released_after_copy_out_goes_back_to_the_pool(
+        pooled: tuple[Node, SegmentPool]) -> None:
+    node, pool = pooled
+    data = _data(1 << 20)
+    hits = MAPPINGS.hits
+    for i in range(3):
+        kv = await _staged(node, f"p{i}", data)
+        async with await fetch_kv(KvTransferConfig(), kv, f"p{i}") as f:
+            assert f.result.transport == "shm"
+            out = np.frombuffer(f.view, dtype=np.uint8).copy()  # the restore's copy
+        assert out.tobytes() == data.tobytes()
+        assert node.server.counters["shm.get.released"] == i + 1
+    # Each push after the first lands in the pooled memfd, through the cached mapping.
+    assert pool.reused == 2 and MAPPINGS.hits - hits == 2
+    assert node.store.bytes_held == 0 and pool.idle_bytes > 0
+
+
+async def test_shm_fetch_cancelled_mid_restore_is_never_reused(
+        pooled: tuple[Node, SegmentPool]) -> None:
+    node, pool = pooled
+    data = _data(1 << 20)
+    kv = await _staged(node, "c", data)
+    reader = asyncio.Event()
+
+    async def restore() -> None:
+        async with await fetch_kv(KvTransferConfig(), kv, "c"):
+            reader.set()
+            await asyncio.sleep(30)  # a restore still running when the call is cancelled
+
+    task = asyncio.create_task(restore())
+    await reader.wait()
+    assert node.store.bytes_held == 0  # CONSUMED once mapped; the pages are lent out
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _settle(node, "shm.get.unreleased")
+    assert pool.idle_bytes == 0 and pool.reused == 0  # closed, not pooled
+
+
+async def test_shm_fetch_still_referenced_at_release_is_never_reused(
+        pooled: tuple[Node, SegmentPool]) -> None:
+    node, pool = pooled
+    data = _data(1 << 20)
+    kv = await _staged(node, "k", data)
+    async with await fetch_kv(KvTransferConfig(), kv, "k") as f:
+        kept = np.frombuffer(f.view, dtype=np.uint8)  # outlives the release
+    assert node.server.counters["shm.get.unreleased"] == 1
+    assert kept[:64].tobytes() == data[:64].tobytes()
+    assert pool.idle_bytes == 0 and node.store.bytes_held == 0
+    view, _ = await pull_kv(KvTransferConfig(), await _staged(node, "m", data), "m")
+    await _settle(node, "shm.get.ok")
+    for _ in range(100):
+        if node.server.counters["shm.get.unreleased"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.idle_bytes == 0  # a kept mapping (pull_kv) is never reused either
+    del kept, view
+
+
+def _kv_buffer(layers: int = 4) -> tuple[np.ndarray, KvMeta]:
+    meta = KvMeta("float32", num_layers=layers, num_kv_heads=2, head_dim=8, num_tokens=TOKENS,
+                  fingerprint="f")
+    buf = _data(meta.total_nbytes)
+    return buf, meta
+
+
+async def test_layered_push_sends_layers_during_compute_and_the_header_last(node: Node) -> None:
+    from services.common.transport.layers import LayerPush
+
+    want, meta = _kv_buffer()
+    cfg = KvTransferConfig(kv_transports="tcp", kv_layer_overlap=True)
+    e = node.store.reserve("lay", want.nbytes)
+    res = Reservation(e.handle, node.endpoints[-1].address, node.endpoints)
+    buf = np.zeros_like(want)
+    push = await LayerPush.open(cfg, res, "lay", buf, meta.num_layers, True, host_id())
+    assert push is not None
+
+    def compute() -> None:  # the model thread: each layer lands, then is announced
+        for i in range(meta.num_layers):
+            off = meta.layer_offset(i)
+            buf[off : off + meta.layer_nbytes] = want[off : off + meta.layer_nbytes]
+            push.layer_done(i)
+
+    await asyncio.to_thread(compute)
+
+    def header(crc: int) -> bytes:
+        raw = encode_header(KvMeta(**{**meta.__dict__, "payload_crc32": crc}))
+        buf[:HEADER_BYTES] = np.frombuffer(raw, dtype=np.uint8)
+        return raw
+
+    result = await push.finish(header)
+    assert result.transport == "tcp" and not result.fallback
+    assert node.server.counters["tcp.put.layered"] == 1
+    kv = common_pb2.KvRef(handle=e.handle, endpoints=node.endpoints, nbytes=buf.nbytes)
+    view, _ = await pull_kv(cfg, kv, "lay")
+    assert verify(view, "f").payload_crc32 == zlib.crc32(want[HEADER_BYTES:])
+    assert bytes(view[HEADER_BYTES:]) == want[HEADER_BYTES:].tobytes()
+
+
+async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> None:
+    from services.common.transport.layers import LayerPush
+
+    buf, meta = _kv_buffer()
+    e = node.store.reserve("ab", buf.nbytes)
+    res = Reservation(e.handle, node.endpoints[-1].address, node.endpoints)
+    cfg = KvTransferConfig(kv_layer_overlap=True)
+    assert await LayerPush.open(cfg, res, "ab", buf, meta.num_layers, True, host_id()) is None
+    push = await LayerPush.open(KvTransferConfig(kv_transports="tcp"), res, "ab", buf,
+                                meta.num_layers, True, host_id())
+    assert push is not None
+    push.layer_done(0)
+    await asyncio.sleep(0.05)
+    push.abort()  # compute failed: the connection closes mid-stream
+    await _settle(node, "tcp.put.failed")
+    node.store.release(e.handle, "ab")  # what prefill does on failure

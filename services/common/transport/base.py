@@ -5,6 +5,10 @@ pushing, decode pulling) and the kvstore's data server, after one metadata
 exchange. The server side (``server.DataServer``) delegates buffer ownership to a
 ``DataHandler`` (the kvstore's lifecycle), so a transport never decides when bytes are
 freed.
+
+A fetch can also hold the staged buffer until the caller has copied it out
+(``open_get`` -> ``KvLease``): shm uses that to let the kvstore reuse the pages only
+once the decode no longer reads them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,24 @@ class TransferError(Exception):
         return self.status not in FINAL_STATUSES
 
 
+class KvLease:
+    """A fetched KV buffer the caller reads in place. ``release`` once it is copied out
+    (the kvstore may then reuse the memory); ``abort`` when that is in doubt (cancelled
+    while a thread may still read it): the memory is then never reused.
+
+    Transports that copy into a private buffer (tcp, rdma) return a lease whose release
+    and abort do nothing."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    async def release(self, timeout_s: float = 5.0) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
 class KvTransport(ABC):
     """Client side of a data channel. ``address`` is the endpoint's address for this
     transport (host:port for tcp and rdma's control, a Unix socket path for shm)."""
@@ -68,3 +90,8 @@ class KvTransport(ABC):
     async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
                   block_bytes: int = 0) -> memoryview:
         """Fetch the staged buffer of ``handle`` (single consumer)."""
+
+    async def open_get(self, address: str, handle: str, request_id: str, flags: int = 0,
+                       block_bytes: int = 0) -> KvLease:
+        """Fetch and hold: the lease says when the staged memory may be reused."""
+        return KvLease(await self.get(address, handle, request_id, flags, block_bytes))

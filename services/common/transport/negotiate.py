@@ -35,7 +35,7 @@ from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header
 from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
-from services.common.transport.base import KvTransport, TransferError
+from services.common.transport.base import KvLease, KvTransport, TransferError
 from services.common.transport.config import KvTransferConfig
 from services.common.transport.rdma import (
     RdmaTransport,
@@ -106,9 +106,9 @@ def client_transports(cfg: KvTransferConfig) -> tuple[str, ...]:
     return tuple(t for t in cfg.transports if ok[t])
 
 
-def client_for(transport: str) -> KvTransport:
+def client_for(transport: str, cfg: KvTransferConfig | None = None) -> KvTransport:
     if transport == "shm":
-        return ShmTransport()
+        return ShmTransport(cfg.kv_shm_map_cache_mb << 20 if cfg is not None else None)
     if transport == "rdma":
         return RdmaTransport()
     if transport == "tcp":
@@ -167,7 +167,8 @@ def block_bytes(cfg: KvTransferConfig, data: memoryview, num_tokens: int) -> int
 
 async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], handle: str,
                 request_id: str, data: memoryview | None, block: int,
-                timeout_s: float | None, push: bool) -> tuple[memoryview | None, TransferResult]:
+                timeout_s: float | None, push: bool,
+                hold: bool = False) -> tuple[KvLease | None, TransferResult]:
     from services.common.runtime import host_id
 
     budget = min(cfg.kv_transfer_timeout_s, timeout_s) if timeout_s else cfg.kv_transfer_timeout_s
@@ -180,7 +181,7 @@ async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], h
     attempts = [(best, 0)] + ([(fallback, FLAG_FALLBACK)] if fallback is not None else [])
     first_error = ""
     for i, (ep, flags) in enumerate(attempts):
-        client = client_for(ep.transport)
+        client = client_for(ep.transport, cfg)
         left = budget - (time.monotonic() - t0)
         # The first attempt keeps half the budget back for the fallback.
         limit = left / 2 if (i == 0 and len(attempts) > 1) else left
@@ -193,8 +194,10 @@ async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], h
                     assert data is not None
                     await client.put(ep.address, handle, request_id, data, flags, blk)
                     out = None
+                elif hold:
+                    out = await client.open_get(ep.address, handle, request_id, flags, blk)
                 else:
-                    out = await client.get(ep.address, handle, request_id, flags, blk)
+                    out = KvLease(await client.get(ep.address, handle, request_id, flags, blk))
         except (TransferError, TimeoutError) as e:
             timed_out = isinstance(e, TimeoutError)
             msg = (f"{ep.transport} {what} timed out after {limit:.2f} s" if timed_out
@@ -237,8 +240,8 @@ async def push_kv(cfg: KvTransferConfig, reservation: object, request_id: str,
     return result
 
 
-async def pull_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
-                  timeout_s: float | None = None) -> tuple[memoryview, TransferResult]:
+async def _pull(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
+                timeout_s: float | None, hold: bool) -> tuple[KvLease, TransferResult]:
     """Fetch a staged KV buffer (single consumer) on the best path, with fallback."""
     eps = endpoints_of(list(kv.endpoints), kv.data_address)
     if not eps:
@@ -247,11 +250,57 @@ async def pull_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
     # A fetch asks for blocks of this many tokens; the kvstore sizes the pages from the
     # staged header (it knows the layer count) and says so in its answer.
     block = cfg.kv_block_tokens if cfg.kv_transfer_mode == "block" else 0
-    view, result = await _move(cfg, eps, kv.handle, request_id, None, block, timeout_s,
-                               push=False)
-    assert view is not None
-    return view, result
+    lease, result = await _move(cfg, eps, kv.handle, request_id, None, block, timeout_s,
+                                push=False, hold=hold)
+    assert lease is not None
+    return lease, result
 
 
-__all__ = ["STATS", "TransferResult", "TransferStats", "block_bytes", "client_transports",
-           "plan", "pull_kv", "push_kv", "transfer_load"]
+async def pull_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
+                  timeout_s: float | None = None) -> tuple[memoryview, TransferResult]:
+    """Fetch a staged KV buffer (single consumer) on the best path, with fallback. The
+    caller keeps the view; over shm it is a mapping the kvstore then never reuses (see
+    ``fetch_kv`` for the pooled variant)."""
+    lease, result = await _pull(cfg, kv, request_id, timeout_s, hold=False)
+    return lease.view, result
+
+
+@dataclass
+class KvFetch:
+    """A fetched KV held until its reader has copied it out (``fetch_kv``).
+
+    ``async with`` it around the copy (decode's RecvScatter): a normal exit, or an
+    ordinary exception (the copy finished or never started), releases it, so the
+    kvstore may reuse the memory. Cancellation aborts instead: the copy may still run
+    on a thread, so the kvstore closes that memory rather than reuse it."""
+
+    view: memoryview
+    result: TransferResult
+    lease: KvLease
+
+    async def __aenter__(self) -> KvFetch:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: object,
+                        tb: object) -> None:
+        if exc_type is None or issubclass(exc_type, Exception):
+            await self.release()
+        else:
+            self.lease.abort()
+
+    async def release(self) -> None:
+        self.view = memoryview(b"")  # drop our reference before the lease unmaps
+        await asyncio.shield(self.lease.release())
+
+
+async def fetch_kv(cfg: KvTransferConfig, kv: common_pb2.KvRef, request_id: str,
+                   timeout_s: float | None = None) -> KvFetch:
+    """Fetch a staged KV buffer and hold it until ``KvFetch`` is released: over shm the
+    decode reads the kvstore's pages in place, and they go back to the kvstore's pool
+    once it has copied them out. Use ``async with (await fetch_kv(...)) as f:``."""
+    lease, result = await _pull(cfg, kv, request_id, timeout_s, hold=True)
+    return KvFetch(lease.view, result, lease)
+
+
+__all__ = ["STATS", "KvFetch", "TransferResult", "TransferStats", "block_bytes",
+           "client_transports", "fetch_kv", "plan", "pull_kv", "push_kv", "transfer_load"]

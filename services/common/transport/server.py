@@ -1,8 +1,12 @@
 """The kvstore's data server: one listener per transport, one lifecycle (the handler).
 
-  tcp   a TCP socket: PUT/GET (and the block-fixed variants) with the bytes inline,
-        and the control exchange of PUT_RDMA/GET_RDMA (bytes through Mooncake);
+  tcp   a TCP socket: PUT/GET (and the block-fixed variants, and PUT_LAYERS: per-layer
+        transfer) with the bytes inline, and the control exchange of PUT_RDMA/GET_RDMA
+        (bytes through Mooncake);
   shm   a Unix socket in a private temp dir: PUT_SHM/GET_SHM pass the buffer's memfd.
+        A GET_SHM's entry is CONSUMED once the decode has mapped it; the connection then
+        stays open until the decode says it has copied the KV out (RELEASED), and only
+        then does the memfd go back to the pool.
 
 Every transfer is bounded by ``max_transfer_s``: a peer that stalls or vanishes ends its
 transfer (and a push returns its bytes to the lifecycle) instead of holding them. Fault
@@ -30,6 +34,7 @@ from services.common.transport.faults import Faults
 from services.common.transport.shm import send_fd
 from services.common.transport.tcp import recv_blocks, send_blocks
 from services.common.transport.wire import (
+    DONE_RELEASED,
     FLAG_FALLBACK,
     FLAG_RETRYABLE,
     MAGIC,
@@ -60,6 +65,8 @@ class Segmented(Protocol):
     fd: int
     shared: bool
 
+    def close(self) -> None: ...
+
 
 class DataHandler(Protocol):
     """What the server needs from the kvstore's lifecycle (``KvStore`` implements it)."""
@@ -71,7 +78,9 @@ class DataHandler(Protocol):
 
     def begin_get(self, handle: str, request_id: str) -> memoryview: ...
 
-    def end_get(self, handle: str, ok: bool) -> None: ...
+    def end_get(self, handle: str, ok: bool, lend: bool = False) -> Segmented | None: ...
+
+    def give_back(self, segment: Segmented) -> None: ...
 
     def segment_of(self, handle: str) -> Segmented | None: ...
 
@@ -130,7 +139,7 @@ class DataServer:
     async def _serve(self, conn: socket.socket, kind: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.max_transfer_s):
+            async with asyncio.timeout(self.max_transfer_s) as bound:
                 raw = await recv_exact(loop, conn, REQ.size)
                 magic, version, op, flags, handle_b, rid_len, nbytes, block = REQ.unpack(raw)
                 if magic != MAGIC or version != VERSION or op not in Op._value2member_map_:
@@ -149,20 +158,26 @@ class DataServer:
                     return  # injected: the fast path dies before any byte moves
                 request_id = (await recv_exact(loop, conn, rid_len)).decode(errors="replace")
                 handle = handle_b.hex()
-                put = op in (Op.PUT, Op.PUT_BLOCKS, Op.PUT_SHM, Op.PUT_RDMA)
+                put = op in (Op.PUT, Op.PUT_BLOCKS, Op.PUT_SHM, Op.PUT_RDMA, Op.PUT_LAYERS)
+                lent: Segmented | None = None
                 key = f"{transport}.{'put' if put else 'get'}"
                 if flags & FLAG_FALLBACK:
                     self.counters[f"{key}.fallback"] += 1
+                if op is Op.PUT_LAYERS:
+                    self.counters[f"{key}.layered"] += 1
                 try:
                     if put:
                         await self._put(loop, conn, op, transport, handle, request_id, nbytes,
-                                        block, flags)
+                                        block, flags, bound)
                     else:
-                        await self._get(loop, conn, op, transport, handle, request_id, block)
+                        lent = await self._get(loop, conn, op, transport, handle, request_id,
+                                               block)
                 except BaseException:
                     self.counters[f"{key}.failed"] += 1
                     raise
                 self.counters[f"{key}.ok"] += 1
+                if lent is not None:
+                    await self._until_released(loop, conn, lent)
         except (TransferError, OSError, TimeoutError) as e:
             log.info("data channel transfer ended early: %s", e or "timed out")
         finally:
@@ -171,7 +186,12 @@ class DataServer:
     # -- push ---------------------------------------------------------------------------------
     async def _put(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
                    transport: str, handle: str, request_id: str, nbytes: int, block: int,
-                   flags: int) -> None:
+                   flags: int, bound: asyncio.Timeout) -> None:
+        if op is Op.PUT_LAYERS and (block <= 0 or nbytes <= HEADER_BYTES
+                                    or (nbytes - HEADER_BYTES) % block):
+            await loop.sock_sendall(conn, pack_resp(
+                Status.PROTOCOL, 0, f"{nbytes} bytes are not whole layers of {block}"))
+            return
         try:
             target = self._handler.begin_put(handle, request_id, nbytes, takeover=True)
         except TransferError as e:
@@ -192,7 +212,8 @@ class DataServer:
                 await self._serve_rdma(loop, conn, target, "put", transport)
             else:
                 await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes))
-                await self._recv_payload(loop, conn, target, block, transport)
+                layered = bound if op is Op.PUT_LAYERS else None
+                await self._recv_payload(loop, conn, target, block, transport, layered)
             ok = True
         finally:
             if self._pushes.get(handle) is me:
@@ -207,7 +228,10 @@ class DataServer:
             await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes))
 
     async def _recv_payload(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                            target: memoryview, block: int, transport: str) -> None:
+                            target: memoryview, block: int, transport: str,
+                            layered: asyncio.Timeout | None = None) -> None:
+        """``layered``: a PUT_LAYERS, whose payload comes layer by layer as prefill computes
+        (each layer gets a fresh transfer bound) and whose header comes last."""
         half = len(target) // 2
         if self.faults.take("drop_put", transport):
             await recv_into(loop, conn, target[:half])
@@ -215,20 +239,29 @@ class DataServer:
         if self.faults.take("stall_put", transport):
             await recv_into(loop, conn, target[:half])
             await self._until_closed(loop, conn)
-        if block:
+        if layered is not None:
+            for off in range(HEADER_BYTES, len(target), block):
+                await recv_into(loop, conn, target[off : off + block])
+                layered.reschedule(loop.time() + self.max_transfer_s)
+            await recv_into(loop, conn, target[:HEADER_BYTES])
+        elif block:
             await recv_blocks(loop, conn, target, block)
         else:
             await recv_into(loop, conn, target)
 
     # -- fetch --------------------------------------------------------------------------------
     async def _get(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
-                   transport: str, handle: str, request_id: str, block: int) -> None:
+                   transport: str, handle: str, request_id: str,
+                   block: int) -> Segmented | None:
+        """Serve one fetch; returns the memfd segment a shm consumer still maps (its
+        entry is CONSUMED; the caller waits for the release), else None."""
         try:
             source = self._handler.begin_get(handle, request_id)
         except TransferError as e:
             await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
-            return
+            return None
         ok = False
+        lent: Segmented | None = None
         try:
             self._maybe_corrupt(source, transport)
             if op is Op.GET_SHM:
@@ -252,10 +285,36 @@ class DataServer:
                     await loop.sock_sendall(conn, source)
             ok = True
         finally:
-            self._handler.end_get(handle, ok)
-        if op in (Op.GET_SHM, Op.GET_RDMA):
-            with contextlib.suppress(OSError):
+            lent = self._handler.end_get(handle, ok, lend=op is Op.GET_SHM)
+        try:
+            if op in (Op.GET_SHM, Op.GET_RDMA):
                 await loop.sock_sendall(conn, pack_resp(Status.OK, len(source)))
+        except BaseException as e:
+            if lent is not None:
+                self._handler.give_back(lent)  # the consumer is gone: shared, so closed
+            if isinstance(e, OSError):
+                return None
+            raise
+        return lent
+
+    async def _until_released(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                              seg: Segmented) -> None:
+        """A shm consumer maps the segment until its restore has copied the KV out; then it
+        says RELEASED and the pool may reuse the pages. Anything else (the decode was
+        cancelled or died, the transfer bound ran out) leaves the segment shared: it is
+        closed, never reused under a reader that may still be live."""
+        try:
+            released, _ = await read_resp(loop, conn, "client")
+            if released == DONE_RELEASED:
+                seg.shared = False
+        except (TransferError, OSError) as e:
+            log.info("shm consumer ended without releasing its mapping: %s", e)
+        finally:
+            # Counted either way: "released" went back to the pool, "unreleased" was closed.
+            self.counters["shm.get.released" if not seg.shared else "shm.get.unreleased"] += 1
+            self._handler.give_back(seg)
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(conn, pack_resp(Status.OK))
 
     def _maybe_corrupt(self, source: memoryview, transport: str) -> None:
         if self.faults.take("corrupt_header", transport):
@@ -289,9 +348,11 @@ class DataServer:
         seg.shared = True  # another process may map these pages from now on
         await send_fd(loop, conn, RESP.pack(Status.OK, nbytes, 0), seg.fd)
         await self._maybe_stall_or_drop(loop, conn, direction, transport)
-        await read_resp(loop, conn, "client")  # DONE
+        await read_resp(loop, conn, "client")  # DONE: written (put) or mapped (get)
         if direction == "put":
-            seg.shared = False  # the producer unmapped before DONE; the pages are ours again
+            # The producer wrote before DONE and writes again only when these pages are
+            # handed to it again (it may keep them mapped): they are ours again.
+            seg.shared = False
 
     async def _serve_rdma(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                           buf: memoryview, direction: str, transport: str) -> None:

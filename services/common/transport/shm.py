@@ -4,9 +4,18 @@ The kvstore keeps every staged buffer in a memfd (``services.kvstore.memory``). 
 kvstore's Unix socket, after the REQ/RESP metadata exchange, the RESP carries that
 buffer's file descriptor (SCM_RIGHTS):
 
-  push:  the prefill maps it and copies its packed KV in (one copy), then answers DONE;
-  fetch: the decode maps it privately (copy-on-write) and uses the pages in place (no
-         copy), then answers DONE, and the kvstore drops its reference.
+  push:  the prefill copies its packed KV into the memfd's pages (one copy), then answers
+         DONE. It keeps its mapping of a memfd (``MappingCache``, keyed by inode): the
+         kvstore pools its buffers, so the next push into the same memfd copies into
+         pages that are mapped already (a fresh mapping of 189 MB costs about 2x the copy
+         in page-table set-up alone).
+  fetch: the decode maps it privately, answers DONE (mapped: the entry is CONSUMED)
+         and reads the pages in place. With ``open_get`` (``negotiate.fetch_kv``) it
+         keeps the connection open and, once it has copied the KV out (RecvScatter into
+         its paged pool) and unmapped, says RELEASED: the kvstore returns the memfd to its
+         pool. A decode that is cancelled or dies mid-restore never says RELEASED, and the
+         kvstore closes the memfd instead of reusing it, so no page is rewritten under a
+         live reader. ``get`` (a caller that keeps the mapping) never says RELEASED.
 
 Reaching the Unix socket proves the two processes share a kernel, so shm is never
 chosen across hosts by mistake: a failed connect is a fallback to tcp, and visible.
@@ -15,14 +24,18 @@ chosen across hosts by mistake: a failed connect is a fallback to tcp, and visib
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import mmap
 import os
 import socket
+from collections import OrderedDict
 
 import numpy as np
 
-from services.common.transport.base import KvTransport, Status, TransferError
+from services.common.transport.base import KvLease, KvTransport, Status, TransferError
 from services.common.transport.wire import (
+    DONE_RELEASED,
     RESP,
     Op,
     connect_unix,
@@ -32,8 +45,10 @@ from services.common.transport.wire import (
     recv_exact,
 )
 
+log = logging.getLogger(__name__)
 # Copies larger than this run on a thread (numpy releases the GIL), not on the event loop.
 THREAD_COPY_BYTES = 8 << 20
+RELEASE_TRIES = 25  # x 2 ms: how long a release waits for the last view of the mapping to go
 
 
 async def send_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes,
@@ -89,20 +104,129 @@ def _map(fd: int, nbytes: int, writable_shared: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def _fill(fd: int, data: memoryview) -> None:
-    """Map the kvstore's buffer, copy ``data`` in, unmap (before DONE: the kvstore may
-    reuse these pages once it has the DONE)."""
-    mm = _map(fd, len(data), writable_shared=True)
+class MappingCache:
+    """This process's writable mappings of kvstore memfds, by inode, least recently used
+    first out past ``capacity`` bytes.
+
+    Safe because the kvstore hands a memfd to one transfer at a time and a push writes
+    only while it holds it. An inode number cannot be reused while we map it. The cost:
+    a memfd the kvstore has retired stays allocated while it is cached here (at most
+    ``capacity`` bytes; ``kv_shm_map_cache_mb``)."""
+
+    def __init__(self, capacity: int = 1 << 30) -> None:
+        self.capacity = capacity
+        self._maps: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def acquire(self, fd: int, nbytes: int) -> tuple[mmap.mmap, bool]:
+        """A writable mapping of at least ``nbytes`` of ``fd`` (closed here); True when it
+        is cached (the caller must not close it)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        mm = self._maps.get(key)
+        if mm is not None and len(mm) >= nbytes:
+            os.close(fd)
+            self._maps.move_to_end(key)
+            self.hits += 1
+            return mm, True
+        self.misses += 1
+        if mm is not None:  # the file grew (not done by the kvstore today): map it again
+            self._evict(key)
+        size = max(st.st_size, nbytes)
+        if size > self.capacity:
+            return _map(fd, nbytes, writable_shared=True), False
+        mm = _map(fd, size, writable_shared=True)
+        self._maps[key] = mm
+        self.bytes += size
+        while self.bytes > self.capacity:
+            self._evict(next(iter(self._maps)))
+        return mm, True
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        mm = self._maps.pop(key)
+        self.bytes -= len(mm)
+        # A copy still running on a thread holds a view: then the unmap waits for the
+        # last reference instead of failing.
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+    def clear(self) -> None:
+        while self._maps:
+            self._evict(next(iter(self._maps)))
+
+
+MAPPINGS = MappingCache()
+
+
+def _copy_into(mm: mmap.mmap, data: memoryview, close: bool) -> None:
+    """Copy ``data`` to the start of the mapping (before DONE: the kvstore owns the pages
+    again once it has the DONE)."""
+    dst = np.frombuffer(mm, dtype=np.uint8, count=len(data))
     try:
-        dst = np.frombuffer(mm, dtype=np.uint8)
         np.copyto(dst, np.frombuffer(data, dtype=np.uint8))
-        del dst
     finally:
-        mm.close()
+        del dst
+        if close:
+            mm.close()
+
+
+class ShmLease(KvLease):
+    """A fetched memfd mapping; ``release`` unmaps it and tells the kvstore it may reuse
+    the pages, ``abort`` leaves them to the kvstore to close (never reused)."""
+
+    def __init__(self, sock: socket.socket, mm: mmap.mmap) -> None:
+        super().__init__(memoryview(mm))  # mapped with exactly the staged size
+        self._sock: socket.socket | None = sock
+        self._mm = mm
+
+    async def release(self, timeout_s: float = 5.0) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        unmapped = False
+        for _ in range(RELEASE_TRIES):
+            try:
+                # Both raise while anything built on the mapping (a numpy array, a
+                # tensor) is alive: then it may still be read, and the kvstore must not
+                # reuse it.
+                self.view.release()
+                self._mm.close()
+                unmapped = True
+                break
+            except BufferError:
+                # An executor thread sets its future's result before it drops the call's
+                # arguments: give it a moment before calling the mapping still in use.
+                await asyncio.sleep(0.002)
+        if not unmapped:
+            log.warning("shm fetch: the KV mapping is still referenced at release; the "
+                        "kvstore will close the buffer instead of reusing it")
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_sendall(sock, pack_resp(
+                    Status.OK, DONE_RELEASED if unmapped else 0))
+                await read_resp(loop, sock)
+        except (OSError, TransferError, TimeoutError) as e:
+            # The KV is copied out and its entry CONSUMED: only the pages' reuse is lost
+            # (the kvstore closes the memfd instead).
+            log.warning("shm fetch: confirming the release failed: %s", e or "timed out")
+        finally:
+            sock.close()
+
+    def abort(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # no DONE: the kvstore closes the memfd (close on doubt)
 
 
 class ShmTransport(KvTransport):
     name = "shm"
+
+    def __init__(self, map_cache_bytes: int | None = None) -> None:
+        if map_cache_bytes is not None:
+            MAPPINGS.capacity = map_cache_bytes
 
     async def put(self, address: str, handle: str, request_id: str, data: memoryview,
                   flags: int = 0, block_bytes: int = 0) -> None:
@@ -116,10 +240,18 @@ class ShmTransport(KvTransport):
                 os.close(fd)
                 raise TransferError(f"kvstore offered {nbytes} bytes for {len(data)}",
                                     Status.SIZE_MISMATCH)
-            if len(data) > THREAD_COPY_BYTES:  # map, copy and unmap off the event loop
-                await asyncio.to_thread(_fill, fd, data)
+            if len(data) > THREAD_COPY_BYTES:  # map and copy off the event loop
+                copy = asyncio.ensure_future(asyncio.to_thread(self._fill, fd, data))
+                try:
+                    await asyncio.shield(copy)
+                except asyncio.CancelledError:
+                    # No byte may land after the kvstore took the buffer back (a tcp retry
+                    # writes into it): wait for the copy before the connection closes.
+                    with contextlib.suppress(BaseException):
+                        await copy
+                    raise
             else:
-                _fill(fd, data)
+                self._fill(fd, data)
             await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE
             await read_resp(loop, sock)
         except OSError as e:
@@ -127,19 +259,37 @@ class ShmTransport(KvTransport):
         finally:
             sock.close()
 
-    async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
-                  block_bytes: int = 0) -> memoryview:
+    @staticmethod
+    def _fill(fd: int, data: memoryview) -> None:
+        mm, cached = MAPPINGS.acquire(fd, len(data))
+        _copy_into(mm, data, close=not cached)
+
+    async def open_get(self, address: str, handle: str, request_id: str, flags: int = 0,
+                       block_bytes: int = 0) -> KvLease:
         loop = asyncio.get_running_loop()
         sock = await connect_unix(address)
         try:
             await loop.sock_sendall(sock, pack_req(Op.GET_SHM, handle, request_id, 0, 0, flags))
             nbytes, fd = await recv_resp_fd(loop, sock)
             mm = _map(fd, nbytes, writable_shared=False)
-            await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE: mapped
-            await read_resp(loop, sock)
-            # The mapping lives as long as the returned view (and what is built on it).
-            return memoryview(mm)
+            try:
+                await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE: mapped
+                await read_resp(loop, sock)  # the entry is CONSUMED
+            except BaseException:
+                mm.close()
+                raise
         except OSError as e:
-            raise TransferError(f"KV fetch over shm failed: {e}") from e
-        finally:
             sock.close()
+            raise TransferError(f"KV fetch over shm failed: {e}") from e
+        except BaseException:
+            sock.close()
+            raise
+        return ShmLease(sock, mm)
+
+    async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
+                  block_bytes: int = 0) -> memoryview:
+        """The mapping itself, kept by the caller: never RELEASED, so never reused. It
+        lives as long as the returned view (and what is built on it)."""
+        lease = await self.open_get(address, handle, request_id, flags, block_bytes)
+        lease.abort()
+        return lease.view

@@ -16,6 +16,13 @@ Ops (each starts with REQ -> RESP, the single metadata exchange):
                      from the staged header.
   PUT_SHM / GET_SHM  Unix socket only: RESP carries a memfd (SCM_RIGHTS); the client maps it
                      and answers DONE (a RESP) when it has written or mapped the bytes.
+                     After a GET_SHM's final RESP the client may send one more RESP: nbytes
+                     DONE_RELEASED says it has copied the bytes out and unmapped, so the
+                     kvstore may reuse the memfd (it answers with a RESP). Anything else,
+                     or a closed connection, makes the kvstore close the memfd instead.
+  PUT_LAYERS         per-layer transfer (``layers``): like PUT, but the payload comes first,
+                     in layers of ``block_bytes`` as prefill computes them, and the 512-byte
+                     KV header (with the payload's crc32) last.
   PUT_RDMA / GET_RDMA  RESP info is "segment|address" of the kvstore's registered buffer; the
                      client moves the bytes with its Mooncake engine (one-sided write / read)
                      and answers DONE.
@@ -39,6 +46,7 @@ CHUNK = 4 << 20
 # REQ flags
 FLAG_FALLBACK = 1  # this transfer is the tcp retry of a failed one (counted by the kvstore)
 FLAG_RETRYABLE = 2  # a broken PUT should go back to RESERVED: the client will retry on tcp
+DONE_RELEASED = 1  # GET_SHM DONE's nbytes: the client no longer maps the memfd
 
 
 class Op(enum.IntEnum):
@@ -50,10 +58,12 @@ class Op(enum.IntEnum):
     GET_SHM = 6
     PUT_RDMA = 7
     GET_RDMA = 8
+    PUT_LAYERS = 9
 
 
 OP_TRANSPORT = {Op.PUT: "tcp", Op.GET: "tcp", Op.PUT_BLOCKS: "tcp", Op.GET_BLOCKS: "tcp",
-                Op.PUT_SHM: "shm", Op.GET_SHM: "shm", Op.PUT_RDMA: "rdma", Op.GET_RDMA: "rdma"}
+                Op.PUT_SHM: "shm", Op.GET_SHM: "shm", Op.PUT_RDMA: "rdma", Op.GET_RDMA: "rdma",
+                Op.PUT_LAYERS: "tcp"}
 
 
 def pack_req(op: Op, handle: str, request_id: str, nbytes: int = 0, block_bytes: int = 0,
