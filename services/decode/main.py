@@ -7,9 +7,10 @@ Lifecycle of a request (``Decode``, server-streaming):
   1. Take a slot and reserve the request's blocks in the paged KV pool (prompt +
      max_new_tokens) BEFORE the transfer starts; RESOURCE_EXHAUSTED when either is
      full (the gateway picks another decode).
-  2. Fetch the KV from the kvstore's data channel (single consumer: the kvstore
-     frees it once sent), verify header, model fingerprint and checksum, and
-     scatter it into the reserved blocks (RecvScatter) on the step thread.
+  2. Fetch the KV from the kvstore's data channel (single consumer), verify header,
+     model fingerprint and checksum, and scatter it into the reserved blocks
+     (RecvScatter) on the step thread; then release the fetch (over shm the kvstore
+     reuses its pages only after that, and never if the request was cancelled).
   3. Join the continuous batch at the next step (one forward for all active
      requests) and stream tokens until EOS, a stop token or max_new_tokens.
   Cancellation (the gateway's call ends) or any failure leaves the batch before its
@@ -47,7 +48,7 @@ from services.common.telemetry import (
     ATTR_REQUEST_ID,
     tracer,
 )
-from services.common.transport import pull_kv, transfer_load
+from services.common.transport import fetch_kv, transfer_load
 from services.common.workers import WorkerConfig, worker_info
 from services.decode.steploop import DecodeSequence, StepLoop
 from services.engine.paged import PoolExhausted
@@ -108,12 +109,19 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         with _tracer.start_as_current_span("kv.fetch") as span:
             span.set_attribute(ATTR_REQUEST_ID, rid)
             span.set_attribute(ATTR_KV_BYTES, int(kv.nbytes))
-            buf, xfer = await pull_kv(self.cfg, kv, rid)
+            fetched = await fetch_kv(self.cfg, kv, rid)
+        xfer = fetched.result
         try:
-            if table is None:  # a KvRef without num_tokens: size the table from the header
-                table = self.active[rid] = self._reserve(request, decode_header(buf).num_tokens)
-            # RecvScatter into the reserved blocks, on the step thread between steps
-            meta, state = await self.steps.run(self.runner.restore_paged, buf, table)
+            # Held until the restore has copied it out: over shm these are the kvstore's
+            # pages, which it reuses once released (and never, if this is cancelled).
+            async with fetched:
+                buf = fetched.view
+                if table is None:  # a KvRef without num_tokens: size the table from the header
+                    table = self.active[rid] = self._reserve(request,
+                                                             decode_header(buf).num_tokens)
+                # RecvScatter into the reserved blocks, on the step thread between steps
+                meta, state = await self.steps.run(self.runner.restore_paged, buf, table)
+                del buf
         except KvFormatError as e:
             reason = "KV_MODEL_MISMATCH" if "model" in str(e) else "KV_CORRUPT"
             cls = FailedPrecondition if reason == "KV_MODEL_MISMATCH" else Aborted

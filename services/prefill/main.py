@@ -16,6 +16,8 @@ Lifecycle of a request (``Prefill``, server-streaming):
      measured no faster than running them one after another (docs/engine.md).
   3. KV handoff: pack one contiguous buffer, reserve it at a kvstore, push it on
      the data channel, then ``kv_ready`` with the KvRef. The slot is held until here.
+     With ``kv_layer_overlap`` (tcp only) each layer is packed and sent as soon as the
+     forward has computed it, and only the header is left after compute.
   Cancellation or failure at any step releases the reservation at the kvstore.
 """
 
@@ -48,6 +50,7 @@ from services.common.keys import slotfree_channel
 from services.common.registry import RegistryView
 from services.common.runtime import (
     ServiceRuntime,
+    host_id,
     new_channel,
     run_main,
 )
@@ -58,6 +61,7 @@ from services.common.telemetry import (
     tracer,
 )
 from services.common.transport import push_kv, transfer_load
+from services.common.transport.layers import LayerPush
 from services.common.workers import (
     ModelThread,
     PrefillEstimator,
@@ -67,11 +71,13 @@ from services.common.workers import (
 )
 
 if TYPE_CHECKING:
+    from services.engine.kv import LayerPacker
     from services.engine.runner import ModelRunner
     from services.engine.sampling import Sampling
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+ATTR_KV_LAYERED = "pdserve.kv.layered"
 SERVICE = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 
 
@@ -94,6 +100,18 @@ class PrefillConfig(WorkerConfig):
         if isinstance(cfg, PrefillConfig):
             return cfg
         return PrefillConfig(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
+@dataclass
+class _Layered:
+    """A per-layer push in flight and the buffer its layers are packed into."""
+
+    push: LayerPush
+    packer: LayerPacker
+
+    def on_layer(self, i: int, cache: object) -> None:  # on the model thread
+        self.packer(i, cache)  # type: ignore[arg-type]
+        self.push.layer_done(i)
 
 
 class PrefillServicer(pb_grpc.PrefillServiceServicer):
@@ -240,6 +258,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                   metadata={"request_id": rid, "kvstore": address})
             raise err from e
         handle = res.handle
+        layered: _Layered | None = None
         try:
             self.stats.accepted_total += 1
             yield pb.PrefillResponse(accepted=pb.PrefillAccepted(
@@ -252,9 +271,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(request.prompt_token_ids))
                 t0 = time.monotonic()
                 probe = probe_for(self.runner, request.refine_ratio)  # P/D-Device
+                hook: tuple[object, ...] = ()
+                if probe is None:
+                    layered = await self._layered_push(res, rid, len(request.prompt_token_ids))
+                    hook = (layered.on_layer,) if layered is not None else ()
                 first, cache = await self.thread.run(
                     probe.wrap(self._compute) if probe else self._compute,
-                    list(request.prompt_token_ids), params, probe is None)
+                    list(request.prompt_token_ids), params, probe is None, *hook)
                 prefill_ms = (time.monotonic() - t0) * 1e3
             self.estimator.observe(len(request.prompt_token_ids), prefill_ms)
             self._deadline_passed(request, "after")
@@ -267,13 +290,20 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     request.refine_ratio)
                 yield pb.PrefillResponse(refined=pb.RefinedPrompt(
                     token_ids=kept, method=method, refine_ms=refine_ms))
-            meta, buf = await self.thread.run(self.runner.pack, cache, self.cfg.kv_checksum)
+            if layered is None:
+                meta, buf = await self.thread.run(self.runner.pack, cache, self.cfg.kv_checksum)
             del cache
             with _tracer.start_as_current_span("kv.push") as span:
                 span.set_attribute(ATTR_REQUEST_ID, rid)
+                span.set_attribute(ATTR_KV_LAYERED, layered is not None)
+                if layered is not None:  # the layers went during compute; the header now
+                    xfer = await layered.push.finish(layered.packer.header,
+                                                     context.time_remaining())
+                    meta, buf = layered.packer.meta, layered.packer.buf
                 span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
-                xfer = await push_kv(self.cfg, res, rid, buf, meta.num_tokens,
-                                     context.time_remaining())
+                if layered is None:
+                    xfer = await push_kv(self.cfg, res, rid, buf, meta.num_tokens,
+                                         context.time_remaining())
             kv = common_pb2.KvRef(
                 handle=handle, control_address=address, data_address=res.data_address,
                 transport=xfer.transport, nbytes=buf.nbytes, num_tokens=meta.num_tokens,
@@ -288,13 +318,29 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 if not handed_off:
                     await self._release(kvstore, handle, rid, "cancelled before handoff")
         except BaseException:
+            if layered is not None:
+                layered.push.abort()
             await self._release(kvstore, handle, rid, "prefill failed or was cancelled")
             raise
 
+    async def _layered_push(self, res: kvstore_service_pb2.ReserveKvResponse, rid: str,
+                            n: int) -> _Layered | None:
+        """Per-layer transfer (``kv_layer_overlap``): layer i is sent while layer i+1
+        computes. None when it is off, the runner cannot hook its layers (the mock), or
+        the push does not go over tcp: then the KV is packed and pushed after compute."""
+        make = getattr(self.runner, "layer_packer", None)
+        if not self.cfg.kv_layer_overlap or make is None:
+            return None
+        packer = make(n, self.cfg.kv_checksum)
+        push = await LayerPush.open(self.cfg, res, rid, packer.buf, packer.meta.num_layers,
+                                    self.cfg.kv_checksum, host_id())
+        return _Layered(push, packer) if push is not None else None
+
     def _compute(self, ids: list[int], params: Sampling,  # type: ignore[no-untyped-def]
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, on_layer=None):
         # A probed prefill must see the whole prompt's forward: no prefix reuse then.
-        out = self.runner.prefill(ids, params, reuse_prefix)
+        out = (self.runner.prefill(ids, params, reuse_prefix, on_layer) if on_layer
+               else self.runner.prefill(ids, params, reuse_prefix))
         if self.cfg.emulate_prefill_ms_per_token > 0:
             time.sleep(len(ids) * self.cfg.emulate_prefill_ms_per_token / 1000.0)
         return out

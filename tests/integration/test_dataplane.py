@@ -19,6 +19,7 @@ from tests.integration.conftest import reference
 pytestmark = pytest.mark.integration
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 RDMA_TCP = {"kv_transports": "rdma,tcp", "kv_rdma_tcp_mode": True}
+LAYERED = {"kv_transports": "tcp", "kv_layer_overlap": True}
 
 
 async def _identical(cluster: Cluster, tiny, max_tokens: int = 12) -> str:  # type: ignore[no-untyped-def]
@@ -33,6 +34,7 @@ async def _identical(cluster: Cluster, tiny, max_tokens: int = 12) -> str:  # ty
 @pytest.mark.parametrize(("name", "kv", "want"), [
     ("tcp", {"kv_transports": "tcp"}, "tcp"),
     ("tcp-block16", {"kv_transports": "tcp", "kv_transfer_mode": "block"}, "tcp"),
+    ("tcp-layer-overlap", LAYERED, "tcp"),
     ("shm", {}, "shm"),
     pytest.param("rdma-via-mooncake-tcp", RDMA_TCP, "rdma/tcp", marks=pytest.mark.skipif(
         not mooncake_importable(), reason="Mooncake not installed (scripts/bootstrap.sh)")),
@@ -44,6 +46,12 @@ async def test_each_transport_is_token_identical(redis_url: str, tiny, name: str
         stats = await c.kv_stats()
         path = want.partition("/")[0]
         assert stats.transfers[f"{path}.put.ok"] == 1 and stats.transfers[f"{path}.get.ok"] == 1
+        # Per-layer transfer: the layers went during compute, the header (crc) last.
+        assert stats.transfers["tcp.put.layered"] == (1 if name == "tcp-layer-overlap" else 0)
+        if path == "shm":  # decode released the mapping after its RecvScatter: pooled again
+            assert stats.transfers["shm.get.released"] == 1
+            assert await _identical(c, tiny) == "shm"
+            assert c.kvstore.pool.reused >= 1  # the second push landed in the pooled memfd
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,20 @@ async def test_fallback_is_visible_everywhere(faulty: Cluster, tiny) -> None:  #
     load = faulty.prefill_nodes[0][1].load()  # what the scheduler reads from Redis
     assert load["kv_fallbacks"] >= 1 and load["kv_fallback_rate"] > 0
     await _no_leak(faulty)
+
+
+async def test_layered_push_that_breaks_falls_back_to_a_whole_push(redis_url: str,
+                                                                    tiny) -> None:  # type: ignore[no-untyped-def]
+    _, tok, model = tiny
+    async with Cluster(redis_url, worker_overrides=LAYERED, kvstore_overrides=LAYERED) as c:
+        c.kvstore.data.faults = Faults.parse("drop_put#1")  # breaks the layered stream
+        got, _, last = await c.generate(prompt=PROMPT, max_tokens=8)
+        assert got == reference(model, tok.encode(PROMPT), 8)
+        assert last.timings.kv_fallback
+        stats = await c.kv_stats()
+        assert stats.transfers["tcp.put.layered"] == 1
+        assert stats.transfers["tcp.put.fallback"] == 1 and stats.transfers["tcp.put.ok"] == 1
+        await _no_leak(c)
 
 
 async def test_fault_is_not_sticky(faulty: Cluster, tiny) -> None:  # type: ignore[no-untyped-def]
