@@ -12,18 +12,24 @@ use, with fallback off so every figure is the path it names. KV sizes are SmolLM
                  confirmed before the next, as a paged KV transfer does, against
                  contiguous; push + fetch time
   concurrency    8 handoffs (push + fetch) at once on tcp and shm, aggregate GB/s
+  per-layer      a real SmolLM2 prefill (512 and 4k tokens) plus its tcp push, with
+                 layer i sent while layer i+1 computes (``kv_layer_overlap``) against
+                 pack-and-push after compute; the KV is fetched and verified each round
 
 A path's ratio uses its push hop (prefill -> kvstore, into the kvstore's warm pooled
 buffers), the hop that compares like for like with a warm-buffer ceiling. The fetch hop
-(kvstore -> decode) is printed too: over tcp and rdma it lands in a fresh buffer, whose
-page faults cost extra until decode receives into its paged pool (engine issue); over shm
-it maps the kvstore's pages and copies nothing.
+(kvstore -> decode) is printed too, as decode does it: fetch, copy into a warm buffer
+standing for decode's paged pool (RecvScatter's copy), release. Over tcp and rdma the
+bytes first land in a fresh buffer; over shm the copy reads the kvstore's pages, which
+go back to its pool once released.
 
-  python bench/kv_transfer.py [--quick] [--json FILE]
+  python bench/kv_transfer.py [--quick] [--no-overlap] [--json FILE]
 
 ``--json`` writes the 4k-token figures: tcp_vs_raw_tcp, shm_vs_memcpy, rdma_vs_raw_tcp,
-contiguous_vs_block_time, concurrent_gbps. Timings are medians; the machine is shared
-and noisy (2 cores), so read ratios, not absolute numbers.
+contiguous_vs_block_time, concurrent_gbps, and layer_overlap_vs_sequential_time (prefill
+plus handoff time with per-layer transfer over without; 512 tokens with --quick).
+Timings are medians; the machine is shared and noisy (2 cores), so read ratios, not
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import numpy as np
 from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
 from services.common.kvlayout import HEADER_BYTES, KvMeta, encode_header
 from services.common.redis_embed import EmbeddedRedis
-from services.common.transport import KvTransferConfig, pull_kv, push_kv
+from services.common.transport import KvTransferConfig, fetch_kv, push_kv
 from services.common.transport.rdma import mooncake_importable, wire_protocol
 
 PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32 KV bytes per token
@@ -150,9 +156,11 @@ class Client:
         self.stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel)
         self.n = 0
 
-    async def handoff(self, cfg: KvTransferConfig, data: np.ndarray,
-                      tokens: int) -> tuple[float, float, str]:
-        """One push and one fetch; returns (push s, fetch s, path label)."""
+    async def handoff(self, cfg: KvTransferConfig, data: np.ndarray, tokens: int,
+                      dest: np.ndarray | None = None) -> tuple[float, float, str]:
+        """One push and one fetch; returns (push s, fetch s, path label). The fetch ends
+        when the KV is copied into ``dest`` (a warm buffer standing for decode's paged
+        pool: the copy RecvScatter makes) and released, as decode does."""
         self.n += 1
         rid = f"bench-{self.n}"
         res = await self.stub.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
@@ -164,10 +172,16 @@ class Client:
 
         kv = common_pb2.KvRef(handle=res.handle, data_address=res.data_address,
                               endpoints=res.endpoints, nbytes=data.nbytes, num_tokens=tokens)
-        view, pulled = await pull_kv(cfg, kv, rid)
+        async with await fetch_kv(cfg, kv, rid) as fetched:
+            pulled = fetched.result
+            assert len(fetched.view) == data.nbytes
+            src = np.frombuffer(fetched.view, dtype=np.uint8)
+            if dest is None:
+                dest = np.empty_like(src)
+            await asyncio.to_thread(np.copyto, dest, src)
+            del src
         t2 = time.perf_counter()
-        assert len(view) == data.nbytes and not pushed.fallback and not pulled.fallback
-        del view
+        assert not pushed.fallback and not pulled.fallback
         return t1 - t0, t2 - t1, pushed.transport
 
 
@@ -180,10 +194,11 @@ def path_cfg(path: str, mode: str = "contiguous") -> KvTransferConfig:
 async def measure(client: Client, path: str, tokens: int, reps: int,
                   mode: str = "contiguous") -> dict[str, Any]:
     data = kv_buffer(tokens, seed=tokens)
+    dest = np.ones_like(data)  # decode's pool: warm
     cfg = path_cfg(path, mode)
     pushes, fetches, label = [], [], ""
     for i in range(reps + 1):
-        p, f, label = await client.handoff(cfg, data, tokens)
+        p, f, label = await client.handoff(cfg, data, tokens, dest)
         if i:  # the first round warms the kvstore's pool and the engines
             pushes.append(p)
             fetches.append(f)
@@ -195,14 +210,15 @@ async def measure(client: Client, path: str, tokens: int, reps: int,
 async def concurrent(client: Client, path: str, tokens: int, n: int = 8) -> dict[str, float]:
     data = kv_buffer(tokens, seed=7)
     cfg = path_cfg(path)
-    await asyncio.gather(*(client.handoff(cfg, data, tokens) for _ in range(n)))  # warm
+    dests = [np.ones_like(data) for _ in range(n)]  # one decode pool each, warm
+    await asyncio.gather(*(client.handoff(cfg, data, tokens, d) for d in dests))  # warm
     t0 = time.perf_counter()
-    await asyncio.gather(*(client.handoff(cfg, data, tokens) for _ in range(n)))
+    await asyncio.gather(*(client.handoff(cfg, data, tokens, d) for d in dests))
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "gbps": n * data.nbytes / wall / 1e9}
 
 
-async def run(quick: bool) -> dict[str, Any]:
+async def run(quick: bool, overlap: bool = True) -> dict[str, Any]:
     sizes = [4096] if quick else [512, 4096, 32768]
     reps = 2 if quick else 5
     paths = ["tcp", "shm"] + (["rdma"] if mooncake_importable() else [])
@@ -221,7 +237,9 @@ async def run(quick: bool) -> dict[str, Any]:
             for key, path, mode in variants:
                 raw.append(raw_tcp_gbps(n, 1))
                 mem.append(memcpy_gbps(n, 1))
-                row[key] = await measure(client, path, tokens, r, mode)
+                # --quick: one measured block-fixed round (each is ~7680 confirmations)
+                rr = 1 if (quick and mode == "block") else r
+                row[key] = await measure(client, path, tokens, rr, mode)
             row["raw_tcp_gbps"] = statistics.median(raw)
             row["memcpy_gbps"] = statistics.median(mem)
             row["contiguous_vs_block_time"] = (row["tcp"]["handoff_s"]
@@ -235,6 +253,11 @@ async def run(quick: bool) -> dict[str, Any]:
             print(f"8 concurrent 4k handoffs on {p}: {c['gbps']:.2f} GB/s aggregate "
                   f"(one at a time: {single[p]:.2f} GB/s; x{c['gbps'] / single[p]:.2f})")
         await client.channel.close()
+        if overlap:
+            # --quick: one round each at 512 tokens, no warm-up round (the runner's own
+            # warm-up has run): a 512-token prefill alone takes 2-10 s on this machine.
+            out["layer_overlap"] = await layer_overlap(
+                store.address, {512: 1} if quick else {512: 3, 4096: 2}, 0 if quick else 1)
     finally:
         store.stop()
     k4 = out["sizes"][4096]
@@ -246,6 +269,97 @@ async def run(quick: bool) -> dict[str, Any]:
         "contiguous_vs_block_time": k4["contiguous_vs_block_time"],
         "concurrent_gbps": out["concurrent"]["tcp"]["gbps"],
     }
+    lo = out.get("layer_overlap", {})
+    if lo:  # at 4k tokens, or the largest size run (512 with --quick)
+        out["summary"]["layer_overlap_vs_sequential_time"] = \
+            lo[max(lo)]["overlap_vs_sequential_time"]
+    return out
+
+
+async def layer_overlap(address: str, sizes: dict[int, int], warm: int = 1) -> dict[str, Any]:
+    """Prefill + handoff of a real SmolLM2 prefill over tcp, with and without per-layer
+    transfer (``kv_layer_overlap``), alternating rounds (``sizes``: tokens -> measured
+    rounds; ``warm`` warm-up rounds before the first size). Each round's KV is fetched and
+    verified; both variants must produce the same first token and payload crc."""
+    from services.common.kvlayout import verify
+    from services.common.runtime import host_id
+    from services.common.transport.layers import LayerPush
+    from services.common.workers import ModelThread
+    from services.engine.runner import ModelRunner
+    from services.engine.sampling import Sampling
+
+    thread = ModelThread("bench-prefill")  # as the prefill worker: one model thread
+    runner = await thread.run(ModelRunner, "smollm2")
+    await thread.run(runner.warmup)
+    client = Client(address)
+    cfg = path_cfg("tcp")
+    out: dict[str, Any] = {}
+    try:
+        for tokens, reps in sizes.items():
+            ids = [int(t) for t in np.random.default_rng(tokens).integers(
+                100, runner.info.vocab_size, tokens)]
+            rows: dict[str, list[tuple[float, float]]] = {"sequential": [], "overlap": []}
+            seen: set[tuple[int, int]] = set()
+            for i in range(reps + warm):
+                for variant in ("sequential", "overlap"):
+                    client.n += 1
+                    rid = f"overlap-{client.n}"
+                    res = await client.stub.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+                        request_id=rid, nbytes=kv_bytes(tokens)))
+                    t0 = time.perf_counter()
+                    if variant == "sequential":
+                        first, cache = await thread.run(runner.prefill, ids, Sampling(), False)
+                        t1 = time.perf_counter()
+                        _, buf = await thread.run(runner.pack, cache, True)
+                        await push_kv(cfg, res, rid, memoryview(buf), tokens)
+                    else:
+                        packer = runner.layer_packer(tokens, True)
+                        push = await LayerPush.open(cfg, res, rid, packer.buf,
+                                                    packer.meta.num_layers, True, host_id())
+                        assert push is not None
+
+                        def on_layer(layer: int, cache: Any, push: Any = push,
+                                     packer: Any = packer) -> None:
+                            packer(layer, cache)
+                            push.layer_done(layer)
+
+                        first, cache = await thread.run(runner.prefill, ids, Sampling(),
+                                                        False, on_layer)
+                        t1 = time.perf_counter()
+                        result = await push.finish(packer.header)
+                        assert not result.fallback
+                    t2 = time.perf_counter()
+                    del cache
+                    from pdserve.v1 import common_pb2
+
+                    kv = common_pb2.KvRef(handle=res.handle, data_address=res.data_address,
+                                          endpoints=res.endpoints, nbytes=kv_bytes(tokens))
+                    async with await fetch_kv(cfg, kv, rid) as fetched:
+                        meta = verify(fetched.view, runner.fingerprint)  # end to end
+                    seen.add((first, meta.payload_crc32))
+                    if i >= warm:
+                        rows[variant].append((t1 - t0, t2 - t0))
+            warm = 0  # a 4k prefill takes 20-90 s here: only the first size warms up
+            assert len(seen) == 1, f"overlap changed the first token or the KV: {seen}"
+            row: dict[str, Any] = {}
+            for variant, vals in rows.items():
+                compute = statistics.median(v[0] for v in vals)
+                total = statistics.median(v[1] for v in vals)
+                row[variant] = {"compute_s": compute, "total_s": total,
+                                "after_compute_s": total - compute}
+            row["overlap_vs_sequential_time"] = (row["overlap"]["total_s"]
+                                                 / row["sequential"]["total_s"])
+            out[tokens] = row
+            s, o = row["sequential"], row["overlap"]
+            print(f"\nper-layer transfer, SmolLM2 prefill of {tokens} tokens over tcp: "
+                  f"sequential {s['total_s'] * 1e3:.0f} ms (compute {s['compute_s'] * 1e3:.0f}"
+                  f" + pack/push {s['after_compute_s'] * 1e3:.0f}), overlap "
+                  f"{o['total_s'] * 1e3:.0f} ms (compute {o['compute_s'] * 1e3:.0f} + "
+                  f"finish {o['after_compute_s'] * 1e3:.0f}): "
+                  f"x{row['overlap_vs_sequential_time']:.2f}")
+    finally:
+        await client.channel.close()
+        thread.shutdown()
     return out
 
 
@@ -263,11 +377,14 @@ def report(tokens: int, row: dict[str, Any], paths: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4k tokens only, 2 reps")
+    ap.add_argument("--quick", action="store_true",
+                    help="4k tokens only, 2 reps (block-fixed 1); per-layer transfer at 512")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="skip the per-layer transfer part (it loads SmolLM2)")
     ap.add_argument("--json", help="write the 4k-token figures here")
     args = ap.parse_args()
     t0 = time.monotonic()
-    out = asyncio.run(run(args.quick))
+    out = asyncio.run(run(args.quick, not args.no_overlap))
     s = out["summary"]
     print(f"\nsummary at 4k tokens (rdma = Mooncake over {wire_protocol()}), "
           f"{time.monotonic() - t0:.0f} s:")
@@ -279,6 +396,7 @@ def main() -> None:
             verdict = f"  target {target[0]} {target[1]:.2f}: {'met' if ok else 'NOT met'}"
         print(f"  {key:26s} {value:6.2f}{verdict}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({k: round(v, 4) for k, v in s.items()}) + "\n")
 
 
