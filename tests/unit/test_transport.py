@@ -362,3 +362,25 @@ async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> No
     push.abort()  # compute failed: the connection closes mid-stream
     await _settle(node, "tcp.put.failed")
     node.store.release(e.handle, "ab")  # what prefill does on failure
+
+
+async def test_tcp_fetch_held_receives_into_a_released_buffer(node: Node) -> None:
+    from services.common.transport.tcp import RECV_POOL
+
+    cfg = KvTransferConfig(kv_transports="tcp")
+    data = _data(1 << 20)
+    reused = RECV_POOL.reused
+    for i in range(2):
+        kv = await _staged(node, f"t{i}", data)
+        async with await fetch_kv(cfg, kv, f"t{i}") as f:
+            assert bytes(f.view) == data.tobytes()
+    assert RECV_POOL.reused == reused + 1  # the second fetch landed in the first's buffer
+    kv = await _staged(node, "t2", data)
+    async with await fetch_kv(cfg, kv, "t2") as f:  # takes the pooled buffer...
+        kept = np.frombuffer(f.view, dtype=np.uint8)  # ...still read after the release
+    assert RECV_POOL.reused == reused + 2
+    kv = await _staged(node, "t3", data)
+    async with await fetch_kv(cfg, kv, "t3") as f:
+        assert bytes(f.view) == data.tobytes()
+    assert RECV_POOL.reused == reused + 2  # so t2's buffer was not pooled: t3 got a fresh one
+    assert kept.tobytes() == data.tobytes()

@@ -40,9 +40,10 @@ class KvTransferConfig:
     kv_transfer_mode: str = "contiguous"
     kv_block_tokens: int = 16  # tokens per block in block mode
     kv_transfer_timeout_s: float = 30.0  # upper bound of one transfer when no deadline is set
-    # shm: a push keeps its mapping of the kvstore's pooled memfds up to this many MiB, so
-    # the next push into the same memfd skips the mapping's page-table set-up.
-    kv_shm_map_cache_mb: int = 1024
+    # Warm KV memory a client keeps, each up to this many MiB: a shm push keeps its mappings
+    # of the kvstore's pooled memfds (the next push into one skips the page-table set-up),
+    # a tcp fetch receives into buffers an earlier, released fetch left (no page faults).
+    kv_client_cache_mb: int = 1024
     # Prefill sends each layer's KV over tcp as soon as it is computed, while later layers
     # compute (push of layer i overlaps compute of layer i+1).
     kv_layer_overlap: bool = False
@@ -58,8 +59,8 @@ class KvTransferConfig:
                               f"{self.kv_transfer_mode!r}")
         if self.kv_block_tokens <= 0 or not self.kv_transfer_timeout_s > 0:
             raise ConfigError("kv_block_tokens and kv_transfer_timeout_s must be positive")
-        if self.kv_shm_map_cache_mb < 0:
-            raise ConfigError("kv_shm_map_cache_mb must be >= 0")
+        if self.kv_client_cache_mb < 0:
+            raise ConfigError("kv_client_cache_mb must be >= 0")
 
     @property
     def transports(self) -> tuple[str, ...]:

@@ -108,11 +108,11 @@ def client_transports(cfg: KvTransferConfig) -> tuple[str, ...]:
 
 def client_for(transport: str, cfg: KvTransferConfig | None = None) -> KvTransport:
     if transport == "shm":
-        return ShmTransport(cfg.kv_shm_map_cache_mb << 20 if cfg is not None else None)
+        return ShmTransport(cfg.kv_client_cache_mb << 20 if cfg is not None else None)
     if transport == "rdma":
         return RdmaTransport()
     if transport == "tcp":
-        return TcpTransport()
+        return TcpTransport(cfg.kv_client_cache_mb << 20 if cfg is not None else None)
     raise TransferError(f"unknown KV transport {transport!r}")
 
 

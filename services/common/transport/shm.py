@@ -111,7 +111,7 @@ class MappingCache:
     Safe because the kvstore hands a memfd to one transfer at a time and a push writes
     only while it holds it. An inode number cannot be reused while we map it. The cost:
     a memfd the kvstore has retired stays allocated while it is cached here (at most
-    ``capacity`` bytes; ``kv_shm_map_cache_mb``)."""
+    ``capacity`` bytes; ``kv_client_cache_mb``)."""
 
     def __init__(self, capacity: int = 1 << 30) -> None:
         self.capacity = capacity
