@@ -384,3 +384,26 @@ async def test_tcp_fetch_held_receives_into_a_released_buffer(node: Node) -> Non
         assert bytes(f.view) == data.tobytes()
     assert RECV_POOL.reused == reused + 2  # so t2's buffer was not pooled: t3 got a fresh one
     assert kept.tobytes() == data.tobytes()
+
+
+async def test_concurrent_shm_pushes_share_the_mapping_cache_safely(
+        pooled: tuple[Node, SegmentPool]) -> None:
+    """Pushes above THREAD_COPY_BYTES map and copy on executor threads; a small cache
+    evicts while others copy."""
+    node, _ = pooled
+    cfg = KvTransferConfig(kv_client_cache_mb=24)
+    data = _data(9 << 20)
+
+    async def handoff(i: int) -> bytes:
+        e = node.store.reserve(f"c{i}", data.nbytes)
+        res = Reservation(e.handle, node.endpoints[-1].address, node.endpoints)
+        pushed = await push_kv(cfg, res, f"c{i}", memoryview(data), TOKENS)
+        assert pushed.transport == "shm" and not pushed.fallback
+        kv = common_pb2.KvRef(handle=e.handle, endpoints=node.endpoints, nbytes=data.nbytes)
+        async with await fetch_kv(cfg, kv, f"c{i}") as f:
+            return bytes(f.view)
+
+    for _ in range(2):
+        got = await asyncio.gather(*(handoff(i) for i in range(8)))
+        assert all(g == data.tobytes() for g in got)
+    assert MAPPINGS.bytes <= 24 << 20

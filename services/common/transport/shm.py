@@ -29,6 +29,7 @@ import logging
 import mmap
 import os
 import socket
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -116,6 +117,7 @@ class MappingCache:
     def __init__(self, capacity: int = 1 << 30) -> None:
         self.capacity = capacity
         self._maps: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()  # pushes map and copy on executor threads
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -125,36 +127,41 @@ class MappingCache:
         is cached (the caller must not close it)."""
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        mm = self._maps.get(key)
-        if mm is not None and len(mm) >= nbytes:
+        with self._lock:
+            mm = self._maps.get(key)
+            if mm is not None and len(mm) >= nbytes:
+                self._maps.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+                if mm is not None:  # the file grew (the kvstore does not do that today)
+                    self._evict(key)
+                mm = None
+        if mm is not None:
             os.close(fd)
-            self._maps.move_to_end(key)
-            self.hits += 1
             return mm, True
-        self.misses += 1
-        if mm is not None:  # the file grew (not done by the kvstore today): map it again
-            self._evict(key)
         size = max(st.st_size, nbytes)
         if size > self.capacity:
             return _map(fd, nbytes, writable_shared=True), False
-        mm = _map(fd, size, writable_shared=True)
-        self._maps[key] = mm
-        self.bytes += size
-        while self.bytes > self.capacity:
-            self._evict(next(iter(self._maps)))
+        mm = _map(fd, size, writable_shared=True)  # outside the lock: it takes a while
+        with self._lock:
+            if key in self._maps:
+                self._evict(key)
+            self._maps[key] = mm
+            self.bytes += size
+            while self.bytes > self.capacity:
+                self._evict(next(iter(self._maps)))
         return mm, True
 
     def _evict(self, key: tuple[int, int]) -> None:
-        mm = self._maps.pop(key)
-        self.bytes -= len(mm)
-        # A copy still running on a thread holds a view: then the unmap waits for the
-        # last reference instead of failing.
-        with contextlib.suppress(BufferError):
-            mm.close()
+        # Dropped, not closed: a copy still running on another thread keeps its mapping
+        # until it is done, and the unmap follows the last reference.
+        self.bytes -= len(self._maps.pop(key))
 
     def clear(self) -> None:
-        while self._maps:
-            self._evict(next(iter(self._maps)))
+        with self._lock:
+            while self._maps:
+                self._evict(next(iter(self._maps)))
 
 
 MAPPINGS = MappingCache()
