@@ -127,6 +127,11 @@ class Result:
     summary: Any = None
     extra: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def max_gap_at(self) -> int:
+        """1-based index of the token before the largest displayed gap."""
+        return 1 + max(range(len(self.gaps)), key=self.gaps.__getitem__) if self.gaps else 0
+
 
 def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) -> list[Req]:
     rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"]))
@@ -137,6 +142,47 @@ def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) ->
         out += [Req(b, p, min(g, max_out), "trace") for p, g in near[:per]]
         out += [Req(b, p, min(g, max_out), "long") for p, g in near if g >= long_out][:per]
     return out
+
+
+def tail_requests(buckets: list[int], tail_out: int) -> list[Req]:
+    """Per bucket, the trace's request with the longest output (the regime where the
+    cloud's saving is large: it decodes N tokens instead of the whole answer)."""
+    rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"]))
+            for r in csv.DictReader(TRACE.open())]
+    out = []
+    for b in buckets:
+        p, g = max(((p, g) for p, g in rows if 0.8 * b <= p <= 1.25 * b), key=lambda r: r[1])
+        out.append(Req(b, p, min(g, tail_out), "tail"))
+    return out
+
+
+def trace_model_ratio(plan: dict[str, Any], q: dict[str, dict[str, float]],
+                      args: argparse.Namespace) -> tuple[float, dict[str, int]]:
+    """Cloud busy of pd_device over cloud_only for EVERY request of the trace, from the
+    optimiser's plan and the measured profiles (a model, not a measurement): busy =
+    TTFT_c(n) + (answer tokens the cloud decodes - 1) * TPOT_c, where pd_device's cloud
+    decodes min(N, L) tokens, or none when the plan is device_only."""
+    from services.device.optimizer import Constraints
+    from services.device.planning import Planner
+
+    plan = dict(plan, quality={r: v["agreement"] for r, v in q.items()})
+    c = Constraints(ttft_target_ms=1500.0, tpot_max_ms=50.0 - 5.0,  # the device's margin
+                    min_quality=args.min_quality, tau_min_ms=10.0)
+    planner = Planner(plan, args.rtt_ms, args.bandwidth_mbps, 256, c)
+    p = planner.profiles
+    pd = cloud = 0.0
+    modes: dict[str, int] = {}
+    for row in csv.DictReader(TRACE.open()):
+        n, g = int(row["ContextTokens"]), max(1, int(row["GeneratedTokens"]))
+        pl = planner.plan(n, g)
+        modes[pl.mode] = modes.get(pl.mode, 0) + 1
+        full = p.cloud_ttft(n) + (g - 1) * p.cloud_tpot_ms
+        cloud += full
+        if pl.mode == "pd_device":
+            pd += p.cloud_ttft(n) + (min(pl.n_budget, g) - 1) * p.cloud_tpot_ms
+        elif pl.mode == "cloud_only":
+            pd += full
+    return pd / cloud, modes
 
 
 def start_device(cloud: str, log_dir: Path, plan: Path, args: argparse.Namespace
@@ -194,7 +240,7 @@ def chat(stub: pb_grpc.DeviceServiceStub, req: Req, mode: str) -> Result:
 # -- report ------------------------------------------------------------------------------
 def report(results: list[Result], buckets: list[int]) -> tuple[list[dict[str, Any]], Any]:
     rows = []
-    for wl in ("trace", "long"):
+    for wl in ("trace", "long", "tail"):
         for b in buckets:
             row: dict[str, Any] = {"workload": wl, "bucket": b}
             for mode in MODES:
@@ -215,7 +261,8 @@ def report(results: list[Result], buckets: list[int]) -> tuple[list[dict[str, An
             if "pd_device" in row and "cloud_only" in row:
                 busy = row["pd_device"]["cloud_busy_ms"]
                 row["throughput_gain"] = row["cloud_only"]["cloud_busy_ms"] / busy if busy else 0
-            rows.append(row)
+            if any(m in row for m in MODES):
+                rows.append(row)
     return rows, None
 
 
@@ -231,7 +278,7 @@ def plots(rows: list[dict[str, Any]], q: dict[str, dict[str, float]], out: Path)
     for ax, key, title in zip(axes, ("ttft_ms", "max_tpot_ms", "cloud_busy_ms"),
                               ("TTFT (median, ms)", "max displayed TPOT (ms)",
                                "cloud busy per request (ms)"), strict=True):
-        for wl, style in (("trace", "-"), ("long", "--")):
+        for wl, style in (("trace", "-"), ("long", "--"), ("tail", ":")):
             for mode, color in (("device_only", "tab:red"), ("cloud_only", "tab:blue"),
                                 ("pd_device", "tab:green")):
                 pts = [(r["bucket"], r[mode][key]) for r in rows
@@ -270,6 +317,9 @@ def main() -> int:
     ap.add_argument("--per-bucket", type=int, default=3)
     ap.add_argument("--max-out", type=int, default=256)
     ap.add_argument("--long-out", type=int, default=128)
+    ap.add_argument("--tail-buckets", default="512,2048",
+                    help="buckets that also run the trace's longest answer (not with --quick)")
+    ap.add_argument("--tail-out", type=int, default=1024)
     ap.add_argument("--rtt-ms", type=float, default=50.0)
     ap.add_argument("--bandwidth-mbps", type=float, default=20.0)
     ap.add_argument("--min-quality", type=float, default=0.8)
@@ -287,6 +337,8 @@ def main() -> int:
         print(f"  rho {float(r):.2f}: agreement {v['agreement']:.2f}, exact {v['exact']:.2f}")
 
     reqs = trace_requests(buckets, per, args.max_out, args.long_out)
+    if not args.quick and args.tail_buckets:
+        reqs += tail_requests([int(b) for b in args.tail_buckets.split(",")], args.tail_out)
     results: list[Result] = []
     with UpCluster("mock", extra=["--engine", "mock", "--profile", "scaled-gpu"]) as up, \
             tempfile.TemporaryDirectory(prefix="pd-device-") as tmp:
@@ -313,7 +365,8 @@ def main() -> int:
                               f"{mode:11} ttft {s.ttft_ms:7.0f} ms  max gap "
                               f"{s.max_tpot_ms:6.1f}  busy {s.cloud_busy_ms:7.0f} ms  "
                               f"hand-off {s.handoff_index:3}  N {s.token_budget:3} "
-                              f"rho {s.refine_ratio:.2f} tau {s.tau_ms:4.1f}"
+                              f"rho {s.refine_ratio:.2f} tau {s.tau_ms:4.1f} "
+                              f"(max gap after token {results[-1].max_gap_at})"
                               f"{'  ' + s.fallback if s.fallback else ''}", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -323,11 +376,23 @@ def main() -> int:
     pd = [r for r in results if r.mode == "pd_device"]
     gaps = [g for r in pd for g in r.gaps]
     two_k = next(r for r in rows if r["bucket"] == 2048 and r["workload"] == "trace")
-    busy = {m: sum(r.summary.cloud_busy_ms for r in results if r.mode == m)
-            for m in ("pd_device", "cloud_only")}
+
+    def busy_ratio(workloads: tuple[str, ...]) -> float:
+        busy = {m: sum(r.summary.cloud_busy_ms for r in results
+                       if r.mode == m and r.req.workload in workloads)
+                for m in ("pd_device", "cloud_only")}
+        return busy["pd_device"] / busy["cloud_only"] if busy["cloud_only"] else 0.0
+
+    model_ratio, model_modes = trace_model_ratio(plan, q, args)
     out = {"ttft_reduction_2k": 1 - two_k["pd_device"]["ttft_ms"] / two_k["device_only"]["ttft_ms"],
            "max_tpot_ms": max(gaps, default=0.0), "p99_tpot_ms": percentile(gaps, 99),
-           "cloud_busy_ratio": busy["pd_device"] / busy["cloud_only"]}
+           # The sampled trace and its long answers (the tail requests are reported apart:
+           # they are over-sampled and would dominate the sum).
+           "cloud_busy_ratio": busy_ratio(("trace", "long")),
+           "cloud_busy_ratio_tail": busy_ratio(("tail",)),
+           "cloud_busy_ratio_trace_model": model_ratio}
+    print(f"modelled over all {sum(model_modes.values())} trace requests: plans {model_modes}, "
+          f"cloud busy pd_device/cloud_only {model_ratio:.2f}")
     print("\nbucket workload | TTFT ms dev/cloud/pd | max TPOT ms pd | busy ms cloud/pd | gain")
     for r in rows:
         d, c, p = r["device_only"], r["cloud_only"], r["pd_device"]

@@ -81,12 +81,12 @@ class SpeedController:
         self._buffer.append((token, now))
         self._arrivals.append(now)
 
-    def retarget(self, tau_ms: float, gain: float) -> None:
-        """New planned pace and buffer gain (at hand-off: the device's own steady supply).
-        The pace still moves by at most ``step_ms`` per token, so the change is smooth."""
+    def retarget(self, tau_ms: float, gain: float | None = None) -> None:
+        """New planned pace (and optionally buffer gain), e.g. at hand-off: the device's
+        own supply. The pace still moves by at most ``step_ms`` per token (smooth)."""
         c = self.cfg
         tau = min(max(tau_ms, c.tau_min_ms), c.tau_max_ms)
-        self.cfg = dataclasses.replace(c, tau_ms=tau, gain=gain)
+        self.cfg = dataclasses.replace(c, tau_ms=tau, gain=c.gain if gain is None else gain)
         self._arrivals.clear()  # the old source's arrival rate says nothing about the new one
 
     def drop_buffered(self, keep: int) -> list[int]:
