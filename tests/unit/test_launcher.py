@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.launcher import parse_groups
+from services.launcher import omp_env, parse_groups
 
 pytestmark = pytest.mark.unit
 
@@ -50,3 +50,10 @@ def test_no_groups_raise(spec: str) -> None:
 def test_duplicate_group_names_rejected() -> None:
     with pytest.raises(ValueError):
         parse_groups("code:1p1d,code:2p1d")
+
+
+
+def test_model_workers_sharing_a_host_do_not_spin_wait() -> None:
+    assert omp_env(2, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert omp_env(1, {}) == {}  # a lone worker keeps OpenMP's default
+    assert omp_env(3, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}  # the user's setting wins
