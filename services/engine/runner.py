@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, spec: str, cache_dir: str = "", threads: int = 0) -> None:
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)) or 1)
         t0 = time.monotonic()
         self.info = ModelInfo.load(spec, cache_dir)
         self.path: Path = self.info.path
