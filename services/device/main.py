@@ -172,6 +172,9 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         if not summary.fallback:  # a failed cloud says nothing about its speed
             first = run.cloud_arrivals[0] if run.cloud_arrivals else 0.0
             self.planner.observe(len(ids), first, run.cloud_tpot_ms())
+        if run.catchup_tokens:  # a hand-off: how fast the catch-up prefill really ran
+            self.planner.observe_device(run.catchup_tokens, run.catchup_chunks,
+                                        run.catchup_wall_ms)
         yield pb.ChatResponse(text=detok.flush(), summary=summary, request_id=rid)
 
 

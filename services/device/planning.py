@@ -61,6 +61,7 @@ class Planner:
             chunk_tokens=chunk_tokens,
             chunk_overhead_ms=float(dev.get("chunk_overhead_ms", 5.0)))
         self._ttft_scale = 1.0
+        self._device_scale = 1.0  # observed / profiled catch-up prefill time
 
     def plan(self, n: int, out_len: int, constraints: Constraints | None = None) -> Plan:
         from services.device.optimizer import choose
@@ -70,7 +71,24 @@ class Planner:
         if self._ttft_scale != 1.0:
             p = dataclasses.replace(p, cloud_ttft=Curve(tuple(
                 (x, y * self._ttft_scale) for x, y in p.cloud_ttft.points)))
+        if self._device_scale != 1.0:
+            p = dataclasses.replace(
+                p, device_prefill=Curve(tuple(
+                    (x, y * self._device_scale) for x, y in p.device_prefill.points)),
+                chunk_overhead_ms=p.chunk_overhead_ms * self._device_scale)
         return choose(p, c, n, out_len)
+
+    def observe_device(self, tokens: int, chunks: int, wall_ms: float) -> None:
+        """Fold one catch-up in: ``tokens`` prefilled in ``chunks`` took ``wall_ms``.
+        A device slower than its profile (thermal limits, other apps; here, the cloud's
+        processes on the same cores) would otherwise get plans whose budget N runs out
+        before it is ready, and the display stalls."""
+        p = self.profiles
+        planned = p.device_prefill(tokens) + chunks * p.chunk_overhead_ms
+        if tokens <= 0 or wall_ms <= 0 or planned <= 0:
+            return
+        seen = min(10.0, max(0.1, wall_ms / planned))
+        self._device_scale += EWMA * (seen - self._device_scale)
 
     def observe(self, n: int, first_arrival_ms: float, cloud_tpot_ms: float) -> None:
         """Fold one request's cloud figures in (first token arrival, mean gap)."""

@@ -84,6 +84,11 @@ class ChatRun:
         self.dropped = 0
         self.cloud_busy_ms = 0.0
         self.device_compute_ms = 0.0
+        # Catch-up prefill as it really ran (wall time of the chunks, waits excluded), for
+        # the planner's device update: tokens prefilled, chunks, ms.
+        self.catchup_tokens = 0
+        self.catchup_chunks = 0
+        self.catchup_wall_ms = 0.0
         self.produced_all = False
         self.shown: list[tuple[int, float, int]] = []
         self._call: Any = None
@@ -242,10 +247,14 @@ class ChatRun:
             if not chunk:
                 await self._news()
                 continue
+            t0 = time.monotonic()
             pred = await self.thread.run(self.engine.prefill_chunk, sess, chunk)
+            self.catchup_wall_ms += (time.monotonic() - t0) * 1e3
+            self.catchup_chunks += 1
             rec.chunk_done(start, len(chunk))
         # Hand-off (atomic: no await until the buffer is cut and the cloud is told).
         c, keep = rec.hand_off(self.ctl.displayed)
+        self.catchup_tokens = rec.cached
         self.handed_off = c
         self.handoff_ms = self.now_ms()
         dropped = self.ctl.drop_buffered(keep)

@@ -33,3 +33,17 @@ def test_observe_moves_toward_what_requests_saw() -> None:
     assert plan_ttft > 1.5 * before  # the cloud looked slower; the plan expects it now
     p.observe(1024, 0.0, 0.0)  # nothing known: no change
     assert p.profiles.cloud_tpot_ms == pytest.approx(25.0, rel=0.01)
+
+
+def test_a_device_slower_than_its_profile_gets_larger_budgets() -> None:
+    p = Planner(PROFILE, rtt_ms=50, bandwidth_mbps=20, chunk_tokens=256,
+                constraints=Constraints())
+    before = p.plan(1024, 512)
+    planned = p.profiles.device_prefill(1040) + 5 * p.profiles.chunk_overhead_ms
+    for _ in range(20):  # catch-ups ran twice as long as the profile says
+        p.observe_device(1040, 5, 2 * planned)
+    after = p.plan(1024, 512)
+    assert before.mode == after.mode == "pd_device"
+    assert after.n_budget > 1.5 * before.n_budget
+    p.observe_device(0, 0, 0.0)  # nothing known: no change
+    assert p.plan(1024, 512) == after
