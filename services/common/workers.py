@@ -52,6 +52,20 @@ class PrefillEstimator:
     def lower_bound_ms(self, tokens: int) -> float:
         return tokens * min(self._rates) if self._rates else 0.0
 
+    def upper_ms(self, tokens: int) -> float:
+        """``n`` times the slowest rate seen: generous, for sizing leases, never for
+        deciding that a request misses."""
+        return tokens * max(self._rates) if self._rates else 0.0
+
+
+def reservation_lease_ms(after_compute_s: float, estimator: PrefillEstimator,
+                         tokens: int) -> int:
+    """Lease to ask the kvstore for when reserving before the compute: the lease for the
+    handoff plus twice the slowest-rate estimate of the compute ahead. A fixed lease made
+    long prompts on a busy host (a 4k SmolLM2 prefill took 9-20 s here against a 30 s
+    lease) race the sweeper; a dead prefill's reservation still expires."""
+    return int(after_compute_s * 1000 + 2 * estimator.upper_ms(tokens))
+
 
 class ModelThread:
     """Runs model calls one at a time off the event loop."""

@@ -67,6 +67,7 @@ from services.common.workers import (
     PrefillEstimator,
     WorkerConfig,
     now_ms,
+    reservation_lease_ms,
     worker_info,
 )
 
@@ -87,9 +88,14 @@ class PrefillConfig(WorkerConfig):
 
     prefix_cache_mb: int = 256  # LRU cap of the prefix KV cache; 0 turns it off
     prefix_block_tokens: int = 64  # tokens per cached block (chained hashes)
+    # Lease on the staged KV for the handoff after the compute; the reservation adds the
+    # expected compute (reservation_lease_ms).
+    kv_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kv_lease_s <= 0:
+            raise ConfigError(f"need kv_lease_s > 0, got {self.kv_lease_s}")
         if self.prefix_cache_mb < 0 or self.prefix_block_tokens <= 0:
             raise ConfigError(f"need prefix_cache_mb >= 0 and prefix_block_tokens > 0, got "
                               f"{self.prefix_cache_mb}, {self.prefix_block_tokens}")
@@ -242,8 +248,10 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                            len(request.prompt_token_ids), info.kv_dtype)
         address, kvstore = self._kvstore()
         try:
+            lease_ms = reservation_lease_ms(self.cfg.kv_lease_s, self.estimator,
+                                            len(request.prompt_token_ids))
             res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-                request_id=rid, nbytes=nbytes), timeout=10)
+                request_id=rid, nbytes=nbytes, lease_ms=lease_ms), timeout=10)
         except grpc.aio.AioRpcError as e:
             err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
             if err.reason == "KV_CAPACITY" and \

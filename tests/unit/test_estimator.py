@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.workers import PrefillEstimator
+from services.common.workers import PrefillEstimator, reservation_lease_ms
 
 pytestmark = pytest.mark.unit
 
@@ -39,3 +39,13 @@ def test_ignores_empty_observations() -> None:
     est.observe(0, 5.0)
     est.observe(10, 0.0)
     assert est.lower_bound_ms(10) == 0.0
+
+
+def test_the_reservation_lease_covers_the_compute_ahead() -> None:
+    est = PrefillEstimator()
+    assert reservation_lease_ms(30.0, est, 4096) == 30_000  # nothing seen: the base lease
+    est.observe(1000, 500.0)  # 0.5 ms/token
+    est.observe(1000, 2000.0)  # 2 ms/token on a busy host
+    assert est.upper_ms(4096) == 8192.0
+    assert reservation_lease_ms(30.0, est, 4096) == 30_000 + 2 * 8192
+    assert est.lower_bound_ms(4096) == 2048.0  # deadlines still use the optimistic bound
