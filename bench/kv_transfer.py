@@ -313,7 +313,7 @@ async def layer_overlap(address: str, sizes: dict[int, int], warm: int = 1) -> d
                         _, buf = await thread.run(runner.pack, cache, True)
                         await push_kv(cfg, res, rid, memoryview(buf), tokens)
                     else:
-                        packer = runner.layer_packer(tokens, True)
+                        packer = runner.layer_packer(tokens)
                         push = await LayerPush.open(cfg, res, rid, packer.buf,
                                                     packer.meta.num_layers, True, host_id())
                         assert push is not None

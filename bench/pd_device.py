@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import os
@@ -53,6 +54,7 @@ MODES = {"device_only": pb.DEVICE_MODE_DEVICE_ONLY, "cloud_only": pb.DEVICE_MODE
          "pd_device": pb.DEVICE_MODE_PD_DEVICE}
 RHOS = (1.0, 0.75, 0.5, 0.25)
 K_CLOUD = 4  # cloud tokens before the device continues, in the quality measurement
+TTFT_TARGET_MS, TPOT_MAX_MS, CHUNK_TOKENS = 1500.0, 50.0, 256  # the bench device's settings
 
 
 # -- quality -----------------------------------------------------------------------------
@@ -133,9 +135,15 @@ class Result:
         return 1 + max(range(len(self.gaps)), key=self.gaps.__getitem__) if self.gaps else 0
 
 
+@functools.cache
+def trace_rows() -> list[tuple[int, int]]:
+    """(prompt tokens, answer tokens) of every trace request, in order."""
+    with TRACE.open() as f:
+        return [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+
+
 def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) -> list[Req]:
-    rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"]))
-            for r in csv.DictReader(TRACE.open())]
+    rows = trace_rows()
     out: list[Req] = []
     for b in buckets:
         near = [(p, g) for p, g in rows if 0.8 * b <= p <= 1.25 * b]
@@ -147,11 +155,10 @@ def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) ->
 def tail_requests(buckets: list[int], tail_out: int) -> list[Req]:
     """Per bucket, the trace's request with the longest output (the regime where the
     cloud's saving is large: it decodes N tokens instead of the whole answer)."""
-    rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"]))
-            for r in csv.DictReader(TRACE.open())]
     out = []
     for b in buckets:
-        p, g = max(((p, g) for p, g in rows if 0.8 * b <= p <= 1.25 * b), key=lambda r: r[1])
+        p, g = max(((p, g) for p, g in trace_rows() if 0.8 * b <= p <= 1.25 * b),
+                   key=lambda r: r[1])
         out.append(Req(b, p, min(g, tail_out), "tail"))
     return out
 
@@ -162,18 +169,21 @@ def trace_model_ratio(plan: dict[str, Any], q: dict[str, dict[str, float]],
     optimiser's plan and the measured profiles (a model, not a measurement): busy =
     TTFT_c(n) + (answer tokens the cloud decodes - 1) * TPOT_c, where pd_device's cloud
     decodes min(N, L) tokens, or none when the plan is device_only."""
+    from services.device.main import DeviceConfig
     from services.device.optimizer import Constraints
     from services.device.planning import Planner
 
     plan = dict(plan, quality={r: v["agreement"] for r, v in q.items()})
-    c = Constraints(ttft_target_ms=1500.0, tpot_max_ms=50.0 - 5.0,  # the device's margin
-                    min_quality=args.min_quality, tau_min_ms=10.0)
-    planner = Planner(plan, args.rtt_ms, args.bandwidth_mbps, 256, c)
+    # The constraints the bench's device process plans with (start_device).
+    c = Constraints(ttft_target_ms=TTFT_TARGET_MS,
+                    tpot_max_ms=TPOT_MAX_MS - DeviceConfig.display_margin_ms,
+                    min_quality=args.min_quality, tau_min_ms=DeviceConfig.tau_min_ms)
+    planner = Planner(plan, args.rtt_ms, args.bandwidth_mbps, CHUNK_TOKENS, c)
     p = planner.profiles
     pd = cloud = 0.0
     modes: dict[str, int] = {}
-    for row in csv.DictReader(TRACE.open()):
-        n, g = int(row["ContextTokens"]), max(1, int(row["GeneratedTokens"]))
+    for n, answer in trace_rows():
+        g = max(1, answer)
         pl = planner.plan(n, g)
         modes[pl.mode] = modes.get(pl.mode, 0) + 1
         full = p.cloud_ttft(n) + (g - 1) * p.cloud_tpot_ms
@@ -193,8 +203,9 @@ def start_device(cloud: str, log_dir: Path, plan: Path, args: argparse.Namespace
         [sys.executable, "-m", "services.cli", "serve", "device", "--engine", "mock",
          "--device-profile", "phone", "--model", "tiny", "--cloud-address", cloud,
          "--wan-rtt-ms", str(args.rtt_ms), "--wan-bandwidth-mbps", str(args.bandwidth_mbps),
-         "--plan-profile", str(plan), "--chunk-tokens", "256", "--ttft-target-ms", "1500",
-         "--tpot-max-ms", "50", "--min-quality", str(args.min_quality),
+         "--plan-profile", str(plan), "--chunk-tokens", str(CHUNK_TOKENS),
+         "--ttft-target-ms", str(TTFT_TARGET_MS), "--tpot-max-ms", str(TPOT_MAX_MS),
+         "--min-quality", str(args.min_quality),
          "--cloud-timeout-s", "30", "--ready-file", str(ready)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

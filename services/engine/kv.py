@@ -9,6 +9,8 @@ rebuilds a transformers ``DynamicCache`` from them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig
@@ -26,6 +28,11 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The header's name for a torch dtype."""
+    return _NAMES[dtype]
+
+
 def pack_kv(
     cache: DynamicCache, fingerprint: str, checksum: bool = True
 ) -> tuple[KvMeta, np.ndarray]:
@@ -34,24 +41,19 @@ def pack_kv(
     if k0.shape[0] != 1:
         raise ValueError("pack_kv packs one request (batch size 1)")
     _, heads, tokens, head_dim = k0.shape
-    meta = KvMeta(_NAMES[k0.dtype], len(layers), heads, head_dim, tokens, fingerprint)
-    buf = np.empty(meta.total_nbytes, dtype=np.uint8)
-    payload = torch.from_numpy(buf[HEADER_BYTES:]).view(k0.dtype)
-    payload = payload.view(meta.num_layers, 2, heads, tokens, head_dim)
-    for i, layer in enumerate(layers):
-        payload[i, 0].copy_(layer.keys[0])
-        payload[i, 1].copy_(layer.values[0])
-    if checksum:
-        meta = KvMeta(**{**meta.__dict__, "payload_crc32": payload_crc32(buf[HEADER_BYTES:])})
-    buf[:HEADER_BYTES] = np.frombuffer(encode_header(meta), dtype=np.uint8)
-    return meta, buf
+    packer = LayerPacker(KvMeta(_NAMES[k0.dtype], len(layers), heads, head_dim, tokens,
+                                fingerprint))
+    for i in range(len(layers)):
+        packer(i, cache)
+    packer.header(payload_crc32(packer.buf[HEADER_BYTES:]) if checksum else -1)
+    return packer.meta, packer.buf
 
 
 class LayerPacker:
-    """Packs a prefill's cache into the transfer buffer one layer at a time, as each
-    decoder layer finishes (per-layer transfer: ``transport.layers``). The bytes are the
-    ones ``pack_kv`` writes; the header goes in last (``header``), with the crc32 that the
-    sender computed over the layers it sent."""
+    """Packs a prefill's cache into the transfer buffer one layer at a time: all at once
+    after the forward (``pack_kv``), or as each decoder layer finishes (per-layer
+    transfer: ``transport.layers``). The header goes in last (``header``), with the
+    payload's crc32 (-1: none)."""
 
     def __init__(self, meta: KvMeta) -> None:
         self.meta = meta
@@ -66,7 +68,7 @@ class LayerPacker:
         self._payload[layer, 1].copy_(kv.values[0])
 
     def header(self, crc: int) -> bytes:
-        self.meta = KvMeta(**{**self.meta.__dict__, "payload_crc32": crc})
+        self.meta = dataclasses.replace(self.meta, payload_crc32=crc)
         raw = encode_header(self.meta)
         self.buf[:HEADER_BYTES] = np.frombuffer(raw, dtype=np.uint8)
         return raw

@@ -28,7 +28,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from services.common.kvlayout import KvMeta
 from services.common.modelinfo import ModelInfo, fingerprint
-from services.engine.kv import _NAMES, LayerPacker, cache_from_layers, pack_kv, unpack_kv
+from services.engine.kv import (
+    LayerPacker,
+    cache_from_layers,
+    dtype_name,
+    pack_kv,
+    unpack_kv,
+)
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
 from services.engine.prefix import PrefixCache, chain_hashes
@@ -82,12 +88,12 @@ class ModelRunner:
             for h in handles:
                 h.remove()
 
-    def layer_packer(self, num_tokens: int, checksum: bool) -> LayerPacker:
-        """A transfer buffer for ``num_tokens`` tokens, packed layer by layer (``on_layer``)."""
+    def layer_packer(self, num_tokens: int) -> LayerPacker:
+        """A transfer buffer for ``num_tokens`` tokens, packed layer by layer (``on_layer``);
+        the payload crc goes in with the header, once the push knows it."""
         i = self.info
-        meta = KvMeta(_NAMES[self.model.dtype], i.num_layers, i.num_kv_heads, i.head_dim,
-                      num_tokens, self.fingerprint, -1 if not checksum else 0)
-        return LayerPacker(meta)
+        return LayerPacker(KvMeta(dtype_name(self.model.dtype), i.num_layers, i.num_kv_heads,
+                                  i.head_dim, num_tokens, self.fingerprint))
 
     def _prefill(self, token_ids: list[int], params: Sampling, reuse_prefix: bool,
                  cache: DynamicCache) -> tuple[int, DynamicCache]:

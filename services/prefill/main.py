@@ -308,10 +308,10 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     xfer = await layered.push.finish(layered.packer.header,
                                                      context.time_remaining())
                     meta, buf = layered.packer.meta, layered.packer.buf
-                span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
-                if layered is None:
+                else:
                     xfer = await push_kv(self.cfg, res, rid, buf, meta.num_tokens,
                                          context.time_remaining())
+                span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
             kv = common_pb2.KvRef(
                 handle=handle, control_address=address, data_address=res.data_address,
                 transport=xfer.transport, nbytes=buf.nbytes, num_tokens=meta.num_tokens,
@@ -339,7 +339,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         make = getattr(self.runner, "layer_packer", None)
         if not self.cfg.kv_layer_overlap or make is None:
             return None
-        packer = make(n, self.cfg.kv_checksum)
+        packer = make(n)
         push = await LayerPush.open(self.cfg, res, rid, packer.buf, packer.meta.num_layers,
                                     self.cfg.kv_checksum, host_id())
         return _Layered(push, packer) if push is not None else None

@@ -13,8 +13,10 @@ once the decode no longer reads them.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 
 class Status(enum.IntEnum):
@@ -51,6 +53,9 @@ class TransferError(Exception):
         return self.status not in FINAL_STATUSES
 
 
+RELEASE_TRIES = 25  # x 2 ms: how long a release waits for the last view to go
+
+
 class KvLease:
     """A fetched KV buffer the caller reads in place. ``release`` once it is copied out
     (the kvstore may then reuse the memory); ``abort`` when that is in doubt (cancelled
@@ -67,6 +72,21 @@ class KvLease:
 
     def abort(self) -> None:
         return None
+
+    async def _drop_view(self, close: Callable[[], bool]) -> bool:
+        """Release ``view``, then ``close`` the memory under it (it raises BufferError, or
+        returns False, while another view of that memory is alive). Retried for up to
+        ~50 ms: an executor thread sets its future's result before it drops the call's
+        arguments. True once closed; False means something may still read it."""
+        for _ in range(RELEASE_TRIES):
+            try:
+                self.view.release()
+                if close():
+                    return True
+            except BufferError:
+                pass
+            await asyncio.sleep(0.002)
+        return False
 
 
 class KvTransport(ABC):

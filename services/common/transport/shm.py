@@ -49,7 +49,6 @@ from services.common.transport.wire import (
 log = logging.getLogger(__name__)
 # Copies larger than this run on a thread (numpy releases the GIL), not on the event loop.
 THREAD_COPY_BYTES = 8 << 20
-RELEASE_TRIES = 25  # x 2 ms: how long a release waits for the last view of the mapping to go
 
 
 async def send_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes,
@@ -192,20 +191,13 @@ class ShmLease(KvLease):
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        unmapped = False
-        for _ in range(RELEASE_TRIES):
-            try:
-                # Both raise while anything built on the mapping (a numpy array, a
-                # tensor) is alive: then it may still be read, and the kvstore must not
-                # reuse it.
-                self.view.release()
-                self._mm.close()
-                unmapped = True
-                break
-            except BufferError:
-                # An executor thread sets its future's result before it drops the call's
-                # arguments: give it a moment before calling the mapping still in use.
-                await asyncio.sleep(0.002)
+        def unmap() -> bool:
+            # Raises while anything built on the mapping (a numpy array, a tensor) is
+            # alive: then it may still be read, and the kvstore must not reuse it.
+            self._mm.close()
+            return True
+
+        unmapped = await self._drop_view(unmap)
         if not unmapped:
             log.warning("shm fetch: the KV mapping is still referenced at release; the "
                         "kvstore will close the buffer instead of reusing it")

@@ -104,16 +104,8 @@ class TcpLease(KvLease):
 
     async def release(self, timeout_s: float = 5.0) -> None:
         mm, self._mm = self._mm, None
-        if mm is None:
-            return
-        for _ in range(25):  # an executor thread drops its call's arguments just after
-            try:
-                self.view.release()
-                if RECV_POOL.give(mm):
-                    return
-            except BufferError:
-                pass
-            await asyncio.sleep(0.002)
+        if mm is not None:
+            await self._drop_view(lambda: RECV_POOL.give(mm))
 
     def abort(self) -> None:
         self._mm = None  # a thread may still read it: left to GC, never reused
