@@ -112,8 +112,10 @@ def prefill_batching(spec: str, lengths: list[int], rounds: int) -> dict[str, fl
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from services.common.modelinfo import ModelInfo
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
 
+    ensure_prepared(spec)
     info = ModelInfo.load(spec)
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()
     prompts = [prompt_ids(n, info.vocab_size, seed=n) for n in lengths]
@@ -138,8 +140,9 @@ def prefill_batching(spec: str, lengths: list[int], rounds: int) -> dict[str, fl
 
 def prefix_replay(trace: Path, prefills: int, groups: int, cache_blocks: int,
                   profile: str, limit: int) -> dict[str, dict[str, float]]:
-    from services.engine.mock import LatencyModel, profile_path
+    from services.engine.mock import LatencyModel
     from services.engine.prefix import PrefixCache
+    from services.model.profile import profile_path
 
     rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
     rows = rows[:limit] if limit else rows

@@ -133,9 +133,11 @@ def chat_text(tok: Any, tokens: int) -> str:
 
 def compare(model: str, site: Path, tokens: int, new_tokens: int, concurrency: int,
             requests: int, bar: Any) -> dict[str, Any]:
-    from services.common.modelinfo import ModelInfo
-    from services.common.tokenizer import TextTokenizer
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
+    from services.model.tokenizer import TextTokenizer
 
+    ensure_prepared(model)
     info = ModelInfo.load(model)
     tok = TextTokenizer(info.path)
     text = chat_text(tok, tokens)

@@ -52,10 +52,10 @@ import grpc
 import numpy as np
 
 from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
-from services.common.kvlayout import HEADER_BYTES, KvMeta, encode_header
 from services.common.redis_embed import EmbeddedRedis
-from services.common.transport import KvTransferConfig, fetch_kv, push_kv
-from services.common.transport.rdma import mooncake_importable, wire_protocol
+from services.kv import KvTransferConfig, fetch_kv, push_kv
+from services.kv.layout import HEADER_BYTES, KvMeta, encode_header
+from services.kv.rdma import mooncake_importable, wire_protocol
 
 PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M fp32 KV bytes per token
 TARGETS = {"tcp_vs_raw_tcp": (">=", 0.85), "shm_vs_memcpy": (">=", 0.70),
@@ -281,12 +281,12 @@ async def layer_overlap(address: str, sizes: dict[int, int], warm: int = 1) -> d
     transfer (``kv_layer_overlap``), alternating rounds (``sizes``: tokens -> measured
     rounds; ``warm`` warm-up rounds before the first size). Each round's KV is fetched and
     verified; both variants must produce the same first token and payload crc."""
-    from services.common.kvlayout import verify
     from services.common.runtime import host_id
-    from services.common.transport.layers import LayerPush
-    from services.common.workers import ModelThread
     from services.engine.runner import ModelRunner
     from services.engine.sampling import Sampling
+    from services.engine.worker import ModelThread
+    from services.kv.layers import LayerPush
+    from services.kv.layout import verify
 
     thread = ModelThread("bench-prefill")  # as the prefill worker: one model thread
     runner = await thread.run(ModelRunner, "smollm2")

@@ -62,8 +62,10 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.common.modelinfo import ModelInfo
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
 
+    ensure_prepared(args.model)
     info = ModelInfo.load(args.model)
     torch.set_num_threads(torch.get_num_threads())
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()

@@ -72,10 +72,12 @@ def quality(model_spec: str, prompts: int, words: int, gen: int) -> dict[str, di
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from services.common.modelinfo import ModelInfo
-    from services.common.tokenizer import TextTokenizer
+    from services.engine.prepare import ensure_prepared
     from services.engine.refine import ImportanceProbe, refine
+    from services.model.info import ModelInfo
+    from services.model.tokenizer import TextTokenizer
 
+    ensure_prepared(model_spec)
     info = ModelInfo.load(model_spec)
     tok = TextTokenizer(info.path)
     model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()

@@ -1,6 +1,6 @@
 """Measure a model's prefill and decode latency here and fit the mock engine's profile.
 
-  python bench/profile_model.py --model smollm2 --out services/engine/profiles/smollm2-cpu.json
+  python bench/profile_model.py --model smollm2 --out services/model/profiles/smollm2-cpu.json
 
 Fits prefill_ms(n) = a + b*n + c*n^2 over prompt lengths, and
 decode_ms(batch=1, ctx) = d0 + d2*ctx over context lengths (one stream; the batch

@@ -217,8 +217,10 @@ def main() -> int:
         return run_sim(args)
     from tqdm import tqdm
 
-    from services.common.modelinfo import ModelInfo
-    from services.engine.mock import LatencyModel, profile_path
+    from services.engine.mock import LatencyModel
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
+    from services.model.profile import profile_path
 
     if args.quick:
         args.requests = min(args.requests, 60)
@@ -235,6 +237,7 @@ def main() -> int:
     profile_file.write_text(json.dumps(prof, indent=2))
     args.profile = str(profile_file)
     latency = LatencyModel.from_profile(prof)
+    ensure_prepared(f"mock:{args.profile}")
     vocab = ModelInfo.load(f"mock:{args.profile}").vocab_size
     half_p, half_d = max(1, args.prefill // 2), max(1, args.decode // 2)
     groups = f"{GROUPS[0]}:{half_p}p{half_d}d,{GROUPS[1]}:{half_p}p{half_d}d"

@@ -49,7 +49,8 @@ def target_check(points: list[Point], trace: str) -> str:
 def run_sim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from services.engine.mock import LatencyModel, profile_path
+    from services.engine.mock import LatencyModel
+    from services.model.profile import profile_path
 
     latency = LatencyModel.from_profile(json.loads(profile_path(args.profile).read_text()))
     n_req = args.requests if args.requests != 200 else (600 if args.quick else 3000)

@@ -84,8 +84,10 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from services.common.modelinfo import ModelInfo
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
 
+    ensure_prepared(args.model)
     info = ModelInfo.load(args.model)
     print(f"{info.name}: {info.path}")
     return 0

@@ -126,9 +126,9 @@ class Launcher:
         if not self.redis_url:
             self.redis = EmbeddedRedis(str(self.dir / "redis"))
             self.redis_url = self.redis.start()
-        from services.common.modelinfo import ModelInfo
+        from services.engine.prepare import ensure_prepared
 
-        ModelInfo.load(self.opts.model)  # prepare once, before N workers race for it
+        ensure_prepared(self.opts.model)  # once, before N workers race for it
         groups = (parse_groups(self.opts.groups) if self.opts.groups
                   else [("default", self.opts.prefill, self.opts.decode)])
         first_group = groups[0][0]

@@ -20,8 +20,8 @@ from pdserve.v1 import (
     prefill_service_pb2_grpc,
 )
 from services.common.runtime import new_channel
-from services.common.workers import WorkerConfig
 from services.decode import main as decode_main
+from services.engine.worker import WorkerConfig
 from services.gateway import main as gateway_main
 from services.kvstore.main import KvStoreConfig, KvStoreService
 from services.prefill import main as prefill_main

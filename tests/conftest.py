@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.common.redis_embed import EmbeddedRedis
 from services.common.telemetry import setup_telemetry
+from services.engine.prepare import ensure_prepared
 
 SPANS = InMemorySpanExporter()
 
@@ -17,6 +18,9 @@ SPANS = InMemorySpanExporter()
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup_telemetry("pdserve-tests", exporter=SPANS)
+    # The explicit prepare step (ModelInfo.load only reads); SmolLM2 is prepared by the
+    # tests that use it.
+    ensure_prepared("tiny")
 
 
 @pytest.fixture(scope="session")

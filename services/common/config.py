@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 ENV_PREFIX = "PDSERVE_"
+DEFAULT_CACHE_DIR = "~/.cache/pdserve"  # converted models; PDSERVE_CACHE_DIR overrides
 
 C = TypeVar("C")
 

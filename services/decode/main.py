@@ -40,7 +40,6 @@ from services.common.errors import (
     ResourceExhausted,
     abort_with,
 )
-from services.common.kvlayout import KvFormatError, decode_header
 from services.common.runtime import ServiceRuntime, run_main
 from services.common.telemetry import (
     ATTR_COMPLETION_TOKENS,
@@ -48,10 +47,11 @@ from services.common.telemetry import (
     ATTR_REQUEST_ID,
     tracer,
 )
-from services.common.transport import fetch_kv, transfer_load
-from services.common.workers import WorkerConfig, worker_info
 from services.decode.steploop import DecodeSequence, StepLoop
 from services.engine.paged import PoolExhausted
+from services.engine.worker import WorkerConfig, worker_info
+from services.kv import fetch_kv, transfer_load
+from services.kv.layout import KvFormatError, decode_header
 
 if TYPE_CHECKING:
     from services.engine.paged import BlockAllocator, BlockTable

@@ -100,9 +100,9 @@ async def _profile(args: argparse.Namespace) -> int:
 
     from pdserve.v1 import generation_service_pb2 as gpb
     from pdserve.v1 import generation_service_pb2_grpc as gpb_grpc
-    from services.common.workers import ModelThread
     from services.device.engine import TorchDevice
     from services.device.planning import measure_device
+    from services.engine.worker import ModelThread
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     thread = ModelThread("profile")

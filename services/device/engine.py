@@ -50,7 +50,7 @@ class TorchDevice:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from services.common.modelinfo import ModelInfo
+        from services.model.info import ModelInfo
 
         if speed_factor < 1.0:
             raise ValueError(f"speed_factor must be >= 1 (a device is not faster than "

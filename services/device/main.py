@@ -29,15 +29,15 @@ from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc
 from services.common.config import ConfigError, ModelConfig, ServiceConfig
 from services.common.errors import InvalidArgument, PdserveError, abort_with
-from services.common.modelinfo import ModelInfo
 from services.common.runtime import ServiceRuntime, new_channel, run_main
-from services.common.tokenizer import Detokenizer, TextTokenizer
-from services.common.workers import ModelThread
 from services.device.controller import ControllerConfig
 from services.device.optimizer import Constraints
 from services.device.planning import Planner, load_plan_profile, measure_device
 from services.device.session import ChatRun, RunSettings, default_stub_factory
 from services.device.wan import WanRelay
+from services.engine.worker import ModelThread
+from services.model.info import ModelInfo
+from services.model.tokenizer import Detokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["DeviceService"].full_name

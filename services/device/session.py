@@ -37,9 +37,9 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import device_service_pb2 as dpb
 from pdserve.v1 import generation_service_pb2 as gpb
-from services.common.workers import ModelThread
 from services.device.controller import ControllerConfig, SpeedController, percentile
 from services.device.handoff import Reconciler
+from services.engine.worker import ModelThread
 
 log = logging.getLogger(__name__)
 CLOUD, DEVICE = dpb.TOKEN_SOURCE_CLOUD, dpb.TOKEN_SOURCE_DEVICE

@@ -1,4 +1,4 @@
-"""A request's KV as one contiguous buffer (see ``services.common.kvlayout``).
+"""A request's KV as one contiguous buffer (see ``services.kv.layout``).
 
 ``pack_kv`` copies each layer's K and V into one preallocated buffer: one copy,
 laid out layer-major so a layer can be sent on its own (``LayerPacker`` does it layer
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
-from services.common.kvlayout import (
+from services.kv.layout import (
     HEADER_BYTES,
     KvFormatError,
     KvMeta,

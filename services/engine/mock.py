@@ -24,12 +24,14 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from services.common.kvlayout import (
+from services.engine.paged import BlockAllocator, BlockTable
+from services.engine.prefix import chain_hashes
+from services.engine.sampling import Sampling
+from services.kv.layout import (
     DTYPE_SIZES,
     HEADER_BYTES,
     KvFormatError,
@@ -38,24 +40,10 @@ from services.common.kvlayout import (
     payload_crc32,
     verify,
 )
-from services.common.modelinfo import ModelInfo
-from services.engine.paged import BlockAllocator, BlockTable
-from services.engine.prefix import chain_hashes
-from services.engine.sampling import Sampling
+from services.model.info import ModelInfo
+from services.model.profile import profile_path
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
 BLOCK = 64
-
-
-def profile_path(name: str) -> Path:
-    p = Path(name)
-    if p.suffix == ".json" and p.exists():
-        return p
-    builtin = PROFILE_DIR / f"{name}.json"
-    if not builtin.exists():
-        known = sorted(q.stem for q in PROFILE_DIR.glob("*.json"))
-        raise ValueError(f"unknown mock profile {name!r}; built-in: {known}, or a .json path")
-    return builtin
 
 
 @dataclass(frozen=True)

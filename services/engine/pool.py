@@ -6,7 +6,7 @@ allocator's first choice, see ``paged``) is read by attention as a strided view 
 its slots, with no gather; a fragmented table is gathered with ``index_select``.
 
 RecvScatter (``scatter``) restores a received contiguous KV buffer
-(``services.common.kvlayout``: header + layer-major K/V) into a reserved table: one
+(``services.kv.layout``: header + layer-major K/V) into a reserved table: one
 copy per layer and per K/V for a run, an ``index_copy_`` otherwise.
 
 The batched step (``decode_batch``) runs ONE forward over all active sequences, each
@@ -31,10 +31,10 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from services.common.kvlayout import HEADER_BYTES, KvFormatError, KvMeta, verify
 from services.engine.kv import _TORCH_DTYPES
 from services.engine.paged import BlockAllocator, BlockTable
 from services.engine.sampling import Sampling, sample
+from services.kv.layout import HEADER_BYTES, KvFormatError, KvMeta, verify
 
 ATTN_NAME = "pdserve_paged"
 _CTX_KWARG = "pdserve_paged"

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from services.common.modelinfo import FINGERPRINT_FILE, KNOWN, cache_root, compute_fingerprint
+from services.model.info import FINGERPRINT_FILE, KNOWN, cache_root, compute_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,17 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def ensure_prepared(spec: str, cache_dir: str = "") -> None:
+    """The explicit prepare step before anything loads ``spec``: a built-in model is
+    converted once; a mock profile needs ``tiny``'s tokenizer; a local directory needs
+    nothing. The launcher, ``pdserve model prepare``, compose's init step, the benches and
+    the test session call this; ``ModelInfo.load`` only reads."""
+    if spec in KNOWN:
+        prepare_model(spec, cache_dir)
+    elif spec.startswith("mock:"):
+        prepare_model("tiny", cache_dir)
 
 
 def prepare_model(spec: str, cache_dir: str = "") -> Path:

@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from services.common.kvlayout import KvMeta
-from services.common.modelinfo import ModelInfo, fingerprint
 from services.engine.kv import (
     LayerPacker,
     cache_from_layers,
@@ -39,6 +37,8 @@ from services.engine.paged import BlockTable
 from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
 from services.engine.prefix import PrefixCache, chain_hashes
 from services.engine.sampling import Sampling, sample
+from services.kv.layout import KvMeta
+from services.model.info import ModelInfo, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
 from services.common.config import ConfigError, ModelConfig, ServiceConfig
-from services.common.modelinfo import ModelInfo
 from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
-from services.common.tokenizer import TextTokenizer
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.scheduling import Policy
 from services.gateway.servicer import GenerationServicer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 

@@ -43,7 +43,6 @@ from services.common.errors import (
     abort_with,
     from_rpc_error,
 )
-from services.common.modelinfo import ModelInfo
 from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import new_channel
 from services.common.telemetry import (
@@ -53,13 +52,14 @@ from services.common.telemetry import (
     ATTR_SCENARIO,
     tracer,
 )
-from services.common.tokenizer import Detokenizer, TextTokenizer
 from services.gateway import assist
 from services.gateway.admission import PrefillAdmission
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate, rank_decodes, rank_least_open_streams
 from services.gateway.scheduling import Policy
 from services.gateway.validation import ValidRequest, validate
+from services.model.info import ModelInfo
+from services.model.tokenizer import Detokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from pdserve.v1 import generation_service_pb2 as gen_pb
 from services.common.errors import InvalidArgument
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 
 MAX_STOP_STRINGS = 16
 

@@ -33,9 +33,10 @@ from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tasks import cancel_and_wait
 from services.common.telemetry import ATTR_REQUEST_ID, tracer
-from services.common.transport import DataServer, KvTransferConfig
-from services.common.transport.faults import Faults
-from services.common.transport.negotiate import rdma_usable
+from services.kv import KvTransferConfig
+from services.kv.negotiate import rdma_usable
+from services.kvstore.dataserver import DataServer
+from services.kvstore.faults import Faults
 from services.kvstore.memory import SegmentPool, heap_segment, memfd_segment, memfd_supported
 from services.kvstore.store import KvStore
 
@@ -162,7 +163,7 @@ class KvStoreService:
 
     def _endpoints(self, data_address: str) -> list[common_pb2.KvEndpoint]:
         """What this kvstore serves, in its own preference order (clients use theirs)."""
-        from services.common.transport.rdma import engine_for, mooncake_importable
+        from services.kv.rdma import engine_for, mooncake_importable
 
         me = host_id()
         out: list[common_pb2.KvEndpoint] = []

@@ -12,7 +12,7 @@ TRANSFERRING entry takes it over (a new generation), so a retry never waits for 
 server to notice that the first connection died. Every other broken push aborts.
 
 No I/O here: the clock is injected, and the data channel calls the
-``begin_*``/``end_*`` hooks (``services.common.transport.server.DataHandler``).
+``begin_*``/``end_*`` hooks (``services.kvstore.dataserver.DataHandler``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.transport.base import Status, TransferError
+from services.kv.base import Status, TransferError
 from services.kvstore.memory import Segment, heap_segment
 
 

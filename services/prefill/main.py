@@ -60,16 +60,10 @@ from services.common.telemetry import (
     ATTR_REQUEST_ID,
     tracer,
 )
-from services.common.transport import push_kv, transfer_load
-from services.common.transport.layers import LayerPush
-from services.common.workers import (
-    ModelThread,
-    PrefillEstimator,
-    WorkerConfig,
-    now_ms,
-    reservation_lease_ms,
-    worker_info,
-)
+from services.engine.worker import ModelThread, WorkerConfig, now_ms, worker_info
+from services.kv import push_kv, transfer_load
+from services.kv.layers import LayerPush
+from services.prefill.estimator import PrefillEstimator, reservation_lease_ms
 
 if TYPE_CHECKING:
     from services.engine.kv import LayerPacker
@@ -234,9 +228,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
     async def _run(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
     ) -> AsyncIterator[pb.PrefillResponse]:
-        from services.common.kvlayout import kv_nbytes
         from services.engine.refine import probe_for, refined_prompt
         from services.engine.sampling import Sampling
+        from services.kv.layout import kv_nbytes
 
         rid = request.request_id
         self._deadline_passed(request, "before")

@@ -19,8 +19,8 @@ from pdserve.v1 import (
     kvstore_service_pb2,
     kvstore_service_pb2_grpc,
 )
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 from tests.e2e.conftest import UpProcess, pid_alive, start_up
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ import pytest
 
 from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 from tests.e2e.conftest import UpProcess, start_up
 from tests.e2e.test_cluster import generate_ref
 

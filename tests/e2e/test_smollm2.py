@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 from tests.e2e.conftest import UpProcess, start_up
 from tests.e2e.test_cluster import generate_ref, run
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 from tests.cluster import Cluster
 
 

@@ -11,9 +11,9 @@ from dataclasses import replace
 import pytest
 
 from pdserve.v1 import generation_service_pb2
-from services.common.workers import WorkerConfig
 from services.decode import main as decode_main
 from services.decode.main import DecodeConfig
+from services.engine.worker import WorkerConfig
 from tests.cluster import Cluster
 from tests.integration.conftest import reference
 

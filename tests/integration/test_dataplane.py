@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from services.common.errors import error_info
-from services.common.transport.faults import Faults
-from services.common.transport.rdma import mooncake_importable
+from services.kv.rdma import mooncake_importable
+from services.kvstore.faults import Faults
 from tests.cluster import Cluster
 from tests.integration.conftest import reference
 

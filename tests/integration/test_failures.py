@@ -16,8 +16,8 @@ from pdserve.v1 import (
     kvstore_service_pb2_grpc,
 )
 from services.common.errors import error_info
-from services.common.kvlayout import HEADER_BYTES
-from services.common.transport import TcpTransport
+from services.kv import TcpTransport
+from services.kv.layout import HEADER_BYTES
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.integration

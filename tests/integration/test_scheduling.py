@@ -133,8 +133,8 @@ async def test_unknown_scenario_goes_to_default_or_is_refused(redis_url: str) ->
 async def test_a_full_kvstore_makes_prefill_reject_and_the_request_is_forwarded(
     redis_url: str,
 ) -> None:
-    from services.common.kvlayout import kv_nbytes
-    from services.common.modelinfo import ModelInfo
+    from services.kv.layout import kv_nbytes
+    from services.model.info import ModelInfo
 
     info = ModelInfo.load("tiny")
     one = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, 200, info.kv_dtype)
@@ -152,7 +152,7 @@ async def test_a_full_kvstore_makes_prefill_reject_and_the_request_is_forwarded(
 async def test_mock_engine_cluster_moves_kv_of_the_modelled_size(
     redis_url: str, tmp_path: Path
 ) -> None:
-    from services.engine.mock import profile_path
+    from services.model.profile import profile_path
 
     prof = json.loads(profile_path("scaled-gpu").read_text())
     prof["time_scale"] = 0.1

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.common.kvlayout import KvFormatError
 from services.decode.steploop import DecodeSequence, StepLoop
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool
 from services.engine.runner import ModelRunner
 from services.engine.sampling import Sampling
+from services.kv.layout import KvFormatError
 from tests.integration.conftest import reference
 
 pytestmark = pytest.mark.unit
@@ -33,7 +33,7 @@ def runner() -> ModelRunner:
 @pytest.fixture(scope="module")
 def plain_model():  # type: ignore[no-untyped-def]
     """A separate copy with stock attention: the ground truth never runs our code."""
-    from services.common.modelinfo import ModelInfo
+    from services.model.info import ModelInfo
 
     path = ModelInfo.load("tiny").path
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from services.common.config import ConfigError, ModelConfig, ServiceConfig, as_env, load_config
-from services.common.workers import WorkerConfig
+from services.engine.worker import WorkerConfig
 from services.gateway.main import GatewayConfig
 from services.kvstore.main import KvStoreConfig
 

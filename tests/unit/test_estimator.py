@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.workers import PrefillEstimator, reservation_lease_ms
+from services.prefill.estimator import PrefillEstimator, reservation_lease_ms
 
 pytestmark = pytest.mark.unit
 

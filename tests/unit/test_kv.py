@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header, verify
 from services.engine.kv import cache_from_layers, pack_kv, unpack_kv
+from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header, verify
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""services.common.kvlayout: the KV buffer header, offsets and verification."""
+"""services.kv.layout: the KV buffer header, offsets and verification."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from services.common.kvlayout import (
+from services.kv.layout import (
     HEADER_BYTES,
     MAGIC,
     VERSION,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.kvlayout import KvFormatError, kv_nbytes
-from services.engine.mock import BLOCK, LatencyModel, MockRunner, block_hashes, profile_path
+from services.engine.mock import BLOCK, LatencyModel, MockRunner, block_hashes
 from services.engine.sampling import Sampling
+from services.kv.layout import KvFormatError, kv_nbytes
+from services.model.profile import profile_path
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services.common.config import ConfigError, load_config
-from services.common.workers import WorkerConfig
 from services.decode.main import DecodeConfig
+from services.engine.worker import WorkerConfig
 from services.prefill.main import PrefillConfig
 
 pytestmark = pytest.mark.unit

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 
 from pdserve.v1 import common_pb2
-from services.common.kvlayout import HEADER_BYTES
 from services.common.runtime import host_id
-from services.common.transport import DataServer, KvTransferConfig
-from services.common.transport.faults import Faults
-from services.common.transport.negotiate import plan
-from services.common.transport.rdma import (
+from services.kv import KvTransferConfig
+from services.kv.layout import HEADER_BYTES
+from services.kv.negotiate import plan
+from services.kv.rdma import (
     engine_for,
     mooncake_importable,
     rdma_devices,
     wire_protocol,
 )
+from services.kvstore.dataserver import DataServer
+from services.kvstore.faults import Faults
 from services.kvstore.memory import heap_segment
 from services.kvstore.store import KvStore
 from tests.unit.test_transport import TOKENS, Node

@@ -34,7 +34,7 @@ def test_refine_without_importance_keeps_order() -> None:
 def test_probe_matches_eager_attention() -> None:
     from transformers import AutoModelForCausalLM
 
-    from services.common.modelinfo import ModelInfo
+    from services.model.info import ModelInfo
 
     path = ModelInfo.load("tiny").path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,

@@ -10,7 +10,8 @@ import pytest
 
 from bench.simulator import SIM_POLICIES, SimConfig, SimRequest, Simulator
 from bench.traces import paper_example
-from services.engine.mock import LatencyModel, profile_path
+from services.engine.mock import LatencyModel
+from services.model.profile import profile_path
 
 pytestmark = pytest.mark.unit
 LAT = LatencyModel.from_profile(json.loads(profile_path("scaled-gpu").read_text()))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.transport.base import Status, TransferError
+from services.kv.base import Status, TransferError
 from services.kvstore.store import KvStore, State
 
 pytestmark = pytest.mark.unit

@@ -1,11 +1,11 @@
-"""services.common.tokenizer: the incremental Detokenizer on the tiny byte-level tokenizer."""
+"""services.model.tokenizer: the incremental Detokenizer on the tiny byte-level tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import Detokenizer, TextTokenizer
+from services.model.info import ModelInfo
+from services.model.tokenizer import Detokenizer, TextTokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -13,18 +13,18 @@ import pytest
 
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.kvlayout import HEADER_BYTES, KvMeta, encode_header, verify
 from services.common.runtime import host_id
-from services.common.transport import (
-    DataServer,
+from services.kv import (
     KvTransferConfig,
     fetch_kv,
     pull_kv,
     push_kv,
 )
-from services.common.transport.faults import Faults
-from services.common.transport.negotiate import STATS, block_bytes, plan
-from services.common.transport.shm import MAPPINGS
+from services.kv.layout import HEADER_BYTES, KvMeta, encode_header, verify
+from services.kv.negotiate import STATS, block_bytes, plan
+from services.kv.shm import MAPPINGS
+from services.kvstore.dataserver import DataServer
+from services.kvstore.faults import Faults
 from services.kvstore.memory import SegmentPool, memfd_segment
 from services.kvstore.store import KvStore
 
@@ -97,7 +97,7 @@ async def test_roundtrip_bytes_identical(node: Node, transports: str, mode: str)
 
 
 def test_a_block_is_n_tokens_of_one_layer() -> None:
-    from services.common.kvlayout import KvMeta, encode_header
+    from services.kv.layout import KvMeta, encode_header
 
     meta = KvMeta("float32", num_layers=4, num_kv_heads=2, head_dim=8, num_tokens=64,
                   fingerprint="f")
@@ -208,7 +208,7 @@ async def test_shm_fetch_is_a_mapping_not_a_copy(node: Node) -> None:
 async def test_client_killed_mid_push_frees_at_once(node: Node) -> None:
     """A prefill that dies mid-push closes its socket: the kvstore aborts the entry now,
     not at lease expiry."""
-    from services.common.transport.wire import Op, connect_tcp, pack_req, read_resp
+    from services.kv.wire import Op, connect_tcp, pack_req, read_resp
 
     loop = asyncio.get_running_loop()
     e = node.store.reserve("dead", 1 << 20)
@@ -314,7 +314,7 @@ def _kv_buffer(layers: int = 4) -> tuple[np.ndarray, KvMeta]:
 
 
 async def test_layered_push_sends_layers_during_compute_and_the_header_last(node: Node) -> None:
-    from services.common.transport.layers import LayerPush
+    from services.kv.layers import LayerPush
 
     want, meta = _kv_buffer()
     cfg = KvTransferConfig(kv_transports="tcp", kv_layer_overlap=True)
@@ -347,7 +347,7 @@ async def test_layered_push_sends_layers_during_compute_and_the_header_last(node
 
 
 async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> None:
-    from services.common.transport.layers import LayerPush
+    from services.kv.layers import LayerPush
 
     buf, meta = _kv_buffer()
     e = node.store.reserve("ab", buf.nbytes)
@@ -365,7 +365,7 @@ async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> No
 
 
 async def test_tcp_fetch_held_receives_into_a_released_buffer(node: Node) -> None:
-    from services.common.transport.tcp import RECV_POOL
+    from services.kv.tcp import RECV_POOL
 
     cfg = KvTransferConfig(kv_transports="tcp")
     data = _data(1 << 20)

@@ -8,9 +8,9 @@ import pytest
 
 from pdserve.v1 import generation_service_pb2 as gen_pb
 from services.common.errors import InvalidArgument
-from services.common.modelinfo import ModelInfo
-from services.common.tokenizer import TextTokenizer
 from services.gateway.validation import MAX_STOP_STRINGS, ValidRequest, validate
+from services.model.info import ModelInfo
+from services.model.tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.unit
 

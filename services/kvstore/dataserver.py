@@ -27,13 +27,12 @@ from typing import Protocol
 
 import numpy as np
 
-from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header
 from services.common.tasks import cancel_and_wait
-from services.common.transport.base import Status, TransferError
-from services.common.transport.faults import Faults
-from services.common.transport.shm import send_fd
-from services.common.transport.tcp import recv_blocks, send_blocks
-from services.common.transport.wire import (
+from services.kv.base import Status, TransferError
+from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header
+from services.kv.shm import send_fd
+from services.kv.tcp import recv_blocks, send_blocks
+from services.kv.wire import (
     DONE_RELEASED,
     FLAG_FALLBACK,
     FLAG_RETRYABLE,
@@ -48,6 +47,7 @@ from services.common.transport.wire import (
     recv_exact,
     recv_into,
 )
+from services.kvstore.faults import Faults
 
 log = logging.getLogger(__name__)
 

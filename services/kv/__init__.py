@@ -1,14 +1,15 @@
 """KV data-plane transports behind one interface (see ``base``), their negotiation and
-fallback (``negotiate``), and the kvstore's data server (``server``).
+fallback (``negotiate``), and the wire format (``wire``, ``layout``). Prefill, decode and
+the kvstore share this library; the kvstore's own data server is ``services.kvstore.dataserver``.
 
 Call sites use ``push_kv`` (prefill) and ``fetch_kv`` (decode: the fetched KV is held
 until it is copied out, then released); ``pull_kv`` fetches a buffer the caller keeps.
 ``transfer_load`` is the process's data-plane counters for its registry load.
 """
 
-from services.common.transport.base import KvLease, KvTransport, Status, TransferError
-from services.common.transport.config import KvTransferConfig
-from services.common.transport.negotiate import (
+from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.config import KvTransferConfig
+from services.kv.negotiate import (
     STATS,
     KvFetch,
     TransferResult,
@@ -18,11 +19,10 @@ from services.common.transport.negotiate import (
     push_kv,
     transfer_load,
 )
-from services.common.transport.rdma import RdmaTransport
-from services.common.transport.server import DataServer
-from services.common.transport.shm import ShmTransport
-from services.common.transport.tcp import TcpTransport
+from services.kv.rdma import RdmaTransport
+from services.kv.shm import ShmTransport
+from services.kv.tcp import TcpTransport
 
-__all__ = ["STATS", "DataServer", "KvFetch", "KvLease", "KvTransferConfig", "KvTransport",
+__all__ = ["STATS", "KvFetch", "KvLease", "KvTransferConfig", "KvTransport",
            "RdmaTransport", "ShmTransport", "Status", "TcpTransport", "TransferError",
            "TransferResult", "client_for", "fetch_kv", "pull_kv", "push_kv", "transfer_load"]

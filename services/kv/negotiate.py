@@ -33,19 +33,19 @@ from opentelemetry import trace
 
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.kvlayout import HEADER_BYTES, KvFormatError, decode_header
 from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
-from services.common.transport.base import KvLease, KvTransport, TransferError
-from services.common.transport.config import KvTransferConfig
-from services.common.transport.rdma import (
+from services.kv.base import KvLease, KvTransport, TransferError
+from services.kv.config import KvTransferConfig
+from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header
+from services.kv.rdma import (
     RdmaTransport,
     mooncake_importable,
     rdma_devices,
     wire_protocol,
 )
-from services.common.transport.shm import ShmTransport
-from services.common.transport.tcp import TcpTransport
-from services.common.transport.wire import FLAG_FALLBACK, FLAG_RETRYABLE
+from services.kv.shm import ShmTransport
+from services.kv.tcp import TcpTransport
+from services.kv.wire import FLAG_FALLBACK, FLAG_RETRYABLE
 
 log = logging.getLogger(__name__)
 ATTR_KV_FALLBACK_FROM = "pdserve.kv.fallback_from"

@@ -34,8 +34,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from services.common.transport.base import KvLease, KvTransport, Status, TransferError
-from services.common.transport.wire import (
+from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.wire import (
     DONE_RELEASED,
     RESP,
     Op,

@@ -1,6 +1,6 @@
 """Per-layer transfer: prefill sends layer i's KV while it computes layer i+1 (tcp).
 
-``kv_layer_overlap`` turns it on. The KV buffer's layout (``services.common.kvlayout``:
+``kv_layer_overlap`` turns it on. The KV buffer's layout (``services.kv.layout``:
 header, then layer 0 K, layer 0 V, layer 1 K, ...) lets each layer go as soon as the
 model thread has packed it; the header goes last, because it carries the payload's
 crc32, which is known only once every layer is in. The kvstore receives in that order
@@ -38,17 +38,17 @@ from collections.abc import Callable
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.kvlayout import HEADER_BYTES
-from services.common.transport.base import TransferError
-from services.common.transport.config import KvTransferConfig
-from services.common.transport.negotiate import (
+from services.kv.base import TransferError
+from services.kv.config import KvTransferConfig
+from services.kv.layout import HEADER_BYTES
+from services.kv.negotiate import (
     STATS,
     TransferResult,
     endpoints_of,
     plan,
 )
-from services.common.transport.tcp import TcpTransport
-from services.common.transport.wire import (
+from services.kv.tcp import TcpTransport
+from services.kv.wire import (
     FLAG_FALLBACK,
     FLAG_RETRYABLE,
     Op,

@@ -35,7 +35,7 @@ import enum
 import socket
 import struct
 
-from services.common.transport.base import Status, TransferError
+from services.kv.base import Status, TransferError
 
 REQ = struct.Struct("<4sBBB16sHQQ")
 RESP = struct.Struct("<BQH")

@@ -27,8 +27,8 @@ from functools import cache
 
 import numpy as np
 
-from services.common.transport.base import KvTransport, Status, TransferError
-from services.common.transport.wire import Op, connect_tcp, pack_req, pack_resp, read_resp
+from services.kv.base import KvTransport, Status, TransferError
+from services.kv.wire import Op, connect_tcp, pack_req, pack_resp, read_resp
 
 log = logging.getLogger(__name__)
 IB_SYSFS = "/sys/class/infiniband"

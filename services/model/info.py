@@ -1,39 +1,41 @@
 """Torch-free model facts: where a model's files live, its limits, its tokenizer.
 
 The gateway uses this to tokenize, apply the chat template, validate requests
-and detokenize, without importing torch. ``services.engine.prepare`` is what
-creates the ``tiny`` and ``smollm2`` directories (it needs torch).
+and detokenize, without importing torch. Loading only reads: preparing (converting) the
+built-in ``tiny`` and ``smollm2`` models is an explicit step, ``pdserve model prepare``
+(``services.engine.prepare``, which needs torch), taken by the launcher, the CLI, compose's
+init container and the test session.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.config import ConfigError
+from services.common.config import DEFAULT_CACHE_DIR, ConfigError, env_str
+from services.model.profile import profile_path
 
 KNOWN = {"tiny": "tiny-llama-v2", "smollm2": "smollm2-135m-instruct-v1"}
 FINGERPRINT_FILE = "pdserve-fingerprint.txt"
 
 
 def cache_root(cache_dir: str = "") -> Path:
-    root = cache_dir or os.environ.get("PDSERVE_CACHE_DIR") or "~/.cache/pdserve"
+    root = cache_dir or env_str("CACHE_DIR") or DEFAULT_CACHE_DIR
     return Path(root).expanduser()
 
 
 def model_dir(spec: str, cache_dir: str = "") -> Path:
-    """Resolve a model spec to a directory, preparing a built-in model if needed."""
+    """Resolve a model spec to a directory; a built-in model must have been prepared."""
     if spec in KNOWN:
         path = cache_root(cache_dir) / "models" / KNOWN[spec]
         if not (path / "config.json").exists():
-            from services.engine.prepare import prepare_model  # imports torch; first use only
-
-            prepare_model(spec, cache_dir)
+            raise ConfigError(
+                f"model {spec!r} is not prepared in {path.parent}: run "
+                f"`pdserve model prepare --model {spec}` first")
         return path
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
@@ -104,8 +106,6 @@ class ModelInfo:
     def _mock(spec: str, cache_dir: str) -> ModelInfo:
         """A modelled model (mock engine): shapes and limits from the profile; the byte-level
         tokenizer of ``tiny`` so text prompts and mock tokens are printable."""
-        from services.engine.mock import profile_path  # no torch in that module
-
         prof = json.loads(profile_path(spec.removeprefix("mock:")).read_text())
         m = prof["model"]
         return ModelInfo(

@@ -1,11 +1,10 @@
-"""Pieces the model workers (prefill, decode) share: their config and a
-single-thread executor that serialises model calls."""
+"""What every model worker (prefill, decode, device) shares: its config, the single-thread
+executor that serialises model calls, and what it advertises in the registry."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,8 +13,8 @@ from typing import TypeVar
 from services.common.config import ModelConfig, ServiceConfig
 from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id
-from services.common.transport.config import KvTransferConfig
-from services.common.transport.negotiate import client_transports
+from services.kv.config import KvTransferConfig
+from services.kv.negotiate import client_transports
 
 T = TypeVar("T")
 
@@ -32,39 +31,6 @@ class WorkerConfig(KvTransferConfig, ServiceConfig, ModelConfig):
     # Early intervention also ends, before compute, a request whose prefill cannot finish
     # by its TTFT deadline (by a lower bound on this worker's own measured speed).
     predictive_deadline: bool = True
-
-
-class PrefillEstimator:
-    """A lower bound on prefill time, learned from this worker's own prefills.
-
-    ``n * r`` where r is the lowest ms-per-token seen over the last ``window`` prefills:
-    fixed costs make short prompts' rates higher and attention makes long ones' higher,
-    so the lowest rate is close to the marginal cost per token and never overstates how
-    long a prefill takes. A request is only ended early when it surely misses."""
-
-    def __init__(self, window: int = 256) -> None:
-        self._rates: deque[float] = deque(maxlen=window)
-
-    def observe(self, tokens: int, ms: float) -> None:
-        if tokens > 0 and ms > 0:
-            self._rates.append(ms / tokens)
-
-    def lower_bound_ms(self, tokens: int) -> float:
-        return tokens * min(self._rates) if self._rates else 0.0
-
-    def upper_ms(self, tokens: int) -> float:
-        """``n`` times the slowest rate seen: generous, for sizing leases, never for
-        deciding that a request misses."""
-        return tokens * max(self._rates) if self._rates else 0.0
-
-
-def reservation_lease_ms(after_compute_s: float, estimator: PrefillEstimator,
-                         tokens: int) -> int:
-    """Lease to ask the kvstore for when reserving before the compute: the lease for the
-    handoff plus twice the slowest-rate estimate of the compute ahead. A fixed lease made
-    long prompts on a busy host (a 4k SmolLM2 prefill took 9-20 s here against a 30 s
-    lease) race the sweeper; a dead prefill's reservation still expires."""
-    return int(after_compute_s * 1000 + 2 * estimator.upper_ms(tokens))
 
 
 class ModelThread:

@@ -22,8 +22,8 @@ import socket
 
 import numpy as np
 
-from services.common.transport.base import KvLease, KvTransport, Status, TransferError
-from services.common.transport.wire import (
+from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.wire import (
     Op,
     connect_tcp,
     pack_req,
