@@ -35,9 +35,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import prompt_ids
+from bench.traces import MOONCAKE
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / \
-    "mooncake_synthetic_trace.jsonl"
+TRACE = MOONCAKE
 
 
 def _lengths(n: int, center: int, spread: int = 50) -> list[int]:

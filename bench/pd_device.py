@@ -44,12 +44,13 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import UpCluster
+from bench.traces import AZURE_CODE
 from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc
 from services.device.controller import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACE = Path("/work/shared/traces/azure_llm_2023_code.csv")
+TRACE = AZURE_CODE
 MODES = {"device_only": pb.DEVICE_MODE_DEVICE_ONLY, "cloud_only": pb.DEVICE_MODE_CLOUD_ONLY,
          "pd_device": pb.DEVICE_MODE_PD_DEVICE}
 RHOS = (1.0, 0.75, 0.5, 0.25)

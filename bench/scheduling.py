@@ -14,7 +14,7 @@ TTFT SLO per request (the paper's thresholds differ with prompt length):
 Requests carry it as their TTFT deadline, so every policy gets early intervention.
 
   python bench/scheduling.py --quick
-  python bench/scheduling.py --trace ../shared/traces/azure_llm_2023_code.csv --json out.json
+  python bench/scheduling.py --trace bench/data/azure_llm_2023_code.csv --json out.json
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import UpCluster, free_port
-from bench.traces import TraceRequest, load_trace, paper_example, prompt_ids
+from bench.traces import AZURE_CODE, MOONCAKE, TraceRequest, load_trace, paper_example, prompt_ids
 from pdserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 
 POLICIES = ["forward", "los-queue", "rr-queue", "reported-queue"]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
 GROUPS = ("g0", "g1")
 ERRORS: dict[str, int] = {}  # status code -> count, over the whole run
 
@@ -224,8 +223,8 @@ def main() -> int:
 
     if args.quick:
         args.requests = min(args.requests, 60)
-    traces = args.trace or [str(SHARED / "azure_llm_2023_code.csv"),
-                            str(SHARED / "mooncake_synthetic_trace.jsonl"), "paper"]
+    traces = args.trace or [str(AZURE_CODE),
+                            str(MOONCAKE), "paper"]
     loads = [float(x) for x in args.loads.split(",")] if args.loads else (
         [2.0, 6.0, 12.0] if args.quick else [1.0, 2.0, 4.0, 8.0, 12.0, 16.0])
     policies = [p for p in args.policies.split(",") if p]

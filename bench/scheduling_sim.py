@@ -20,9 +20,9 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.scheduling import SHARED, Point, percentile, plot, sample, write_json
+from bench.scheduling import Point, percentile, plot, sample, write_json
 from bench.simulator import SIM_POLICIES, Result, SimConfig, SimRequest, Simulator
-from bench.traces import TraceRequest, load_trace, paper_example
+from bench.traces import AZURE_CODE, MOONCAKE, TraceRequest, load_trace, paper_example
 
 
 def summarise(trace: str, policy: str, load: float, res: list[Result]) -> Point:
@@ -54,8 +54,8 @@ def run_sim(args: argparse.Namespace) -> int:
 
     latency = LatencyModel.from_profile(json.loads(profile_path(args.profile).read_text()))
     n_req = args.requests if args.requests != 200 else (600 if args.quick else 3000)
-    traces = args.trace or [str(SHARED / "azure_llm_2023_code.csv"),
-                            str(SHARED / "mooncake_synthetic_trace.jsonl"), "paper"]
+    traces = args.trace or [str(AZURE_CODE),
+                            str(MOONCAKE), "paper"]
     closed = args.mode == "closed"
     loads = [float(x) for x in args.loads.split(",")] if args.loads else (
         [8, 16, 24, 32, 48, 64, 72, 96, 128] if closed else [0.5, 1, 2, 4, 8, 16])

@@ -12,6 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 HASH_BLOCK = 512
+# The two public traces ship with the project (bench/data/README.md: sources, licenses).
+DATA = Path(__file__).resolve().parent / "data"
+AZURE_CODE = DATA / "azure_llm_2023_code.csv"
+MOONCAKE = DATA / "mooncake_synthetic_trace.jsonl"
 
 
 @dataclass(frozen=True)
