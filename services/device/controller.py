@@ -3,7 +3,7 @@
 Tokens (from the cloud, later from the device itself) arrive at times ``a_j`` and go
 into a buffer. The controller decides their display times ``D_j``:
 
-  D_1 = a_1                                  (the first token is shown at once)
+  D_1 = a_1 + hold                           (shown at once, or held by ``first_hold_ms``)
   D_j = max(a_j, D_{j-1} + tau_j)            (j >= 2)
 
 ``tau_j``, the pace, adapts so that the displayed gap stays smooth and bounded:
@@ -24,6 +24,11 @@ The step limit keeps consecutive gaps within ``step_ms`` of each other (smooth),
 clamp bounds them (``tau_max``). A gap larger than ``tau_max`` only happens when the
 buffer is empty and the next token is simply not there yet: a stall the controller
 cannot hide, which the optimiser's no-stall constraints are there to prevent.
+
+``first_hold_ms`` (the hold) exists for the one gap the pace cannot hide: the cloud's
+t1 -> t2 gap (its prefill -> decode KV handoff, ~100 ms for a 5k prompt). Holding t1
+by (expected gap - pace limit) turns that gap into TTFT, which has a separate, looser
+target; the planner sizes the hold (planning.py).
 """
 
 from __future__ import annotations
@@ -45,13 +50,16 @@ class ControllerConfig:
     gain: float = 0.5  # how hard the buffer level bends the pace
     step_ms: float = 5.0  # max change of the pace between consecutive tokens
     window: int = 16  # arrivals the supply-rate estimate looks back over
+    first_hold_ms: float = 0.0  # the first token is shown this long after it arrives
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_min_ms <= self.tau_ms <= self.tau_max_ms < math.inf:
             raise ValueError("need 0 < tau_min_ms <= tau_ms <= tau_max_ms, got "
                              f"{self.tau_min_ms}, {self.tau_ms}, {self.tau_max_ms}")
-        if self.buffer_target < 1 or self.window < 2 or self.gain < 0 or self.step_ms <= 0:
-            raise ValueError("need buffer_target >= 1, window >= 2, gain >= 0, step_ms > 0")
+        if self.buffer_target < 1 or self.window < 2 or self.gain < 0 or self.step_ms <= 0 \
+                or self.first_hold_ms < 0:
+            raise ValueError("need buffer_target >= 1, window >= 2, gain >= 0, step_ms > 0, "
+                             "first_hold_ms >= 0")
 
 
 @dataclass
@@ -119,7 +127,7 @@ class SpeedController:
             return None
         _, arrived = self._buffer[0]
         if self._last_display is None:
-            return arrived
+            return arrived + self.cfg.first_hold_ms
         return max(arrived, self._last_display + self._next_pace())
 
     def pop_due(self, now: float) -> list[tuple[int, float]]:

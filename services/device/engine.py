@@ -4,10 +4,12 @@ Two engines behind one interface (``new_session``, ``prefill_chunk``, ``decode``
   - ``TorchDevice``: the real model through torch + transformers (the same checkpoint
     and tokenizer as the cloud by default; ``tiny`` in tests). A device k times slower
     than this host is emulated by stretching wall time: after each model call that took
-    e ms, the model thread sleeps (k - 1) * e more. Tokens are real (greedy).
+    e ms, the model thread sleeps (k - 1) * e more. Tokens are real: greedy, or sampled
+    with the cloud's own rule (``services.engine.sampling.sample``, keyed by
+    (seed, position)), so a seeded answer is the same whichever side made each token.
   - ``MockDevice``: a latency profile (``profiles/*.json``) for benchmarks: it sleeps
-    what the profile says and emits deterministic filler tokens; named a mock, never
-    used where token identity matters.
+    what the profile says (times ``scale``: a fleet's devices differ in speed) and emits
+    deterministic filler tokens; named a mock, never used where token identity matters.
 Catch-up prefill is chunked: each chunk is appended to the session's transformers
 ``DynamicCache`` (positions follow from the cache length), and the chunk's last
 logits give the next token.
@@ -21,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.engine.sampling import Sampling
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -42,6 +46,7 @@ class Session:
     cache: Any = None
     compute_ms: float = 0.0  # emulated device time spent (stretched)
     tail: list[int] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)  # greedy unless the chat asks
 
 
 class TorchDevice:
@@ -62,10 +67,11 @@ class TorchDevice:
         self.model = AutoModelForCausalLM.from_pretrained(self.info.path, dtype=torch.float32)
         self.model.eval()
 
-    def new_session(self) -> Session:
+    def new_session(self, sampling: Sampling | None = None) -> Session:
         from transformers import DynamicCache
 
-        return Session(cache=DynamicCache(config=self.model.config))
+        return Session(cache=DynamicCache(config=self.model.config),
+                       sampling=sampling or Sampling())
 
     def _stretch(self, s: Session, t0: float) -> None:
         e = time.monotonic() - t0
@@ -76,12 +82,15 @@ class TorchDevice:
     def prefill_chunk(self, s: Session, ids: list[int]) -> int:
         import torch
 
+        from services.engine.sampling import sample
+
         t0 = time.monotonic()
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], dtype=torch.long),
                              past_key_values=s.cache, use_cache=True, logits_to_keep=1)
-            nxt = int(torch.argmax(out.logits[0, -1]).item())
-        s.cached += len(ids)
+            s.cached += len(ids)
+            # The token chosen sits at position ``cached`` (the cloud's numbering too).
+            nxt = sample(out.logits[0, -1], s.sampling, s.cached)
         self._stretch(s, t0)
         return nxt
 
@@ -97,16 +106,19 @@ class MockDevice:
     """Profile latency: prefill of m new tokens after c cached =
     a + b*m + q*((c+m)^2 - c^2) ms per chunk; decode = tpot_ms per token."""
 
-    def __init__(self, profile: str, vocab_size: int) -> None:
+    def __init__(self, profile: str, vocab_size: int, scale: float = 1.0) -> None:
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
         p = load_profile(profile)
         self.name = str(p.get("name", profile))
         pf = p["prefill_ms"]
-        self.a, self.b, self.q = float(pf["a"]), float(pf["b"]), float(pf.get("c", 0.0))
-        self.tpot = float(p["tpot_ms"])
+        self.a, self.b = float(pf["a"]) * scale, float(pf["b"]) * scale
+        self.q = float(pf.get("c", 0.0)) * scale
+        self.tpot = float(p["tpot_ms"]) * scale
         self.vocab = vocab_size
 
-    def new_session(self) -> Session:
-        return Session()
+    def new_session(self, sampling: Sampling | None = None) -> Session:
+        return Session(sampling=sampling or Sampling())
 
     def prefill_ms(self, cached: int, m: int) -> float:
         return self.a + self.b * m + self.q * ((cached + m) ** 2 - cached ** 2)

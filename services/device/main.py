@@ -1,17 +1,19 @@
 """device: the emulated on-device assistant (P/D-Device), a process of its own.
 
 Lifecycle of the process:
-  1. Load the tokenizer and the device engine (torch model stretched by the speed
-     factor k, or the profile mock) on its model thread; warm it up; build the
-     optimiser's profiles (a profile file, or measure the device now).
-  2. If a cloud is configured, start the WAN relay (RTT, bandwidth) toward the
-     gateway and open one channel through it.
+  1. Load the tokenizer. For each of the ``fleet_size`` emulated devices (fleet.py; one
+     by default): its engine (torch model stretched by the speed factor k, or the
+     profile mock at its own speed) on its own model thread, warmed up; its optimiser
+     profiles (a profile file, or measure the device now).
+  2. If a cloud is configured, each device starts its own WAN relay (RTT, bandwidth)
+     toward the gateway and opens its own channel through it.
   3. Bind gRPC (DeviceService, health, reflection), turn SERVING. A device is a client
      of the cloud: it does not register in Redis.
-  4. On SIGTERM: NOT_SERVING, in-flight chats finish within the grace period, the relay
-     and channel close, the model thread stops.
-Lifecycle of a chat: validate -> settings (optimiser, or the request's overrides) ->
-``ChatRun`` (session.py) -> stream displayed tokens -> summary.
+  4. On SIGTERM: NOT_SERVING, in-flight chats finish within the grace period, the relays
+     and channels close, the model threads stop.
+Lifecycle of a chat: validate -> pick the device (``device_index``) -> settings (its
+optimiser, or the request's overrides) -> ``ChatRun`` (session.py) -> stream displayed
+tokens (cut at a stop string) -> summary.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -29,13 +30,12 @@ from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc
 from services.common.config import ConfigError, ModelConfig, ServiceConfig
 from services.common.errors import InvalidArgument, PdserveError, abort_with
-from services.common.runtime import ServiceRuntime, new_channel, run_main
+from services.common.runtime import ServiceRuntime, run_main
 from services.device.controller import ControllerConfig
+from services.device.fleet import EmulatedDevice, build_device
 from services.device.optimizer import Constraints
-from services.device.planning import Planner, load_plan_profile, measure_device
-from services.device.session import ChatRun, RunSettings, default_stub_factory
-from services.device.wan import WanRelay
-from services.engine.worker import ModelThread
+from services.device.session import ChatRun, RunSettings
+from services.engine.sampling import Sampling
 from services.model.info import ModelInfo
 from services.model.tokenizer import Detokenizer, TextTokenizer
 
@@ -67,6 +67,9 @@ class DeviceConfig(ServiceConfig, ModelConfig):
     min_quality: float = 0.0
     tau_min_ms: float = 10.0
     cloud_timeout_s: float = 5.0  # no first cloud token by then: local prefill
+    cloud_stall_s: float = 10.0  # no further cloud message by then: local prefill
+    fleet_size: int = 1  # emulated devices in this process (> 1: the mock engine only)
+    fleet_spread: float = 0.0  # device i is 1 + spread * i / (n - 1) times slower (and RTT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,13 +83,27 @@ class DeviceConfig(ServiceConfig, ModelConfig):
             raise ConfigError("need 0 < tau_min_ms <= tpot_max_ms - display_margin_ms")
         if self.display_margin_ms < 0:
             raise ConfigError("need display_margin_ms >= 0")
+        if self.fleet_size < 1 or self.fleet_spread < 0 or self.cloud_stall_s <= 0:
+            raise ConfigError("need fleet_size >= 1, fleet_spread >= 0, cloud_stall_s > 0")
+        if self.fleet_size > 1 and self.engine != "mock":
+            raise ConfigError("fleet_size > 1 needs engine mock: torch devices in one "
+                              "process would share this host's cores, which phones do not")
+
+
+MAX_STOP_STRINGS = 8
 
 
 class DeviceServicer(pb_grpc.DeviceServiceServicer):
-    def __init__(self, cfg: DeviceConfig, info: ModelInfo, tok: TextTokenizer, engine: Any,
-                 thread: ModelThread, planner: Planner, stub: Any) -> None:
-        self.cfg, self.info, self.tok, self.engine = cfg, info, tok, engine
-        self.thread, self.planner, self.stub = thread, planner, stub
+    def __init__(self, cfg: DeviceConfig, info: ModelInfo, tok: TextTokenizer,
+                 devices: list[EmulatedDevice]) -> None:
+        self.cfg, self.info, self.tok, self.devices = cfg, info, tok, devices
+
+    def _device(self, request: pb.ChatRequest) -> EmulatedDevice:
+        if request.device_index >= len(self.devices):
+            raise InvalidArgument(f"device_index must be in [0, {len(self.devices)}) "
+                                  "(this process hosts --fleet-size devices)",
+                                  reason="DEVICE_INDEX")
+        return self.devices[request.device_index]
 
     def _ids(self, request: pb.ChatRequest) -> list[int]:
         if bool(request.prompt) == bool(request.prompt_token_ids):
@@ -101,8 +118,11 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
                                   reason="TOKEN_OUT_OF_VOCAB")
         return ids
 
-    def settings(self, request: pb.ChatRequest, n: int) -> RunSettings:
+    def settings(self, request: pb.ChatRequest, n: int,
+                 dev: EmulatedDevice | None = None) -> RunSettings:
         cfg = self.cfg
+        dev = dev or self.devices[0]
+        planner = dev.planner
         max_tokens = request.max_tokens if request.HasField("max_tokens") \
             else cfg.default_max_tokens
         if max_tokens < 1 or n + max_tokens > self.info.max_context:
@@ -112,8 +132,15 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         if not 0.0 <= request.refine_ratio <= 1.0 or request.tau_ms < 0:
             raise InvalidArgument("need refine_ratio in [0, 1] and tau_ms >= 0",
                                   reason="INVALID_SETTINGS")
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        if not 0.0 <= request.temperature <= 100.0 or not 0.0 < top_p <= 1.0:
+            raise InvalidArgument("need temperature in [0, 100] and top_p in (0, 1]",
+                                  reason="INVALID_SAMPLING")
+        if len(request.stop) > MAX_STOP_STRINGS or any(not x for x in request.stop):
+            raise InvalidArgument(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings",
+                                  reason="INVALID_STOP")
         mode = request.mode or MODES[cfg.mode]
-        if mode != pb.DEVICE_MODE_DEVICE_ONLY and self.stub is None:
+        if mode != pb.DEVICE_MODE_DEVICE_ONLY and dev.stub is None:
             raise InvalidArgument("this device has no cloud configured (--cloud-address); "
                                   "use mode device_only", reason="NO_CLOUD")
         pace_max = max(cfg.tau_min_ms, (request.tpot_max_ms or cfg.tpot_max_ms)
@@ -121,83 +148,84 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         c = Constraints(ttft_target_ms=request.ttft_target_ms or cfg.ttft_target_ms,
                         tpot_max_ms=pace_max,
                         min_quality=request.min_quality or cfg.min_quality,
-                        tau_min_ms=cfg.tau_min_ms, quality=self.planner.constraints.quality)
-        plan = self.planner.plan(n, max_tokens, c)
+                        tau_min_ms=cfg.tau_min_ms, quality=planner.constraints.quality)
+        plan = planner.plan(n, max_tokens, c)
         overridden = bool(request.token_budget or request.refine_ratio)
         if mode == pb.DEVICE_MODE_PD_DEVICE and plan.mode != "pd_device" and not overridden:
             log.info("optimiser: %s for %d tokens (%s)", plan.mode, n, plan.reason)
             mode = MODES[plan.mode]
         # The pace: the plan's for pd_device; the source's own TPOT for the baselines.
-        own = self.planner.profiles.device_tpot_ms if mode == pb.DEVICE_MODE_DEVICE_ONLY \
-            else self.planner.profiles.cloud_tpot_ms
+        own = planner.profiles.device_tpot_ms if mode == pb.DEVICE_MODE_DEVICE_ONLY \
+            else planner.profiles.cloud_tpot_ms
         tau = request.tau_ms or (plan.tau_ms if mode == pb.DEVICE_MODE_PD_DEVICE and
                                  plan.mode == "pd_device" else own)
         tau = min(max(tau, cfg.tau_min_ms), c.tpot_max_ms)
         # device_only shows local tokens as they come (gain 0): nothing to smooth.
+        # Whatever the mode, a cloud-served first token is held so the cloud's t1 -> t2
+        # gap (its KV handoff) does not show as one long gap (optimizer.py, H).
+        hold = 0.0 if mode == pb.DEVICE_MODE_DEVICE_ONLY else \
+            planner.profiles.hold_ms(n, c.tpot_max_ms) if plan.mode == "device_only" \
+            else plan.hold_ms
         ctl = ControllerConfig(tau_ms=tau, tau_min_ms=cfg.tau_min_ms,
                                tau_max_ms=max(tau, c.tpot_max_ms),
                                gain=0.0 if mode == pb.DEVICE_MODE_DEVICE_ONLY
-                               else ControllerConfig.gain)
-        local = min(max(self.planner.profiles.device_tpot_ms, cfg.tau_min_ms), c.tpot_max_ms)
+                               else ControllerConfig.gain, first_hold_ms=hold)
+        local = min(max(planner.profiles.device_tpot_ms, cfg.tau_min_ms), c.tpot_max_ms)
         budget = request.token_budget or (plan.n_budget if plan.mode == "pd_device"
                                           else max_tokens)
         return RunSettings(mode=mode, max_tokens=max_tokens, n_budget=min(budget, max_tokens),
                            rho=request.refine_ratio or plan.rho, tau_ms=tau,
                            chunk_tokens=cfg.chunk_tokens, cloud_timeout_s=cfg.cloud_timeout_s,
-                           rtt_ms=cfg.wan_rtt_ms, controller=ctl, local_pace_ms=local)
+                           rtt_ms=dev.rtt_ms, controller=ctl, local_pace_ms=local,
+                           sampling=Sampling(request.temperature, top_p,
+                                             request.seed if request.HasField("seed")
+                                             else None),
+                           stop=tuple(request.stop), cloud_stall_s=cfg.cloud_stall_s)
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[pb.ChatResponse]:
         rid = request.request_id or uuid.uuid4().hex
         try:
             ids = self._ids(request)
-            s = self.settings(request, len(ids))
+            dev = self._device(request)
+            s = self.settings(request, len(ids), dev)
         except PdserveError as e:
             e.metadata.setdefault("request_id", rid)
             await abort_with(context, e)
             return
-        run = ChatRun(self.engine, self.thread, self.stub, ids, self.info.eos_token_ids, s,
-                      rid)
-        detok = Detokenizer(self.tok)
+        run = ChatRun(dev.engine, dev.thread, dev.stub, ids, self.info.eos_token_ids, s,
+                      rid, Detokenizer(self.tok, s.stop))
+        detok = Detokenizer(self.tok, s.stop)
         run.start()
         try:
             async for batch in run.display():
+                text = ""
+                for i, (t, _, _) in enumerate(batch):  # one by one: where a stop string ends
+                    text += detok.add([t])
+                    if detok.stopped:
+                        batch = batch[:i + 1]
+                        break
                 yield pb.ChatResponse(
                     tokens=[pb.DisplayedToken(token_id=t, display_ms=ms, source=src)
-                            for t, ms, src in batch],
-                    text=detok.add([t for t, _, _ in batch]), request_id=rid)
+                            for t, ms, src in batch], text=text, request_id=rid)
+                if detok.stopped:
+                    break
         finally:
             await run.close()
         summary = run.summary(s.mode)
+        summary.device_index = dev.index
+        planner = dev.planner
         if not summary.fallback:  # a failed cloud says nothing about its speed
-            first = run.cloud_arrivals[0] if run.cloud_arrivals else 0.0
-            self.planner.observe(len(ids), first, run.cloud_tpot_ms())
+            a = run.cloud_arrivals
+            planner.observe(len(ids), a[0] if a else 0.0, run.cloud_tpot_ms(),
+                            a[1] - a[0] if len(a) > 1 else 0.0)
         if run.catchup_tokens:  # a hand-off: how fast the catch-up prefill really ran
-            self.planner.observe_device(run.catchup_tokens, run.catchup_chunks,
-                                        run.catchup_wall_ms)
+            planner.observe_device(run.catchup_tokens, run.catchup_chunks,
+                                   run.catchup_wall_ms)
         yield pb.ChatResponse(text=detok.flush(), summary=summary, request_id=rid)
 
 
-def _engine(cfg: DeviceConfig, info: ModelInfo) -> Any:
-    if cfg.engine == "mock":
-        from services.device.engine import MockDevice
-
-        return MockDevice(cfg.device_profile, info.vocab_size)
-    from services.device.engine import TorchDevice
-
-    return TorchDevice(cfg.model, cfg.cache_dir, cfg.torch_threads, cfg.speed_factor)
-
-
-def _device_curve(cfg: DeviceConfig, engine: Any) -> dict[str, Any]:
-    if cfg.engine == "mock":
-        sizes = (0, 256, 512, 1024, 2048, 4096, 8192, 16384)
-        return {"prefill": [[n, engine.prefill_ms(0, n)] for n in sizes],
-                "tpot_ms": engine.tpot, "chunk_overhead_ms": engine.a}
-    return measure_device(engine)
-
-
-async def start(cfg: DeviceConfig) -> tuple[ServiceRuntime, DeviceServicer, WanRelay | None,
-                                             grpc.aio.Channel | None]:
+async def start(cfg: DeviceConfig) -> tuple[ServiceRuntime, DeviceServicer]:
     runtime = ServiceRuntime(cfg, "device", [SERVICE])
     info = ModelInfo.load(cfg.model, cfg.cache_dir)
     if cfg.engine == "mock":  # the modelled device model's context, the tokenizer's ids
@@ -206,40 +234,23 @@ async def start(cfg: DeviceConfig) -> tuple[ServiceRuntime, DeviceServicer, WanR
         ctx = int(load_profile(cfg.device_profile).get("max_context", info.max_context))
         info = dataclasses.replace(info, max_context=ctx)
     tok = TextTokenizer(info.path)
-    thread = ModelThread("device-model")
-    engine = await thread.run(_engine, cfg, info)
-    await thread.run(engine.warmup)
-    profile = load_plan_profile(cfg.plan_profile) if cfg.plan_profile else \
-        {"device": await thread.run(_device_curve, cfg, engine)}
     constraints = Constraints(ttft_target_ms=cfg.ttft_target_ms,
                               tpot_max_ms=cfg.tpot_max_ms - cfg.display_margin_ms,
                               min_quality=cfg.min_quality, tau_min_ms=cfg.tau_min_ms)
-    planner = Planner(profile, cfg.wan_rtt_ms, cfg.wan_bandwidth_mbps, cfg.chunk_tokens,
-                      constraints)
-    relay = channel = stub = None
-    if cfg.cloud_address:
-        target = cfg.cloud_address
-        if cfg.wan_rtt_ms or cfg.wan_bandwidth_mbps:
-            relay = WanRelay(cfg.cloud_address, cfg.wan_rtt_ms, cfg.wan_bandwidth_mbps)
-            target = await relay.start()
-            log.info("WAN relay %s -> %s (rtt %g ms, %g Mbit/s)", target, cfg.cloud_address,
-                     cfg.wan_rtt_ms, cfg.wan_bandwidth_mbps)
-        channel = new_channel(target)
-        stub = default_stub_factory(channel)
-    servicer = DeviceServicer(cfg, info, tok, engine, thread, planner, stub)
+    devices = [await build_device(cfg, info, i, constraints) for i in range(cfg.fleet_size)]
+    if cfg.fleet_size > 1:
+        log.info("fleet of %d devices (speed x%.2f .. x%.2f)", cfg.fleet_size,
+                 devices[0].speed, devices[-1].speed)
+    servicer = DeviceServicer(cfg, info, tok, devices)
     await runtime.start(lambda s: pb_grpc.add_DeviceServiceServicer_to_server(servicer, s))
     await runtime.serving()
-    return runtime, servicer, relay, channel
+    return runtime, servicer
 
 
-async def stop(runtime: ServiceRuntime, servicer: DeviceServicer, relay: WanRelay | None,
-               channel: grpc.aio.Channel | None) -> None:
+async def stop(runtime: ServiceRuntime, servicer: DeviceServicer) -> None:
     async def cleanup() -> None:
-        if channel is not None:
-            await channel.close()
-        if relay is not None:
-            await relay.close()
-        servicer.thread.shutdown()
+        for dev in servicer.devices:
+            await dev.close()
 
     await runtime.stop(cleanup)
 

@@ -10,10 +10,17 @@ made concrete here and in docs/pd-device.md):
   R_k    = s + T_pf(rho * n + k) + chunks(k)    the device cache covers P' + r_1..r_k
            * ``chunks`` is a fixed overhead per catch-up chunk
 
+  H      = max(0, G_c(n) * (1 + jitter) - tpot_max)
+                                                first-token hold: G_c(n) is the cloud's
+                                                t1 -> t2 gap (its prefill -> decode KV
+                                                handoff); holding t1 by H keeps that gap
+                                                under the bound on screen. Then every
+                                                display time moves by H: D_j += H.
+
 Constraints:
-  TTFT      A_1 <= ttft_target
+  TTFT      A_1 + H <= ttft_target
   cloud     tau >= TPOT_c * (1 + jitter)      cloud tokens are in hand when due
-  device    R_k <= D_{k+1} = A_1 + k * tau    the device is ready before token k+1 is due
+  device    R_k <= D_{k+1} = A_1 + H + k*tau  the device is ready before token k+1 is due
   smooth    max(tau, t_dev) <= tpot_max       displayed gaps before and after hand-off
   quality   q(rho) >= q_min
   budget    N = k + margin(k) <= G            margin covers the device running late
@@ -25,7 +32,7 @@ For fixed rho the device constraint is ``f(k) = R_k - A_1 - k*tau <= 0``. Its fe
 set in k is not assumed to be an interval (T_pf is a measured curve), so the solver
 scans k upward with tau at its largest allowed value (a larger tau only helps the
 device) and stops at the first feasible k: the least N. Then the least tau for that k
-is closed-form, ``max(tau_lo, (R_k - A_1) / k)``. ``brute_force`` in the tests
+is closed-form, ``max(tau_lo, (R_k - A_1 - H) / k)``. ``brute_force`` in the tests
 enumerates (rho, k, tau-grid) and must agree.
 """
 
@@ -79,6 +86,7 @@ class Profiles:
     jitter: float = 0.2  # relative slack on TPOT_c for network/cloud jitter
     margin_frac: float = 0.25  # extra budget tokens beyond k, relative to k ...
     min_margin: int = 4  # ... and at least this many
+    cloud_t2_gap: Curve | None = None  # G_c(n): t1 -> t2 gap at the cloud; None: no hold
 
     def upload_ms(self, n: int) -> float:
         return n * 4 * 8 / (self.bandwidth_mbps * 1e3)
@@ -95,6 +103,12 @@ class Profiles:
 
     def margin(self, k: int) -> int:
         return max(self.min_margin, math.ceil(self.margin_frac * k))
+
+    def hold_ms(self, n: int, tpot_max_ms: float) -> float:
+        """H: hold the first token so the cloud's t1 -> t2 gap shows as <= tpot_max."""
+        if self.cloud_t2_gap is None:
+            return 0.0
+        return max(0.0, self.cloud_t2_gap(n) * (1 + self.jitter) - tpot_max_ms)
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class Plan:
     cloud_ms: float = 0.0  # planned cloud occupancy
     ttft_ms: float = 0.0
     reason: str = ""
+    hold_ms: float = 0.0  # H: the first token's hold (cloud-served plans)
 
 
 def refined_len(n: int, rho: float) -> int:
@@ -129,7 +144,7 @@ def cloud_occupancy(p: Profiles, n: int, n_budget: int) -> float:
 def feasible(p: Profiles, c: Constraints, n: int, out_len: int, rho: float, k: int,
              tau: float) -> bool:
     """Every constraint of the module docstring, checked directly."""
-    a1 = p.first_arrival_ms(n)
+    a1 = p.first_arrival_ms(n) + p.hold_ms(n, c.tpot_max_ms)
     return (k >= 1 and a1 <= c.ttft_target_ms
             and tau >= max(c.tau_min_ms, p.cloud_tpot_ms * (1 + p.jitter)) - 1e-9
             and max(tau, p.device_tpot_ms) <= c.tpot_max_ms + 1e-9
@@ -140,7 +155,8 @@ def feasible(p: Profiles, c: Constraints, n: int, out_len: int, rho: float, k: i
 
 def choose(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
     """The plan for a prompt of ``n`` tokens and an expected answer of ``out_len``."""
-    a1 = p.first_arrival_ms(n)
+    hold = p.hold_ms(n, c.tpot_max_ms)
+    a1 = p.first_arrival_ms(n) + hold  # the first display time
     tau_lo = max(c.tau_min_ms, p.cloud_tpot_ms * (1 + p.jitter))
     tau_hi = c.tpot_max_ms
     best: tuple[float, float, float, Plan] | None = None
@@ -156,7 +172,7 @@ def choose(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
                     tau = max(tau_lo, slack / k)
                     nb = k + p.margin(k)
                     occ = cloud_occupancy(p, n, nb)
-                    plan = Plan("pd_device", nb, rho, tau, k, occ, a1)
+                    plan = Plan("pd_device", nb, rho, tau, k, occ, a1, hold_ms=hold)
                     key = (occ, tau, -rho, plan)
                     if best is None or key[:3] < best[:3]:
                         best = key
@@ -169,10 +185,12 @@ def choose(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
 def fallback(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
     """No assisted plan fits: the cloud serves the whole answer if it meets the TTFT
     target, else the device does it alone (the user still gets an answer)."""
-    a1 = p.first_arrival_ms(n)
+    hold = p.hold_ms(n, c.tpot_max_ms)
+    a1 = p.first_arrival_ms(n) + hold
     if a1 <= c.ttft_target_ms and p.cloud_tpot_ms <= c.tpot_max_ms:
         return Plan("cloud_only", out_len, 1.0, max(c.tau_min_ms, p.cloud_tpot_ms), 0,
-                    cloud_occupancy(p, n, out_len), a1, "no hand-off point meets the constraints")
+                    cloud_occupancy(p, n, out_len), a1, "no hand-off point meets the constraints",
+                    hold_ms=hold)
     return Plan("device_only", 0, 1.0, p.device_tpot_ms, 0, 0.0, p.device_prefill(n),
                 "the cloud cannot meet the TTFT target")
 
@@ -187,8 +205,9 @@ def brute_force(p: Profiles, c: Constraints, n: int, out_len: int,
                 if feasible(p, c, n, out_len, rho, k, tau):
                     nb = k + p.margin(k)
                     occ = cloud_occupancy(p, n, nb)
-                    key = (occ, tau, -rho, Plan("pd_device", nb, rho, tau, k, occ,
-                                                p.first_arrival_ms(n)))
+                    a1 = p.first_arrival_ms(n) + p.hold_ms(n, c.tpot_max_ms)
+                    key = (occ, tau, -rho, Plan("pd_device", nb, rho, tau, k, occ, a1,
+                                                hold_ms=p.hold_ms(n, c.tpot_max_ms)))
                     if best is None or key[:3] < best[:3]:
                         best = key
     return best[3] if best else None

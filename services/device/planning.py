@@ -2,12 +2,14 @@
 
 The optimiser profile (JSON, written by ``pdserve device profile``):
   {"device": {"prefill": [[n, ms], ...], "tpot_ms": t, "chunk_overhead_ms": o},
-   "cloud": {"ttft": [[n, ms], ...], "tpot_ms": t},
+   "cloud": {"ttft": [[n, ms], ...], "tpot_ms": t, "t2_gap": [[n, ms], ...]},
    "rtt_ms": r, "bandwidth_mbps": b, "quality": {"1.0": 1.0, "0.5": 0.8, ...}}
 Without one the device measures its own curve at start-up (``measure_device``) and
 assumes ``DEFAULT_CLOUD`` until it has seen the cloud; then ``observe`` moves the
 cloud's figures toward what requests really saw (an EWMA), the "trajectory-driven"
-part of the settings decision.
+part of the settings decision. ``t2_gap`` (optional) is the cloud's gap between its
+first and second token (the prefill -> decode KV handoff), which sizes the first-token
+hold; without it the planner starts from the first gap it observes.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ class Planner:
             rtt_ms=float(profile.get("rtt_ms", rtt_ms)),
             bandwidth_mbps=float(profile.get("bandwidth_mbps", bandwidth_mbps or 1e4)),
             chunk_tokens=chunk_tokens,
-            chunk_overhead_ms=float(dev.get("chunk_overhead_ms", 5.0)))
+            chunk_overhead_ms=float(dev.get("chunk_overhead_ms", 5.0)),
+            cloud_t2_gap=_curve(cloud["t2_gap"]) if cloud.get("t2_gap") else None)
         self._ttft_scale = 1.0
+        self._t2_scale = 1.0  # observed / profiled t1 -> t2 gap
         self._device_scale = 1.0  # observed / profiled catch-up prefill time
 
     def plan(self, n: int, out_len: int, constraints: Constraints | None = None) -> Plan:
@@ -76,6 +80,9 @@ class Planner:
                 p, device_prefill=Curve(tuple(
                     (x, y * self._device_scale) for x, y in p.device_prefill.points)),
                 chunk_overhead_ms=p.chunk_overhead_ms * self._device_scale)
+        if self._t2_scale != 1.0 and p.cloud_t2_gap is not None:
+            p = dataclasses.replace(p, cloud_t2_gap=Curve(tuple(
+                (x, y * self._t2_scale) for x, y in p.cloud_t2_gap.points)))
         return choose(p, c, n, out_len)
 
     def observe_device(self, tokens: int, chunks: int, wall_ms: float) -> None:
@@ -90,9 +97,18 @@ class Planner:
         seen = min(10.0, max(0.1, wall_ms / planned))
         self._device_scale += EWMA * (seen - self._device_scale)
 
-    def observe(self, n: int, first_arrival_ms: float, cloud_tpot_ms: float) -> None:
-        """Fold one request's cloud figures in (first token arrival, mean gap)."""
+    def observe(self, n: int, first_arrival_ms: float, cloud_tpot_ms: float,
+                t2_gap_ms: float = 0.0) -> None:
+        """Fold one request's cloud figures in (first token arrival, mean gap, and the
+        gap between the first two tokens as they arrived; 0: not seen)."""
         p = self.profiles
+        if t2_gap_ms > 0:
+            if p.cloud_t2_gap is None:  # no profiled curve: start flat at what was seen
+                self.profiles = p = dataclasses.replace(
+                    p, cloud_t2_gap=Curve(((0.0, t2_gap_ms),)))
+            else:
+                seen = min(10.0, max(0.1, t2_gap_ms / max(1e-3, p.cloud_t2_gap(n))))
+                self._t2_scale += EWMA * (seen - self._t2_scale)
         base = p.rtt_ms + p.upload_ms(n) + p.cloud_ttft(n)
         if first_arrival_ms > 0 and base > 0:
             seen = max(0.1, (first_arrival_ms - p.rtt_ms - p.upload_ms(n)) / p.cloud_ttft(n))

@@ -14,8 +14,15 @@ between two awaits is atomic):
     batch goes to the user with its display time.
 Modes: pd_device (all three), cloud_only (the device part only starts if the cloud
 fails: local fallback), device_only (no cloud).
-Fallback: a cloud error, a broken stream, or no first token within
-``cloud_timeout_s`` cancels the call, records why (``fallback``), and the device
+Stop strings: each produced token (either side) also feeds a detokenizer; when the text
+holds a stop string, production ends there (the cloud call is cancelled, the device
+stops decoding) and the display's own detokenizer cuts the text before it.
+Sampling: the cloud gets the chat's temperature/top-p/seed, and the device's engine
+samples with the same (seed, position) rule, so a seeded answer does not depend on
+where the hand-off fell.
+Fallback: a cloud error, a broken stream, no first token within ``cloud_timeout_s``,
+or no further message within ``cloud_stall_s`` (a cloud gone silent without closing
+the connection) cancels the call, records why (``fallback``), and the device
 finishes the answer from its own prefill of P (or P' if it already had it) plus the
 tokens already received. The user's stream stays coherent either way.
 """
@@ -39,7 +46,9 @@ from pdserve.v1 import device_service_pb2 as dpb
 from pdserve.v1 import generation_service_pb2 as gpb
 from services.device.controller import ControllerConfig, SpeedController, percentile
 from services.device.handoff import Reconciler
+from services.engine.sampling import Sampling
 from services.engine.worker import ModelThread
+from services.model.tokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 CLOUD, DEVICE = dpb.TOKEN_SOURCE_CLOUD, dpb.TOKEN_SOURCE_DEVICE
@@ -60,12 +69,18 @@ class RunSettings:
     # plan's slow pace only exists to give the catch-up prefill time; once it is done,
     # the display can step down to the device's TPOT.
     local_pace_ms: float = 0.0
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    cloud_stall_s: float = 10.0  # no cloud message for this long mid-stream: fallback
 
 
 class ChatRun:
     def __init__(self, engine: Any, thread: ModelThread, stub: Any, ids: list[int],
-                 eos_ids: tuple[int, ...], s: RunSettings, request_id: str) -> None:
+                 eos_ids: tuple[int, ...], s: RunSettings, request_id: str,
+                 stop_detok: Detokenizer | None = None) -> None:
         self.engine, self.thread, self.stub = engine, thread, stub
+        self._stop_detok = stop_detok if s.stop else None
+        self.stop_hit = False  # a stop string ended the answer
         self.ids, self.eos, self.s, self.rid = ids, set(eos_ids), s, request_id
         self.t0 = time.monotonic()
         self.ctl = SpeedController(s.controller)
@@ -100,9 +115,17 @@ class ChatRun:
         return (time.monotonic() - self.t0) * 1e3
 
     def _push(self, token: int, source: int) -> None:
+        if self.stop_hit:
+            return  # the answer already ended at a stop string
         self.ctl.push(token, self.now_ms())
         self._src.append(source)
         self._wake.set()
+        if self._stop_detok is not None:
+            self._stop_detok.add([token])
+            if self._stop_detok.stopped:
+                self.stop_hit = True
+                self.produced_all = True
+                self._stop_cloud()
 
     def _answer_len(self) -> int:
         return self.ctl.displayed + self.ctl.buffered
@@ -150,7 +173,12 @@ class ChatRun:
     async def _read_cloud(self) -> None:
         s = self.s
         req = gpb.GenerateRequest(prompt_token_ids=self.ids, max_tokens=s.max_tokens,
-                                  request_id=self.rid)
+                                  request_id=self.rid, temperature=s.sampling.temperature,
+                                  stop=list(s.stop))
+        if s.sampling.temperature > 0:
+            req.top_p = s.sampling.top_p
+            if s.sampling.seed is not None:
+                req.seed = s.sampling.seed
         if s.mode == dpb.DEVICE_MODE_PD_DEVICE:
             req.device_assist.token_budget = max(1, s.n_budget)
             req.device_assist.refine_ratio = s.rho if s.rho < 1.0 else 0.0
@@ -162,13 +190,13 @@ class ChatRun:
             it = self._call.__aiter__()
             async with asyncio.timeout(s.cloud_timeout_s):
                 first = await anext(it)
-            async for msg in _chain(first, it):
+            async for msg in _chain(first, _stalling(it, s.cloud_stall_s)):
                 last_msg = time.monotonic()
                 if msg.refined_prompt_token_ids:
                     self.refined = list(msg.refined_prompt_token_ids)
                     self.refine_method = msg.refine_method
                 for tok in msg.token_ids:
-                    if self.handed_off is not None:
+                    if self.handed_off is not None or self.stop_hit:
                         self.dropped += 1
                         continue
                     self.cloud_tokens.append(int(tok))
@@ -186,9 +214,12 @@ class ChatRun:
                 self.produced_all = True
                 self._wake.set()
         except TimeoutError:
-            self._fail(f"no first token from the cloud within {s.cloud_timeout_s:g} s")
+            self._fail(f"no message from the cloud within {s.cloud_stall_s:g} s" if last_msg
+                       > self._sent_at else
+                       f"no first token from the cloud within {s.cloud_timeout_s:g} s")
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED or self.handed_off is None:
+            if e.code() != grpc.StatusCode.CANCELLED or (self.handed_off is None
+                                                           and not self.stop_hit):
                 self._fail(f"cloud {e.code().name}: {e.details()}")
         except StopAsyncIteration:
             self._fail("the cloud closed the stream without a token")
@@ -196,7 +227,7 @@ class ChatRun:
             self._cloud_news.set()
 
     def _fail(self, why: str) -> None:
-        if self.handed_off is not None or self.cloud_complete:
+        if self.handed_off is not None or self.cloud_complete or self.stop_hit:
             return
         self.fallback = f"{why}; the device continues with local prefill"
         log.warning("request %s: %s", self.rid, self.fallback)
@@ -231,15 +262,15 @@ class ChatRun:
 
     async def _catch_up_and_decode(self) -> None:
         prompt = await self._device_prompt()
-        if not prompt or self.cloud_complete:
+        if not prompt or self.cloud_complete or self.stop_hit:
             return
-        sess = self.engine.new_session()
+        sess = self.engine.new_session(self.s.sampling)
         rec = Reconciler(len(prompt), chunk=self.s.chunk_tokens)
         pred = -1
         while True:
             while len(rec.received) < len(self.cloud_tokens):
                 rec.receive(len(rec.received) + 1, self.cloud_tokens[len(rec.received)])
-            if self.cloud_complete:
+            if self.cloud_complete or self.stop_hit:
                 return  # the cloud's answer is the whole answer
             if rec.can_hand_off(self.ctl.displayed):
                 break
@@ -271,7 +302,7 @@ class ChatRun:
             rec.device_token(pred)
             self._push(pred, DEVICE)
             total += 1
-            if pred in self.eos or total >= self.s.max_tokens:
+            if pred in self.eos or total >= self.s.max_tokens or self.stop_hit:
                 break
             pred = await self.thread.run(self.engine.decode, sess, pred)
         self.device_compute_ms = sess.compute_ms
@@ -287,7 +318,8 @@ class ChatRun:
         times = [t for _, t, _ in self.shown]
         g = [b - a for a, b in itertools.pairwise(times)]
         toks = [t for t, _, _ in self.shown]
-        finish = common_pb2.FINISH_REASON_STOP if toks and toks[-1] in self.eos \
+        finish = common_pb2.FINISH_REASON_STOP if self.stop_hit or (toks and toks[-1] in
+                                                                     self.eos) \
             else common_pb2.FINISH_REASON_LENGTH
         return dpb.ChatSummary(
             mode=mode, finish_reason=finish, ttft_ms=times[0] if times else 0.0,
@@ -299,7 +331,19 @@ class ChatRun:
             prompt_tokens=len(self.ids),
             refined_prompt_tokens=len(self.refined) if self.refined else len(self.ids),
             refine_method=self.refine_method, fallback=self.fallback,
-            device_prefill_ms=self.device_compute_ms, e2e_ms=self.now_ms())
+            device_prefill_ms=self.device_compute_ms, e2e_ms=self.now_ms(),
+            first_token_hold_ms=self.s.controller.first_hold_ms, tokens=len(toks))
+
+
+async def _stalling(it: AsyncIterator[Any], stall_s: float) -> AsyncIterator[Any]:
+    """``it``, raising TimeoutError when the next item takes longer than ``stall_s``."""
+    while True:
+        try:
+            async with asyncio.timeout(stall_s):
+                x = await anext(it)
+        except StopAsyncIteration:
+            return
+        yield x
 
 
 async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -29,7 +29,7 @@ TOKEN_SOURCE_CLOUD: TokenSource
 TOKEN_SOURCE_DEVICE: TokenSource
 
 class ChatRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_token_ids", "max_tokens", "use_chat_template", "mode", "request_id", "token_budget", "refine_ratio", "tau_ms", "ttft_target_ms", "tpot_max_ms", "min_quality")
+    __slots__ = ("prompt", "prompt_token_ids", "max_tokens", "use_chat_template", "mode", "request_id", "token_budget", "refine_ratio", "tau_ms", "ttft_target_ms", "tpot_max_ms", "min_quality", "device_index", "temperature", "top_p", "seed", "stop")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,11 @@ class ChatRequest(_message.Message):
     TTFT_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MAX_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -54,7 +59,12 @@ class ChatRequest(_message.Message):
     ttft_target_ms: float
     tpot_max_ms: float
     min_quality: float
-    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., use_chat_template: _Optional[bool] = ..., mode: _Optional[_Union[DeviceMode, str]] = ..., request_id: _Optional[str] = ..., token_budget: _Optional[int] = ..., refine_ratio: _Optional[float] = ..., tau_ms: _Optional[float] = ..., ttft_target_ms: _Optional[float] = ..., tpot_max_ms: _Optional[float] = ..., min_quality: _Optional[float] = ...) -> None: ...
+    device_index: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., use_chat_template: _Optional[bool] = ..., mode: _Optional[_Union[DeviceMode, str]] = ..., request_id: _Optional[str] = ..., token_budget: _Optional[int] = ..., refine_ratio: _Optional[float] = ..., tau_ms: _Optional[float] = ..., ttft_target_ms: _Optional[float] = ..., tpot_max_ms: _Optional[float] = ..., min_quality: _Optional[float] = ..., device_index: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DisplayedToken(_message.Message):
     __slots__ = ("token_id", "display_ms", "source")
@@ -67,7 +77,7 @@ class DisplayedToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., display_ms: _Optional[float] = ..., source: _Optional[_Union[TokenSource, str]] = ...) -> None: ...
 
 class ChatSummary(_message.Message):
-    __slots__ = ("mode", "finish_reason", "ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "max_tpot_ms", "handoff_index", "handoff_ms", "cloud_tokens", "cloud_tokens_dropped", "cloud_busy_ms", "token_budget", "refine_ratio", "tau_ms", "prompt_tokens", "refined_prompt_tokens", "refine_method", "fallback", "device_prefill_ms", "e2e_ms")
+    __slots__ = ("mode", "finish_reason", "ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "max_tpot_ms", "handoff_index", "handoff_ms", "cloud_tokens", "cloud_tokens_dropped", "cloud_busy_ms", "token_budget", "refine_ratio", "tau_ms", "prompt_tokens", "refined_prompt_tokens", "refine_method", "fallback", "device_prefill_ms", "e2e_ms", "device_index", "first_token_hold_ms", "tokens")
     MODE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +98,9 @@ class ChatSummary(_message.Message):
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_HOLD_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     mode: DeviceMode
     finish_reason: _common_pb2.FinishReason
     ttft_ms: float
@@ -108,7 +121,10 @@ class ChatSummary(_message.Message):
     fallback: str
     device_prefill_ms: float
     e2e_ms: float
-    def __init__(self, mode: _Optional[_Union[DeviceMode, str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., ttft_ms: _Optional[float] = ..., mean_tpot_ms: _Optional[float] = ..., p99_tpot_ms: _Optional[float] = ..., max_tpot_ms: _Optional[float] = ..., handoff_index: _Optional[int] = ..., handoff_ms: _Optional[float] = ..., cloud_tokens: _Optional[int] = ..., cloud_tokens_dropped: _Optional[int] = ..., cloud_busy_ms: _Optional[float] = ..., token_budget: _Optional[int] = ..., refine_ratio: _Optional[float] = ..., tau_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., refined_prompt_tokens: _Optional[int] = ..., refine_method: _Optional[str] = ..., fallback: _Optional[str] = ..., device_prefill_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ...) -> None: ...
+    device_index: int
+    first_token_hold_ms: float
+    tokens: int
+    def __init__(self, mode: _Optional[_Union[DeviceMode, str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., ttft_ms: _Optional[float] = ..., mean_tpot_ms: _Optional[float] = ..., p99_tpot_ms: _Optional[float] = ..., max_tpot_ms: _Optional[float] = ..., handoff_index: _Optional[int] = ..., handoff_ms: _Optional[float] = ..., cloud_tokens: _Optional[int] = ..., cloud_tokens_dropped: _Optional[int] = ..., cloud_busy_ms: _Optional[float] = ..., token_budget: _Optional[int] = ..., refine_ratio: _Optional[float] = ..., tau_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., refined_prompt_tokens: _Optional[int] = ..., refine_method: _Optional[str] = ..., fallback: _Optional[str] = ..., device_prefill_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., device_index: _Optional[int] = ..., first_token_hold_ms: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("tokens", "text", "summary", "request_id")
