@@ -9,10 +9,15 @@ CLI flags (``--field-name``) over those. This module is the only one that reads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
+import io
 import math
 import os
+import re
 import socket
+import tokenize
 import types
 import typing
 from collections.abc import Sequence
@@ -42,12 +47,15 @@ class ServiceConfig:
     heartbeat_s: float = 1.0  # registry heartbeat period
     registry_ttl_s: float = 3.0  # an instance that misses heartbeats this long drops out
     grace_s: float = 5.0  # graceful-shutdown window for in-flight RPCs
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     ready_file: str = ""  # written with {"address": ...} once SERVING (used by pdserve up)
+    metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if not 0 < self.heartbeat_s < self.registry_ttl_s < math.inf:  # also rejects NaN
             raise ConfigError(
                 f"need 0 < heartbeat_s < registry_ttl_s, got {self.heartbeat_s}, "
@@ -109,6 +117,42 @@ def _parse(tp: type, raw: str, name: str) -> Any:
         raise ConfigError(f"{name}: cannot parse {raw!r} as {tp.__name__}") from None
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in its class source (trailing, or the lines just above),
+    which is where defaults are documented once; used as the flag's --help line."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, str] = {}
+        with contextlib.suppress(tokenize.TokenError, IndentationError):
+            for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+                if tok.type == tokenize.COMMENT:
+                    comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        for no, line in enumerate(lines, 1):
+            m = _FIELD_LINE.match(line)
+            if m is None:
+                continue
+            doc = comments.get(no, "")
+            if not doc or not line.lstrip().startswith(m.group(1)):
+                above = []
+                prev = no - 1
+                while prev in comments and lines[prev - 1].lstrip().startswith("#"):
+                    above.insert(0, comments[prev])
+                    prev -= 1
+                doc = " ".join(above) or doc
+            if doc:
+                out[m.group(1)] = doc
+    return out
+
+
+_FIELD_LINE = re.compile(r"^    (\w+)\s*:\s*[^=#]+=")
+
+
 def load_config(
     cls: type[C],
     argv: Sequence[str] | None = None,
@@ -125,11 +169,14 @@ def load_config(
         if key in env:
             values[f.name] = _parse(_field_type(cls, f), env[key], key)
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    docs = field_docs(cls)
     for f in fields:
         tp = _field_type(cls, f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"env {ENV_PREFIX}{f.name.upper()} (default: {default!r})"
+        doc = docs.get(f.name, "")
+        help_ = f"{doc + ' ' if doc else ''}[env {ENV_PREFIX}{f.name.upper()}; " \
+                f"default: {default!r}]".replace("%", "%%")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_)

@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ServiceConfig
+from services.common.metrics import Labels, MetricsServer, register_source, serve_metrics
 from services.common.registry import InstanceInfo, Registration, connect
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,22 @@ def host_id() -> str:
 
 
 class ServiceRuntime:
-    def __init__(self, cfg: ServiceConfig, role: str, service_names: Sequence[str]) -> None:
+    def __init__(self, cfg: ServiceConfig, role: str, service_names: Sequence[str], *,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None,
+                 reflection: bool = True) -> None:
+        """``interceptors`` run in order on every call (e.g. auth.ApiKeyInterceptor);
+        ``credentials`` serve TLS instead of plaintext; ``reflection`` off hides the API."""
         self.cfg = cfg
         self.role = role
         self.instance_id = cfg.resolved_instance_id(role)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                      interceptors=list(interceptors) or None)
+        self._credentials = credentials
+        self._reflection = reflection
+        self.metrics_server: MetricsServer | None = None
+        self.ready_extra: dict[str, str] = {}  # more fields for the ready file (e.g. http)
+        self._unregister_metrics: list[Callable[[], None]] = []
         self.health = health.aio.HealthServicer()
         self._service_names = list(service_names)
         self.port = 0
@@ -79,6 +91,17 @@ class ServiceRuntime:
         return self.cfg.advertised(self.port)
 
     @property
+    def metrics_url(self) -> str:
+        if self.metrics_server is None:
+            return ""
+        return f"http://{self.cfg.advertised(self.metrics_server.port)}/metrics"
+
+    def register_metrics(self, fn: Callable[[], Mapping[str, float]]) -> None:
+        """Export ``fn()`` (names from metrics.SCRAPED) with this instance's labels."""
+        self._unregister_metrics.append(
+            register_source(Labels(self.role, self.cfg.group, self.instance_id), fn))
+
+    @property
     def redis(self):  # type: ignore[no-untyped-def]
         if self._redis is None:
             raise RuntimeError("no redis_url configured")
@@ -87,12 +110,18 @@ class ServiceRuntime:
     async def start(self, add_servicers: Callable[[grpc.aio.Server], None]) -> int:
         add_servicers(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self._reflection:
+            names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, self.server)
+        bind = f"{self.cfg.host}:{self.cfg.port}"
+        self.port = (self.server.add_secure_port(bind, self._credentials)
+                     if self._credentials is not None else self.server.add_insecure_port(bind))
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         await self.server.start()
+        if self.cfg.metrics_port >= 0:
+            self.metrics_server = serve_metrics(self.cfg.host, self.cfg.metrics_port)
+            log.info("%s %s metrics on %s", self.role, self.instance_id, self.metrics_url)
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("%s %s listening on %s", self.role, self.instance_id, self.address)
@@ -114,7 +143,8 @@ class ServiceRuntime:
             # A few bytes, once, at startup: not worth a thread hop.
             tmp = Path(self.cfg.ready_file + ".tmp")
             ready = json.dumps({"address": self.address, "pid": os.getpid(),
-                                "instance_id": self.instance_id})
+                                "instance_id": self.instance_id,
+                                "metrics": self.metrics_url, **self.ready_extra})
             tmp.write_text(ready)  # noqa: ASYNC240
             tmp.rename(self.cfg.ready_file)  # noqa: ASYNC240
         log.info("%s %s SERVING", self.role, self.instance_id)
@@ -127,6 +157,10 @@ class ServiceRuntime:
         await self.server.stop(self.cfg.grace_s)
         if cleanup is not None:
             await cleanup()
+        for unregister in self._unregister_metrics:
+            unregister()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self._redis is not None:
             await self._redis.aclose()
         log.info("%s %s stopped", self.role, self.instance_id)

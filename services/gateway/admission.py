@@ -32,6 +32,7 @@ from services.common.errors import (
     error_info,
     from_rpc_error,
 )
+from services.common.metrics import RequestMetrics
 from services.common.registry import InstanceInfo
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate
@@ -72,6 +73,7 @@ class PrefillAdmission:
         self.filler = BatchFiller()
         self.stats = AdmissionStats()
         self._tick = itertools.count()
+        self.metrics: RequestMetrics | None = None  # Prometheus (services/common/metrics.py)
 
     async def admit(self, preq: prefill_service_pb2.PrefillRequest, group: str,
                     on_accepted: Callable[[], None]) -> Admitted:
@@ -119,6 +121,8 @@ class PrefillAdmission:
                     self.filler.on_accept(group, cand.instance_id)
                     if asked > 1:
                         self.stats.forwarded_total += 1
+                        if self.metrics is not None:
+                            self.metrics.forwarded(group)
                     return got
                 if order and busy == 0 and last_error is not None:
                     raise last_error  # every prefill is unreachable, none is merely busy
@@ -143,6 +147,8 @@ class PrefillAdmission:
         deadline_ms = preq.ttft_deadline_unix_ms or (time.time() + self.max_queue_s) * 1000
         await self.queue.enter(group, preq.request_id, deadline_ms)
         self.stats.queued_total += 1
+        if self.metrics is not None:
+            self.metrics.queued(group)
 
     async def _wait_turn(self, group: str, rid: str, prefills: int) -> None:
         """Until this request's turn. ``k`` slots freed since the last look (slot-free hints,
@@ -177,9 +183,14 @@ class PrefillAdmission:
             async for ev in call:
                 kind = ev.WhichOneof("event")
                 if kind == "rejected":
+                    if self.metrics is not None:
+                        self.metrics.admission(preq.scenario, False, prefill_service_pb2.
+                                               RejectReason.Name(ev.rejected.reason))
                     return None
                 started = True
                 if kind == "accepted":
+                    if self.metrics is not None:
+                        self.metrics.admission(preq.scenario, True)
                     on_accepted()
                 elif kind == "first_token":
                     handed = True

@@ -43,6 +43,7 @@ from services.common.errors import (
     abort_with,
     from_rpc_error,
 )
+from services.common.metrics import Labels, RequestMetrics
 from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import new_channel
 from services.common.telemetry import (
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 DECODE_RETRY_S = 0.05
 MISS_REFRESH_S = 1.0
+_FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                 common_pb2.FINISH_REASON_CANCELLED: "cancelled"}
 
 
 @dataclass
@@ -83,6 +86,14 @@ class Progress:
     kv_fetch_fallback: bool = False
     sse_prefill: str = ""  # the prefill whose open-stream count this request holds to the end
     refine_ratio: float = 0.0  # P/D-Device: rho asked for (assist.py); 0 = none
+    group: str = ""  # the scenario group it was routed to (metrics)
+    prompt_tokens: int = 0
+
+    def stage(self) -> str:
+        """Where the request is, for the deadline metric: ttft, handoff or decode."""
+        if not self.token_times:
+            return "ttft"
+        return "decode" if self.kv_consumed else "handoff"
 
     def _kv_path(self) -> str:
         """"shm" when both hops took shm; "tcp>shm" (push>fetch) when they differ."""
@@ -107,8 +118,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, info: ModelInfo, tokenizer: TextTokenizer, view: RegistryView,
                  group: str, default_max_tokens: int, policy: Policy = Policy.FORWARD,
                  queue: ForwardingQueue | None = None, max_queue_s: float = 60.0,
-                 refuse_unknown_scenario: bool = False) -> None:
+                 refuse_unknown_scenario: bool = False,
+                 metrics: RequestMetrics | None = None) -> None:
         self.refuse_unknown_scenario = refuse_unknown_scenario
+        self.metrics = metrics or RequestMetrics(Labels("gateway", group, "gateway"))
         self.info = info
         self.tok = tokenizer
         self.view = view
@@ -120,6 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._background: set[asyncio.Task[None]] = set()
         self.admission = PrefillAdmission(policy, self._ranked, self.channel, self.open_streams,
                                           queue, max_queue_s)
+        self.admission.metrics = self.metrics
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -164,8 +178,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async with contextlib.aclosing(self.stream(request, context.time_remaining())) as it:
+                async for msg in it:
+                    yield msg
+        except PdserveError as e:
+            await abort_with(context, e)
+
+    async def stream(
+        self, request: pb.GenerateRequest, time_remaining: float | None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """One request's path, shared by gRPC ``Generate`` and the HTTP door (http.py).
+        Raises ``PdserveError``; cancelling or closing it early (the client went away)
+        cancels the downstream calls and releases the KV, as a gRPC cancel does."""
         rid = request.request_id or uuid.uuid4().hex
         progress = Progress()
+        outcome = "abort"  # until it ends otherwise: the client went away
         with _tracer.start_as_current_span("gateway.generate") as span:
             span.set_attribute(ATTR_REQUEST_ID, rid)
             try:
@@ -174,18 +202,37 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 req = assist.apply_budget(request, req)
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(req.prompt_ids))
                 span.set_attribute(ATTR_SCENARIO, req.scenario or self.default_group)
-                async for msg in self._generate(req, context, progress):
+                progress.prompt_tokens = len(req.prompt_ids)
+                async for msg in self._generate(req, time_remaining, progress):
+                    if msg.finish_reason:
+                        outcome = _FINISH_NAMES.get(msg.finish_reason, "error")
                     yield msg
                 span.set_attribute(ATTR_COMPLETION_TOKENS, len(progress.token_times))
             except PdserveError as e:
                 e.metadata.setdefault("request_id", rid)
                 span.record_exception(e)
-                await abort_with(context, e)
+                outcome = "error"
+                if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    outcome = "deadline"
+                    self.metrics.deadline(progress.group or self.default_group,
+                                          progress.stage())
+                raise
             finally:
                 if progress.sse_prefill:
                     self.open_streams[progress.sse_prefill] -= 1
                 if progress.kv is not None and not progress.kv_consumed:
                     self._release_later(progress.kv, rid, "request ended before decode fetched")
+                self._observe(progress, outcome)
+
+    def _observe(self, p: Progress, outcome: str) -> None:
+        group = p.group or self.default_group
+        self.metrics.finished(
+            group, outcome, ttft_s=p.ttft_ms / 1e3 if p.token_times else None,
+            token_times=p.token_times, e2e_s=time.monotonic() - p.t0,
+            prompt_tokens=p.prompt_tokens, queue_s=p.queue_ms / 1e3 if p.queue_ms else None)
+        if p.kv is not None and p.kv_consumed:
+            self.metrics.kv(group, p.kv_transfer_ms / 1e3, p.kv.transport, p.kv_fetch_transport,
+                            p.kv.nbytes, p.kv.fallback or p.kv_fetch_fallback)
 
     def _release_later(self, kv: common_pb2.KvRef, rid: str, reason: str) -> None:
         stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel(kv.control_address))
@@ -200,10 +247,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         task.add_done_callback(self._background.discard)
 
     async def _generate(
-        self, req: ValidRequest, context: grpc.aio.ServicerContext, p: Progress
+        self, req: ValidRequest, remaining: float | None, p: Progress
     ) -> AsyncIterator[pb.GenerateResponse]:
-        group = await self._group_for(req.scenario)
-        remaining = context.time_remaining()
+        group = p.group = await self._group_for(req.scenario)
         deadline = time.monotonic() + remaining if remaining is not None else None
         ttft_deadline = p.t0 + req.ttft_deadline_ms / 1e3 if req.ttft_deadline_ms else None
         if deadline is not None and (ttft_deadline is None or deadline < ttft_deadline):
