@@ -105,3 +105,73 @@ async def test_bad_requests_are_invalid_argument(device) -> None:  # type: ignor
             async for _ in device.Chat(req):
                 pass
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_seeded_sampling_is_the_same_across_the_hand_off(device, tiny) -> None:  # type: ignore[no-untyped-def]
+    _, tok, model = tiny
+    kw = dict(prompt=PROMPT, max_tokens=40, temperature=1.2, top_p=0.95, seed=1234)
+    pd, _, s = await chat(device, token_budget=30, tau_ms=15,
+                          mode=pb.DEVICE_MODE_PD_DEVICE, **kw)
+    assert 1 <= s.handoff_index < 40 and not s.fallback  # tokens from both sides
+    cloud, _, _ = await chat(device, mode=pb.DEVICE_MODE_CLOUD_ONLY, **kw)
+    local, _, _ = await chat(device, mode=pb.DEVICE_MODE_DEVICE_ONLY, **kw)
+    # Token i is drawn with (seed, i) on whichever side makes it: one answer for all modes.
+    assert pd == cloud == local
+    assert pd != reference(model, tok.encode(PROMPT), 40)  # and it really was sampled
+    other, _, _ = await chat(device, mode=pb.DEVICE_MODE_DEVICE_ONLY,
+                             **{**kw, "seed": 99})
+    assert other != pd
+
+
+async def test_stop_string_ends_the_answer_on_either_side(device, tiny) -> None:  # type: ignore[no-untyped-def]
+    _, tok, model = tiny
+    ids = tok.encode(PROMPT)
+    ref = reference(model, ids, 40)
+    full_text = tok.decode(ref)
+    for mode, cut in ((pb.DEVICE_MODE_PD_DEVICE, 36), (pb.DEVICE_MODE_CLOUD_ONLY, 6)):
+        # A stop string that first appears in the answer's text after about ``cut`` tokens.
+        stop = tok.decode(ref[:cut])[-3:]
+        want = full_text[:full_text.find(stop)]
+        texts: list[str] = []
+        shown: list[int] = []
+        summary = None
+        async for msg in device.Chat(pb.ChatRequest(
+                prompt=PROMPT, max_tokens=40, token_budget=30, tau_ms=15, mode=mode,
+                stop=[stop, "never appears \u2603"])):
+            texts.append(msg.text)
+            shown.extend(t.token_id for t in msg.tokens)
+            if msg.HasField("summary"):
+                summary = msg.summary
+        assert summary is not None and summary.finish_reason == 1  # FINISH_REASON_STOP
+        assert "".join(texts) == want, pb.DeviceMode.Name(mode)
+        assert shown == ref[:len(shown)] and len(shown) < 40
+        assert summary.tokens == len(shown)
+
+
+async def test_a_fleet_serves_concurrent_chats_each_on_its_own_device(cluster: Cluster) -> None:
+    import asyncio
+
+    cfg = device_main.DeviceConfig(model="tiny", engine="mock", device_profile="phone",
+                                   cloud_address=cluster.gateway[0].address, wan_rtt_ms=20.0,
+                                   fleet_size=4, fleet_spread=0.3, chunk_tokens=64)
+    handles = await device_main.start(cfg)
+    try:
+        speeds = [d.engine.tpot for d in handles[1].devices]
+        assert speeds == sorted(speeds) and speeds[-1] == pytest.approx(1.3 * speeds[0])
+        assert len({d.relay.address for d in handles[1].devices}) == 4  # a link each
+        async with grpc.aio.insecure_channel(handles[0].address) as ch:
+            stub = pb_grpc.DeviceServiceStub(ch)
+            results = await asyncio.gather(*(
+                chat(stub, prompt=PROMPT * 2, max_tokens=48, device_index=i,
+                     mode=pb.DEVICE_MODE_PD_DEVICE, token_budget=24, tau_ms=40)
+                for i in range(4)))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await chat(stub, prompt="x", device_index=4)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await device_main.stop(*handles)
+    for i, (got, shown, s) in enumerate(results):
+        assert s.device_index == i and len(got) == 48 and not s.fallback
+        assert 1 <= s.handoff_index < 48
+        times = [t.display_ms for t in shown]
+        assert times == sorted(times)

@@ -122,3 +122,15 @@ def test_retarget_steps_down_to_the_local_pace_smoothly() -> None:
     assert all(abs(b - a) <= 5.0 + 1e-9 for a, b in itertools.pairwise(g[:12]))
     assert g[-1] == pytest.approx(35.0)
     assert ctl.cfg.gain == 0.0 and ctl.cfg.tau_ms == 35.0
+
+
+def test_first_token_hold_absorbs_the_clouds_handoff_gap() -> None:
+    # The cloud's t1 -> t2 gap is 110 ms (its KV handoff), then 15 ms per token.
+    arrivals = [100.0, 210.0] + [210.0 + 15.0 * i for i in range(1, 30)]
+    plain = gaps(simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45)))
+    assert plain[0] == pytest.approx(110.0)  # shown on arrival: one long gap
+    held = simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45, first_hold_ms=70))
+    assert held[0] == pytest.approx(170.0)  # the hold is paid in TTFT ...
+    assert max(gaps(held)) <= 45.0 + 1e-9  # ... and no displayed gap exceeds the bound
+    with pytest.raises(ValueError):
+        ControllerConfig(first_hold_ms=-1)

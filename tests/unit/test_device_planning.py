@@ -47,3 +47,25 @@ def test_a_device_slower_than_its_profile_gets_larger_budgets() -> None:
     assert after.n_budget > 1.5 * before.n_budget
     p.observe_device(0, 0, 0.0)  # nothing known: no change
     assert p.plan(1024, 512) == after
+
+
+def test_observe_learns_the_clouds_t2_gap_and_plans_a_hold() -> None:
+    p = Planner(PROFILE, rtt_ms=50, bandwidth_mbps=20, chunk_tokens=256,
+                constraints=Constraints(ttft_target_ms=1500, tpot_max_ms=45))
+    assert p.profiles.cloud_t2_gap is None and p.plan(4096, 8).hold_ms == 0.0
+    p.observe(4096, 400.0, 15.0, t2_gap_ms=110.0)  # the first gap seen starts the curve
+    assert p.plan(4096, 8).hold_ms == pytest.approx(110 * 1.2 - 45)
+    for _ in range(30):  # then it scales toward what later requests see
+        p.observe(4096, 400.0, 15.0, t2_gap_ms=40.0)
+    assert p.plan(4096, 8).hold_ms == pytest.approx(40 * 1.2 - 45, abs=1.0)
+
+
+def test_fleet_devices_differ_in_speed_and_link() -> None:
+    from services.device.fleet import scale_profile, speed_of
+
+    assert [speed_of(i, 5, 0.4) for i in range(5)] == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4])
+    assert speed_of(0, 1, 0.4) == 1.0
+    slow = scale_profile({**PROFILE, "rtt_ms": 50}, 1.5)
+    assert slow["device"]["prefill"][1] == [1024, 1950.0]
+    assert slow["device"]["tpot_ms"] == 52.5 and slow["rtt_ms"] == 75.0
+    assert slow["cloud"] == PROFILE["cloud"] and PROFILE["device"]["tpot_ms"] == 35

@@ -27,6 +27,8 @@ def profiles(rng: random.Random) -> Profiles:
         cloud_tpot_ms=rng.uniform(5, 35),
         rtt_ms=rng.uniform(10, 150),
         chunk_tokens=rng.choice([64, 256]),
+        # Half the cases have a cloud t1 -> t2 gap large enough to need a first-token hold.
+        cloud_t2_gap=rng.choice([None, Curve.linear(rng.uniform(10, 60), rng.uniform(0, 0.03))]),
     )
 
 
@@ -95,3 +97,24 @@ def test_curve_interpolates_and_extrapolates() -> None:
     assert c(300) == 510.0
     with pytest.raises(ValueError):
         Curve(((1.0, 1.0), (1.0, 2.0)))
+
+
+def test_first_token_hold_covers_the_clouds_t2_gap() -> None:
+    # The cloud's t1 -> t2 gap: 20 ms + 0.02 ms/token (100 ms at 4k tokens).
+    p = Profiles(device_prefill=Curve.linear(20, 1.0), device_tpot_ms=30,
+                 cloud_ttft=Curve.linear(30, 0.05), cloud_tpot_ms=15, rtt_ms=50,
+                 cloud_t2_gap=Curve.linear(20, 0.02))
+    c = Constraints(ttft_target_ms=1500, tpot_max_ms=45)
+    assert p.hold_ms(256, 45) == 0.0  # a short prompt's gap is under the bound already
+    hold = p.hold_ms(4096, 45)
+    assert hold == pytest.approx(101.92 * 1.2 - 45)
+    short = choose(p, c, 4096, 8)  # no hand-off fits in 8 tokens: the cloud serves it
+    assert short.mode == "cloud_only" and short.hold_ms == pytest.approx(hold)
+    assert short.ttft_ms == pytest.approx(p.first_arrival_ms(4096) + hold)
+    # The gap as displayed: t2 arrives G after t1, t1 is shown H after it arrives.
+    assert p.cloud_t2_gap(4096) - short.hold_ms <= c.tpot_max_ms
+    long = choose(p, c, 4096, 400)
+    assert long.mode == "pd_device" and long.hold_ms == pytest.approx(hold)
+    # The hold delays every display time, which gives the device's catch-up that long more.
+    no_gap = choose(Profiles(**{**p.__dict__, "cloud_t2_gap": None}), c, 4096, 400)
+    assert long.k <= no_gap.k
