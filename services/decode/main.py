@@ -55,7 +55,7 @@ from services.kv.layout import KvFormatError, decode_header
 
 if TYPE_CHECKING:
     from services.engine.paged import BlockAllocator, BlockTable
-    from services.engine.runner import ModelRunner
+    from services.engine.base import Runner
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -88,7 +88,7 @@ class DecodeConfig(WorkerConfig):
 
 
 class DecodeServicer(pb_grpc.DecodeServiceServicer):
-    def __init__(self, cfg: DecodeConfig, runtime: ServiceRuntime, runner: ModelRunner,
+    def __init__(self, cfg: DecodeConfig, runtime: ServiceRuntime, runner: Runner,
                  steps: StepLoop, pool: BlockAllocator) -> None:
         self.cfg = cfg
         self.runtime = runtime

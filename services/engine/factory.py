@@ -3,10 +3,10 @@ torch); anything else is a real model through torch + transformers."""
 
 from __future__ import annotations
 
-from typing import Any
+from services.engine.base import Runner
 
 
-def load_runner(spec: str, cache_dir: str = "", threads: int = 0) -> Any:
+def load_runner(spec: str, cache_dir: str = "", threads: int = 0) -> Runner:
     if spec.startswith("mock:"):
         from services.engine.mock import MockRunner
 

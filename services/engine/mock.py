@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from services.engine.base import OnLayer
 from services.engine.paged import BlockAllocator, BlockTable
 from services.engine.prefix import chain_hashes
 from services.engine.sampling import Sampling
@@ -104,8 +105,20 @@ class MockRunner:
     def _token(self, tail: tuple[int, ...], position: int) -> int:
         return 16 + (sum(tail) * 31 + position * 17) % 240
 
-    def prefill(self, ids: list[int], params: Sampling,
-                reuse_prefix: bool = True) -> tuple[int, MockState]:
+    def attach_prefix_cache(self, capacity_bytes: int, block_tokens: int) -> None:
+        """The mock's prefix cache is always on, sized by the profile (block hits only)."""
+
+    def layer_packer(self, num_tokens: int) -> None:
+        return None  # no layers to hook: the KV is packed after the modelled compute
+
+    def prefix_metrics(self) -> dict[str, float]:
+        return {}
+
+    def attention_model(self) -> None:
+        return None
+
+    def prefill(self, ids: list[int], params: Sampling, reuse_prefix: bool = True,
+                on_layer: OnLayer | None = None) -> tuple[int, MockState]:
         hashes = block_hashes(ids)
         cached = 0
         for h in hashes if reuse_prefix else ():

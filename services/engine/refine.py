@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from services.engine.base import Runner
 
 T = TypeVar("T")
 
@@ -128,12 +131,12 @@ class ImportanceProbe:
         return [float(x) for x in total / len(self._attn)]
 
 
-def probe_for(runner: Any, ratio: float) -> ImportanceProbe | None:
+def probe_for(runner: Runner, ratio: float) -> ImportanceProbe | None:
     """A probe for a request that asks for refinement, when the engine has a torch model
     with the layout the probe reads (Llama-family attention); None otherwise."""
     if not 0.0 < ratio < 1.0:
         return None
-    model = getattr(runner, "model", None)
+    model = runner.attention_model()
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(layers[-1], "self_attn") or \
             not hasattr(layers[-1].self_attn, "q_proj"):

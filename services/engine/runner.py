@@ -88,6 +88,12 @@ class ModelRunner:
             for h in handles:
                 h.remove()
 
+    def prefix_metrics(self) -> dict[str, float]:
+        return self.prefix.metrics() if self.prefix is not None else {}
+
+    def attention_model(self) -> torch.nn.Module:
+        return self.model
+
     def layer_packer(self, num_tokens: int) -> LayerPacker:
         """A transfer buffer for ``num_tokens`` tokens, packed layer by layer (``on_layer``);
         the payload crc goes in with the header, once the push knows it."""

@@ -1,0 +1,155 @@
+"""The KV handoff of one prefill: reserve at a kvstore, push, then the ``KvRef`` for
+``kv_ready``; release on any failure or cancel.
+
+The reservation comes before the compute (P/D-Serve reserves for every admitted
+prompt), so a full kvstore becomes a rejection the gateway can forward around, and its
+lease covers the compute ahead (``reservation_lease_ms``). With ``kv_layer_overlap``
+(tcp only) each layer is packed and sent as soon as the forward has computed it, and
+only the header is left after compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+
+from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
+from pdserve.v1 import prefill_service_pb2 as pb
+from services.common.errors import Unavailable, error_info, from_rpc_error
+from services.common.registry import RegistryView
+from services.common.runtime import host_id, new_channel
+from services.common.telemetry import ATTR_KV_BYTES, ATTR_REQUEST_ID, tracer
+from services.engine.worker import ModelThread, WorkerConfig
+from services.kv import push_kv
+from services.kv.layers import LayerPush
+from services.kv.layout import kv_nbytes
+from services.prefill.estimator import PrefillEstimator, reservation_lease_ms
+
+if TYPE_CHECKING:
+    from services.engine.base import KvState, Runner
+    from services.engine.kv import LayerPacker
+
+_tracer = tracer(__name__)
+ATTR_KV_LAYERED = "pdserve.kv.layered"
+KvStoreStub = kvstore_service_pb2_grpc.KvStoreServiceStub
+
+
+@dataclass
+class _Layered:
+    """A per-layer push in flight and the buffer its layers are packed into."""
+
+    push: LayerPush
+    packer: LayerPacker
+
+    def on_layer(self, i: int, cache: object) -> None:  # on the model thread
+        self.packer(i, cache)  # type: ignore[arg-type]
+        self.push.layer_done(i)
+
+
+class Staged:
+    """One request's reservation at a kvstore, from reserve to ``kv_ready``."""
+
+    def __init__(self, cfg: WorkerConfig, runner: Runner, thread: ModelThread, rid: str,
+                 address: str, kvstore: KvStoreStub,
+                 res: kvstore_service_pb2.ReserveKvResponse) -> None:
+        self.cfg, self.runner, self.thread, self.rid = cfg, runner, thread, rid
+        self.address, self.kvstore, self.res = address, kvstore, res
+        self.layered: _Layered | None = None
+
+    async def open_layered(self, num_tokens: int) -> None:
+        """Per-layer transfer when it is on, the runner can hook its layers and the
+        push goes over tcp; otherwise the KV is packed and pushed after compute."""
+        if not self.cfg.kv_layer_overlap:
+            return
+        packer = self.runner.layer_packer(num_tokens)
+        if packer is None:
+            return
+        push = await LayerPush.open(self.cfg, self.res, self.rid, packer.buf,
+                                    packer.meta.num_layers, self.cfg.kv_checksum, host_id())
+        self.layered = _Layered(push, packer) if push is not None else None
+
+    def hook(self) -> tuple[object, ...]:
+        """Extra arguments for the compute: the per-layer callback, if any."""
+        return (self.layered.on_layer,) if self.layered is not None else ()
+
+    async def push(self, state: KvState, time_left: float | None) -> common_pb2.KvRef:
+        """Pack (unless the layers went already) and push; the ref decode fetches."""
+        layered = self.layered
+        if layered is None:
+            meta, buf = await self.thread.run(self.runner.pack, state, self.cfg.kv_checksum)
+        with _tracer.start_as_current_span("kv.push") as span:
+            span.set_attribute(ATTR_REQUEST_ID, self.rid)
+            span.set_attribute(ATTR_KV_LAYERED, layered is not None)
+            if layered is not None:  # the layers went during compute; the header now
+                xfer = await layered.push.finish(layered.packer.header, time_left)
+                meta, buf = layered.packer.meta, layered.packer.buf
+            else:
+                xfer = await push_kv(self.cfg, self.res, self.rid, buf, meta.num_tokens,
+                                     time_left)
+            span.set_attribute(ATTR_KV_BYTES, int(buf.nbytes))
+        return common_pb2.KvRef(
+            handle=self.res.handle, control_address=self.address,
+            data_address=self.res.data_address, transport=xfer.transport, nbytes=buf.nbytes,
+            num_tokens=meta.num_tokens, model_fingerprint=self.runner.fingerprint,
+            endpoints=self.res.endpoints, fallback=xfer.fallback)
+
+    async def release(self, reason: str) -> None:
+        """Abort a per-layer push in flight and free the reservation (idempotent at the
+        kvstore). Shielded: this runs while the call is being cancelled."""
+        if self.layered is not None:
+            self.layered.push.abort()
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await asyncio.shield(self.kvstore.ReleaseKv(kvstore_service_pb2.ReleaseKvRequest(
+                handle=self.res.handle, request_id=self.rid, reason=reason), timeout=5))
+
+
+class Handoff:
+    """Chooses a kvstore of the group and reserves there."""
+
+    def __init__(self, cfg: WorkerConfig, runner: Runner, thread: ModelThread,
+                 kv_lease_s: float) -> None:
+        self.cfg, self.runner, self.thread = cfg, runner, thread
+        self.kv_lease_s = kv_lease_s
+        self.view: RegistryView | None = None
+        self._channels: dict[str, KvStoreStub] = {}
+
+    def _kvstore(self) -> tuple[str, KvStoreStub]:
+        stores = self.view.instances(role="kvstore") if self.view else []
+        same = [s for s in stores if s.group == self.cfg.group] or stores
+        if not same:
+            raise Unavailable("no kvstore instance is registered; start one "
+                              "(pdserve serve kvstore)", reason="NO_KVSTORE")
+        best = min(same, key=lambda s: (s.load.get("bytes_held", 0.0), s.instance_id))
+        if best.address not in self._channels:
+            self._channels[best.address] = KvStoreStub(new_channel(best.address))
+        return best.address, self._channels[best.address]
+
+    async def reserve(self, request: pb.PrefillRequest, estimator: PrefillEstimator,
+                      ) -> Staged | pb.PrefillRejected:
+        """A reservation for the whole prompt's KV, or a rejection (KV_CAPACITY) that
+        the gateway forwards around when the request may be rejected."""
+        rid = request.request_id
+        info = self.runner.info
+        n = len(request.prompt_token_ids)
+        nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, n, info.kv_dtype)
+        address, kvstore = self._kvstore()
+        try:
+            res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+                request_id=rid, nbytes=nbytes,
+                lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
+            if err.reason == "KV_CAPACITY" and \
+                    request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
+                return pb.PrefillRejected(reason=pb.REJECT_REASON_KV_CAPACITY,
+                                          message=err.message)
+            if error_info(e) is None:  # no answer from the kvstore itself: say which hop broke
+                err = Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
+                                  reason="KVSTORE_UNAVAILABLE",
+                                  metadata={"request_id": rid, "kvstore": address})
+            raise err from e
+        return Staged(self.cfg, self.runner, self.thread, rid, address, kvstore, res)
