@@ -54,8 +54,8 @@ from services.kv import fetch_kv, transfer_load
 from services.kv.layout import KvFormatError, decode_header
 
 if TYPE_CHECKING:
-    from services.engine.paged import BlockAllocator, BlockTable
     from services.engine.base import Runner
+    from services.engine.paged import BlockAllocator, BlockTable
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
