@@ -6,6 +6,7 @@
   pdserve model prepare [--model M]                               convert/cache a model once
   pdserve status [--redis-url URL]                                registry: groups and members
   pdserve serve device --cloud-address A; pdserve device chat|profile  P/D-Device
+  pdserve plan --trace T | --group NAME:prompt=P,output=O,rate=R     Eq. 1 ratio per group
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.device.cli import add_parser as add_device_parser
 
     add_device_parser(sub)
+    from services.control.plan_cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -190,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from services.device.cli import run as run_device
 
         code = run_device(args)
+    elif args.cmd == "plan":
+        from services.control.plan_cli import run as run_plan
+
+        code = run_plan(args)
     else:
         code = asyncio.run(_status(args))
     sys.exit(code)

@@ -149,3 +149,26 @@ def test_bad_profiles_are_refused() -> None:
     with pytest.raises(ValueError):
         best_split(prof(), 1)
     assert math.isinf(prof().phi(1, 1, traffic=math.inf)) is False
+
+
+def test_pdserve_plan_prints_each_groups_best_split(capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    from services.cli import build_parser
+    from services.control.plan_cli import prefix_hits, read_trace, run
+
+    args = build_parser().parse_args(["plan", "--group", "chat:prompt=1500,output=200,rate=8",
+                                      "--group", "code:prompt=2000,output=30", "--json"])
+    assert run(args) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert [g["group"] for g in out] == ["chat", "code"]
+    chat, code = out
+    assert chat["best"]["n_d"] > code["best"]["n_d"]  # longer answers need more decode
+    assert chat["needed"]["capacity"] >= 8.0 and code["needed"] is None
+    bad = build_parser().parse_args(["plan", "--group", "x:prompt=1"])
+    assert run(bad) == 2
+    from bench.traces import MOONCAKE
+
+    reqs = read_trace(str(MOONCAKE))[:200]
+    hits = prefix_hits(reqs)
+    assert any(hits) and all(h < r.prompt_len for h, r in zip(hits, reqs, strict=True))
