@@ -8,6 +8,16 @@ Layout (one hash tag per group, so a group's keys share a cluster slot):
 Every heartbeat rewrites the record with a fresh TTL, so a lost write or a Redis
 failover heals at the next beat, and an instance that dies drops out when its
 lease expires. Readers prune member ids whose record has expired.
+
+Redis Cluster-safe: the per-group steps (heartbeat, deregistration, reads) touch one
+group's keys only, as Lua scripts or single-key commands; ``pdserve:groups`` is only
+ever touched by single-key commands. ``connect`` takes ``redis://``, ``rediss://`` and
+``unix://`` URLs (one server) and ``redis+cluster://[user:pass@]host:port[,host:port...]``
+(``rediss+cluster://`` with TLS) for a Redis Cluster, given by one or more seed nodes.
+
+Redis away: every call is bounded by short timeouts, and the readers keep the last
+view (``RegistryView``); instances keep beating and are whole again at their first
+beat after Redis returns.
 """
 
 from __future__ import annotations
@@ -22,11 +32,30 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services.common.keys import GROUPS_KEY, instance_key, members_key
 from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+REDIS_ERRORS = (aioredis.RedisError, OSError)
+# Bounded calls: a dead Redis fails fast (callers degrade), a hung one within these.
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+_BEAT = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+_LEAVE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -55,8 +84,26 @@ class InstanceInfo:
         return InstanceInfo(**d)
 
 
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=False)
+def connect(url: str) -> Any:
+    """An asyncio client: ``aioredis.Redis``, or ``RedisCluster`` for a cluster URL."""
+    kw: dict[str, Any] = dict(
+        decode_responses=False, socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1))
+    scheme, sep, rest = url.partition("://")
+    if scheme not in CLUSTER_SCHEMES:
+        return aioredis.Redis.from_url(url, **kw)
+    if not sep or not rest.split("/")[0]:
+        raise ValueError(f"bad cluster URL {url!r}; expected redis+cluster://host:port[,...]")
+    netloc = rest.split("/")[0]
+    creds, _, hosts = netloc.rpartition("@")
+    user, _, password = creds.partition(":")
+    nodes = []
+    for hp in hosts.split(","):
+        host, _, port = hp.rpartition(":")
+        nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+    return RedisCluster(startup_nodes=nodes, username=user or None, password=password or None,
+                        ssl=scheme == "rediss+cluster", **kw)
 
 
 class Registration:
@@ -64,7 +111,7 @@ class Registration:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Any,
         info: InstanceInfo,
         ttl_s: float,
         period_s: float,
@@ -76,6 +123,10 @@ class Registration:
         self._period_s = period_s
         self._load_fn = load_fn
         self._task: asyncio.Task[None] | None = None
+        self.failing = False
+        self.restored_at = 0.0  # monotonic time of the first beat after an outage
+        self._beat = client.register_script(_BEAT)
+        self._leave = client.register_script(_LEAVE)
 
     @property
     def info(self) -> InstanceInfo:
@@ -85,11 +136,10 @@ class Registration:
         info = self._info
         if self._load_fn is not None:
             info = replace(info, load=self._load_fn())
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.sadd(GROUPS_KEY, info.group)
-            pipe.sadd(members_key(info.group), info.instance_id)
-            pipe.set(instance_key(info.group, info.instance_id), info.to_json(), px=self._ttl_ms)
-            await pipe.execute()
+        await self._beat(
+            keys=[members_key(info.group), instance_key(info.group, info.instance_id)],
+            args=[info.instance_id, info.to_json(), self._ttl_ms])
+        await self._client.sadd(GROUPS_KEY, info.group)
 
     async def start(self) -> None:
         await self.beat()
@@ -100,26 +150,34 @@ class Registration:
             await asyncio.sleep(self._period_s)
             try:
                 await self.beat()
-            except (aioredis.RedisError, OSError) as e:
-                # Keep beating: Redis may come back, and the lease lets peers route around us.
-                log.warning("registry heartbeat failed: %s", e)
+            except REDIS_ERRORS as e:
+                # Keep beating: Redis may come back (the next beat re-registers us whole),
+                # and the lease lets peers route around us meanwhile.
+                if not self.failing:
+                    log.warning("registry heartbeat failed, serving on: %s", e)
+                self.failing = True
+                continue
+            if self.failing:
+                log.warning("registry heartbeat restored: %s re-registered",
+                            self._info.instance_id)
+                self.failing = False
+                self.restored_at = time.monotonic()
 
     async def close(self) -> None:
         if self._task is not None:
             await cancel_and_wait(self._task)
-        with contextlib.suppress(aioredis.RedisError, OSError):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.srem(members_key(self._info.group), self._info.instance_id)
-                pipe.delete(instance_key(self._info.group, self._info.instance_id))
-                await pipe.execute()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._leave(
+                keys=[members_key(self._info.group),
+                      instance_key(self._info.group, self._info.instance_id)],
+                args=[self._info.instance_id])
 
 
-async def list_instances(
-    client: aioredis.Redis, group: str | None = None
-) -> list[InstanceInfo]:
+async def list_instances(client: Any, group: str | None = None) -> list[InstanceInfo]:
     """Live instances of one group, or of all groups. Prunes member ids whose lease
     expired and groups left with no members (a racing registration re-adds itself at
-    its next heartbeat). Two round trips in all, however many groups there are."""
+    its next heartbeat). Three pipelined round trips however many groups there are; each
+    command touches one group's slot (Redis Cluster-safe)."""
     groups = [group] if group is not None else sorted(
         g.decode() for g in await client.smembers(GROUPS_KEY)
     )
@@ -131,33 +189,41 @@ async def list_instances(
         member_sets = await pipe.execute()
     ids_by_group = {g: sorted(i.decode() for i in m) for g, m in zip(groups, member_sets,
                                                                     strict=True)}
-    keys = [instance_key(g, i) for g in groups for i in ids_by_group[g]]
-    raws = await client.mget(keys) if keys else []
-    out: list[InstanceInfo] = []
-    it = iter(raws)
     async with client.pipeline(transaction=False) as pipe:
         for g in groups:
-            ids = ids_by_group[g]
-            got = [next(it) for _ in ids]
-            dead = [i for i, raw in zip(ids, got, strict=True) if raw is None]
-            if dead:
-                pipe.srem(members_key(g), *dead)
-            if len(dead) == len(ids):
-                pipe.srem(GROUPS_KEY, g)
-            out.extend(InstanceInfo.from_json(raw) for raw in got if raw is not None)
-        await pipe.execute()
+            if ids_by_group[g]:
+                pipe.mget([instance_key(g, i) for i in ids_by_group[g]])
+        raws = iter(await pipe.execute())
+    out: list[InstanceInfo] = []
+    prune = []
+    for g in groups:
+        ids = ids_by_group[g]
+        got = next(raws) if ids else []
+        dead = [i for i, raw in zip(ids, got, strict=True) if raw is None]
+        if dead:
+            prune.append((members_key(g), dead))
+        if len(dead) == len(ids):
+            prune.append((GROUPS_KEY, [g]))
+        out.extend(InstanceInfo.from_json(raw) for raw in got if raw is not None)
+    if prune:
+        async with client.pipeline(transaction=False) as pipe:
+            for key, names in prune:
+                pipe.srem(key, *names)
+            await pipe.execute()
     return out
 
 
 class RegistryView:
-    """A live, polled snapshot of the registry (short poll; events are only hints)."""
+    """A live, polled snapshot of the registry (short poll; events are only hints). While
+    Redis is away it keeps the last view: callers route on it rather than fail."""
 
-    def __init__(self, client: aioredis.Redis, period_s: float = 0.5) -> None:
+    def __init__(self, client: Any, period_s: float = 0.5) -> None:
         self._client = client
         self._period_s = period_s
         self._instances: list[InstanceInfo] = []
         self._task: asyncio.Task[None] | None = None
         self.refreshed_at = 0.0
+        self.failing = False
 
     def instances(self, role: str | None = None, group: str | None = None) -> list[InstanceInfo]:
         return [
@@ -165,9 +231,20 @@ class RegistryView:
             if (role is None or i.role == role) and (group is None or i.group == group)
         ]
 
-    async def refresh(self) -> None:
-        self._instances = await list_instances(self._client)
+    async def refresh(self) -> bool:
+        """Re-read the registry; False (and the last view kept) when Redis is away."""
+        try:
+            self._instances = await list_instances(self._client)
+        except REDIS_ERRORS as e:
+            if not self.failing:
+                log.warning("registry refresh failed, keeping the last view: %s", e)
+            self.failing = True
+            return False
+        if self.failing:
+            log.warning("registry refresh restored (%d instances)", len(self._instances))
+        self.failing = False
         self.refreshed_at = time.monotonic()
+        return True
 
     async def start(self) -> None:
         await self.refresh()
@@ -176,10 +253,7 @@ class RegistryView:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._period_s)
-            try:
-                await self.refresh()
-            except (aioredis.RedisError, OSError) as e:
-                log.warning("registry refresh failed, keeping the last view: %s", e)
+            await self.refresh()
 
     async def close(self) -> None:
         if self._task is not None:

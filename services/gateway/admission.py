@@ -3,9 +3,11 @@
 ``forward`` (default): ask the group's prefills in policy order with
 ADMISSION_MODE_REJECT_IF_BUSY. A rejection costs one short RPC; the next prefill
 is asked at once. When all have rejected, the request enters the group's Redis
-forwarding queue and retries when a slot frees (or at the next poll), as long as
-it is among the first N waiting. The TTFT deadline bounds all of it: the caller's
-timeout ends the request with DEADLINE_EXCEEDED and the queue entry is removed.
+forwarding queue and waits until a freed slot is offered to it (fwdqueue.py: the
+earliest deadline gets each freed slot, no polling), then asks that prefill first.
+The TTFT deadline bounds all of it: the caller's timeout ends the request with
+DEADLINE_EXCEEDED and the queue entry is removed. Without Redis the queue is
+gateway-local (degraded mode), never an error.
 
 The queueing baselines send the request to one prefill with ADMISSION_MODE_QUEUE
 and let it wait there.
@@ -36,7 +38,13 @@ from services.common.metrics import RequestMetrics
 from services.common.registry import InstanceInfo
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate
-from services.gateway.scheduling import BatchFiller, Load, Policy, may_retry, prefill_order
+from services.gateway.scheduling import (
+    BatchFiller,
+    Load,
+    Policy,
+    may_retry,
+    prefill_order,
+)
 
 
 @dataclass
@@ -92,10 +100,12 @@ class PrefillAdmission:
                         and await self.queue.depth(group) > 0):
                     # Others are already waiting: join the queue instead of jumping it, so
                     # the group stays earliest-deadline-first.
-                    await self._enter(preq, group)
                     queued = True
-                    if not may_retry(await self.queue.rank(group, rid), len(insts)):
-                        await self._wait_turn(group, rid, len(insts))
+                    offer = await self._enter(preq, group)
+                    if offer is None:
+                        offer = await self._wait_turn(group, rid)
+                    if offer is not None:
+                        self.filler.on_accept(group, offer)  # ask the freed prefill first
                 by_id = {i.instance_id: i for i in insts}
                 cands = [Candidate(i.instance_id, i.slots) for i in insts]
                 loads = {i.instance_id: Load(i.load.get("busy", 0.0), i.load.get("queued", 0.0),
@@ -132,44 +142,44 @@ class PrefillAdmission:
                 if self.queue is None:
                     raise ResourceExhausted(f"every prefill of group {group!r} is busy",
                                             reason="PREFILLS_BUSY", metadata={"group": group})
+                offer = None
                 if not queued:
-                    await self._enter(preq, group)
                     queued = True
-                await self._wait_turn(group, rid, len(cands))
+                    offer = await self._enter(preq, group)
+                if offer is None:
+                    offer = await self._wait_turn(group, rid)
+                if offer is not None:
+                    self.filler.on_accept(group, offer)  # ask the freed prefill first
                 rejected.clear()
         finally:
             if queued and self.queue is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.queue.leave(group, rid))
 
-    async def _enter(self, preq: prefill_service_pb2.PrefillRequest, group: str) -> None:
+    async def _enter(self, preq: prefill_service_pb2.PrefillRequest, group: str) -> str | None:
+        """Queue the request; a prefill whose slot freed unclaimed just before, if any."""
         assert self.queue is not None
         deadline_ms = preq.ttft_deadline_unix_ms or (time.time() + self.max_queue_s) * 1000
-        await self.queue.enter(group, preq.request_id, deadline_ms)
         self.stats.queued_total += 1
         if self.metrics is not None:
             self.metrics.queued(group)
+        return await self.queue.enter(group, preq.request_id, deadline_ms)
 
-    async def _wait_turn(self, group: str, rid: str, prefills: int) -> None:
-        """Until this request's turn. ``k`` slots freed since the last look (slot-free hints,
-        which every gateway sees) let the first ``k`` waiting requests of the group retry;
-        their rank is global, so exactly those go. A poll without hints lets only the head
-        retry, which recovers from a lost hint. The freed prefill is asked first."""
+    async def _wait_turn(self, group: str, rid: str) -> str | None:
+        """Until a freed slot is offered to this request (the prefill to ask first). On the
+        safety-net poll (a lost offer), the head of the queue retries without one (None)."""
         assert self.queue is not None
-        seen = self.queue.freed(group)
         while True:
-            await self.queue.wait(group)
-            freed = self.queue.freed_since(group, seen)
-            seen = self.queue.freed(group)
+            offer = await self.queue.wait(group, rid)
+            if offer is not None:
+                return offer
             rank = await self.queue.rank(group, rid)
             if rank is None:
                 raise DeadlineExceeded(
                     "the request waited in the forwarding queue past its deadline",
                     metadata={"group": group})
-            if may_retry(rank, min(prefills, max(1, len(freed)))):
-                if freed:
-                    self.filler.on_accept(group, freed[min(rank, len(freed) - 1)])
-                return
+            if may_retry(rank, 1):
+                return None
 
     async def _try(self, inst: InstanceInfo, preq: prefill_service_pb2.PrefillRequest,
                    on_accepted: Callable[[], None]) -> Admitted | None:
@@ -194,6 +204,9 @@ class PrefillAdmission:
                     on_accepted()
                 elif kind == "first_token":
                     handed = True
+                    if self.queue is not None:  # the slot frees when this stream ends
+                        call.add_done_callback(_on_done(self.queue, preq.scenario,
+                                                        inst.instance_id))
                     return Admitted(int(ev.first_token.token_id), call, inst.instance_id,
                                     ev.first_token.prefill_ms)
             raise Unavailable(f"prefill {inst.instance_id} ended without a first token")
@@ -209,6 +222,10 @@ class PrefillAdmission:
             if not handed:
                 call.cancel()
                 self.open_streams[inst.instance_id] -= 1
+
+
+def _on_done(queue: ForwardingQueue, group: str, instance_id: str) -> Callable[[object], None]:
+    return lambda _call: queue.on_prefill_done(group, instance_id)
 
 
 class _Vanished(Exception):

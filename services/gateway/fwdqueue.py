@@ -1,16 +1,26 @@
 """The rejection-forwarding queue of each scenario group, shared by all gateways.
 
-  pdserve:{<group>}:fwdq      ZSET  member "<gateway_id>|<request_id>", score = deadline (unix ms)
-  pdserve:{<group>}:slotfree  channel; a prefill publishes its id when it frees a slot
+  pdserve:{<group>}:fwdq        ZSET "<request>|<gateway>" scored by deadline (unix ms)
+  pdserve:{<group>}:offered     HASH entry -> until when a slot offered to it is its own
+  pdserve:{<group>}:free        ZSET prefills whose freed slot no waiter took (briefly)
+  pdserve:{<group>}:gateways    HASH gateway -> until when its entries count as alive
+  pdserve:{<group>}:wake:<gw>   channel: a slot offered to one of that gateway's entries
 
-A request that every prefill rejected enters the ZSET. Its own gateway keeps
-the client stream and retries when woken. A wake-up is a slot-free message or a
-short poll: pub/sub is fire-and-forget, so it is only a hint. Only the first N
-live entries of the group may retry, N being the number of prefills
-(``scheduling.may_retry``), which keeps gateways fair and earliest deadlines first.
-Entries past their deadline, or owned by a gateway that is no longer registered,
-never block anyone. A request is owned by exactly one gateway stream, so it can
-be neither lost to another gateway nor served twice.
+A request that every prefill rejected enters the ZSET; its own gateway keeps the client
+stream. A prefill that frees a slot runs the OFFER script (``services.common.slotoffer``):
+one round trip marks the group's earliest-deadline entry as offered and publishes the
+offer to that entry's gateway, which wakes exactly that waiter. There is no polling on
+this path: a slow poll (``poll_s``) remains only as a safety net, on which the head of
+the queue retries (a lost offer, a prefill that cannot reach Redis). An offer that
+reaches a request which already left is passed on at once.
+
+Degraded mode: when Redis fails, the queue becomes gateway-local. Waiters are ordered by
+deadline in this process, and a slot is offered locally when one of this gateway's
+prefill streams ends (the prefill frees the slot then), with a short poll for slots that
+other gateways' requests free. A background task probes Redis; when it answers, every
+group's entries of this gateway are rewritten to the live waiters (RESYNC) and the
+offers flow again. A request is owned by exactly one gateway stream, so it can be
+neither lost to another gateway nor served twice.
 """
 
 from __future__ import annotations
@@ -19,104 +29,322 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.common.keys import SLOTFREE_PATTERN, group_of_channel, queue_key
+from services.common import slotoffer
+from services.common.keys import (
+    gateways_key,
+    group_of_channel,
+    offered_key,
+    queue_key,
+    wake_pattern,
+)
 from services.common.tasks import cancel_and_wait
-from services.gateway.scheduling import Waiting, split_expired
+from services.gateway.scheduling import Waiting, queue_order, split_expired
 
 log = logging.getLogger(__name__)
+REDIS_ERRORS = (aioredis.RedisError, OSError)
+DEGRADED_POLL_S = 0.05  # without Redis, other gateways' freed slots are seen only by polling
+RECOVERY_PROBE_S = 0.25
+ALIVE_TTL_S = 5.0  # a gateway's queue entries outlive its last liveness refresh this long
+ALIVE_PERIOD_S = 1.0
+
+
+@dataclass
+class _Waiter:
+    group: str
+    request_id: str
+    deadline_ms: float
+    offers: deque[tuple[str, float]] = field(default_factory=deque)  # (prefill, sent ms)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    marked: bool = False  # Redis holds an offer mark for it (cleared before waiting again)
+
+
+@dataclass
+class QueueStats:
+    offers_received: int = 0
+    offers_passed_on: int = 0
+    safety_polls: int = 0
+    outages: int = 0
+    wake_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    last_outage_s: float = 0.0  # from the first failed call to the end of the resync
+    last_resync_at: float = 0.0  # monotonic time the queue was whole again
 
 
 class ForwardingQueue:
     def __init__(self, client: aioredis.Redis, gateway_id: str, poll_s: float,
-                 live_gateways: Callable[[], set[str]] | None = None) -> None:
+                 live_gateways: Any = None, degraded_poll_s: float = DEGRADED_POLL_S) -> None:
+        # ``live_gateways`` is accepted for compatibility; liveness now lives in the group's
+        # gateways hash, which the OFFER script can read atomically.
         self._client = client
         self._gateway_id = gateway_id
         self._poll_s = poll_s
-        self._live_gateways = live_gateways
-        self._events: dict[str, asyncio.Event] = {}
-        # Slot-free hints seen per group (a running count) and the latest freed prefills.
-        self._freed_count: dict[str, int] = {}
-        self._freed_last: dict[str, list[str]] = {}
-        self._pubsub: aioredis.client.PubSub | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._degraded_poll_s = degraded_poll_s
+        self._waiters: dict[str, _Waiter] = {}
+        self._groups: set[str] = set()  # groups this gateway ever queued in (for RESYNC)
+        self._local_free: dict[str, deque[tuple[str, float]]] = {}
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._alive_task: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._down_since = 0.0
+        self.degraded = False
+        self.stats = QueueStats()
 
-    def _member(self, request_id: str) -> str:
-        return f"{self._gateway_id}|{request_id}"
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._subscribe()
+        except REDIS_ERRORS as e:
+            self._down(e)
+        self._alive_task = asyncio.create_task(self._keep_alive(), name="fwdq-alive")
+
+    async def _subscribe(self) -> None:
+        if self._listener is not None:
+            await cancel_and_wait(self._listener)
+        if self._pubsub is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._pubsub.aclose()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.psubscribe(SLOTFREE_PATTERN)
-        self._task = asyncio.create_task(self._listen(), name="fwdq-wakeups")
-
-    async def _listen(self) -> None:
-        assert self._pubsub is not None
-        while True:
-            try:
-                msg = await self._pubsub.get_message(timeout=1.0)
-            except (aioredis.RedisError, OSError) as e:
-                log.warning("slot-free subscription failed, relying on polling: %s", e)
-                await asyncio.sleep(1.0)
-                continue
-            if msg is None:
-                continue
-            group = group_of_channel(msg["channel"].decode())
-            self._freed_count[group] = self._freed_count.get(group, 0) + 1
-            last = self._freed_last.setdefault(group, [])
-            last.append(msg["data"].decode())
-            del last[:-16]
-            if group in self._events:
-                self._events[group].set()
-
-    async def enter(self, group: str, request_id: str, deadline_ms: float) -> None:
-        await self._client.zadd(queue_key(group), {self._member(request_id): deadline_ms})
-
-    async def leave(self, group: str, request_id: str) -> None:
-        await self._client.zrem(queue_key(group), self._member(request_id))
-
-    async def rank(self, group: str, request_id: str) -> int | None:
-        """Position among live entries (None if not queued); prunes expired entries."""
-        now_ms = time.time() * 1000
-        key = queue_key(group)
-        await self._client.zremrangebyscore(key, "-inf", now_ms)
-        raw = await self._client.zrange(key, 0, -1, withscores=True)
-        alive = self._live_gateways() if self._live_gateways is not None else None
-        entries = []
-        for member, score in raw:
-            gw, _, rid = member.decode().partition("|")
-            if alive is None or gw in alive or gw == self._gateway_id:
-                entries.append(Waiting(rid, gw, float(score)))
-        live, _ = split_expired(entries, now_ms)
-        for i, e in enumerate(live):
-            if e.request_id == request_id and e.gateway_id == self._gateway_id:
-                return i
-        return None
-
-    async def wait(self, group: str) -> None:
-        """Until a slot frees in ``group`` or the poll period passes."""
-        ev = self._events.setdefault(group, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ev.wait(), self._poll_s)
-        ev.clear()
-
-    def freed(self, group: str) -> int:
-        """How many slot-free hints this gateway has seen for ``group`` (a running count)."""
-        return self._freed_count.get(group, 0)
-
-    def freed_since(self, group: str, seen: int) -> list[str]:
-        """The prefills freed after the count was ``seen`` (newest last; bounded)."""
-        n = self.freed(group) - seen
-        return self._freed_last.get(group, [])[-n:] if n > 0 else []
-
-    async def depth(self, group: str) -> int:
-        return int(await self._client.zcard(queue_key(group)))
+        await self._pubsub.psubscribe(wake_pattern(self._gateway_id))
+        self._listener = asyncio.create_task(self._listen(self._pubsub), name="fwdq-offers")
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        for t in (self._listener, self._alive_task, self._recovery, *self._tasks):
+            if t is not None:
+                await cancel_and_wait(t)
         if self._pubsub is not None:
-            with contextlib.suppress(aioredis.RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._pubsub.aclose()
+
+    # -- offers ------------------------------------------------------------------------
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                msg = await pubsub.get_message(timeout=1.0)
+            except REDIS_ERRORS as e:
+                self._down(e)
+                return
+            if msg is None:
+                continue
+            try:
+                group = group_of_channel(msg["channel"].decode())
+                m, prefill, sent = msg["data"].decode().split("\n")
+            except ValueError:
+                log.warning("ignoring a malformed offer on %r", msg["channel"])
+                continue
+            self.stats.offers_received += 1
+            w = self._waiters.get(m)
+            if w is None:  # it left (admitted, cancelled) after the offer was made
+                self._spawn(self._pass_on(group, prefill))
+                continue
+            w.marked = True
+            w.offers.append((prefill, float(sent)))
+            w.event.set()
+
+    async def _pass_on(self, group: str, prefill: str) -> None:
+        self.stats.offers_passed_on += 1
+        if self.degraded:
+            self.on_prefill_done(group, prefill, force=True)
+            return
+        try:
+            await slotoffer.offer_slot(self._client, group, prefill)
+        except REDIS_ERRORS as e:
+            self._down(e)
+
+    def on_prefill_done(self, group: str, prefill: str, force: bool = False) -> None:
+        """One of this gateway's prefill streams ended: that prefill freed a slot. With
+        Redis up the prefill offers it itself; in degraded mode the offer is made here,
+        to this gateway's earliest-deadline waiter (or remembered briefly)."""
+        if not (self.degraded or force):
+            return
+        now = time.time() * 1000
+        waiting = [w for w in self._waiters.values() if w.group == group and not w.offers]
+        if waiting:
+            head = min(waiting, key=lambda w: (w.deadline_ms, w.request_id))
+            head.offers.append((prefill, now))
+            head.event.set()
+            return
+        free = self._local_free.setdefault(group, deque(maxlen=64))
+        free.append((prefill, now))
+
+    def _claim_local(self, group: str) -> str | None:
+        free = self._local_free.get(group)
+        now = time.time() * 1000
+        while free:
+            prefill, at = free.popleft()
+            if now - at <= slotoffer.FREE_TTL_MS:
+                return prefill
+        return None
+
+    # -- the waiter's side ---------------------------------------------------------------
+
+    async def enter(self, group: str, request_id: str, deadline_ms: float) -> str | None:
+        """Queue the request. Returns a prefill whose slot freed unclaimed just before."""
+        m = slotoffer.member(request_id, self._gateway_id)
+        self._waiters[m] = _Waiter(group, request_id, deadline_ms)
+        self._groups.add(group)
+        if not self.degraded:
+            try:
+                got = await slotoffer.enter(self._client, group, m, deadline_ms,
+                                            self._gateway_id, self._alive_until())
+                self._waiters[m].marked = got is not None
+                return got
+            except REDIS_ERRORS as e:
+                self._down(e)
+        return self._claim_local(group)
+
+    async def wait(self, group: str, request_id: str) -> str | None:
+        """Until a slot is offered to this request (its prefill id) or the safety-net poll
+        passes (None: the caller checks its rank)."""
+        w = self._waiters[slotoffer.member(request_id, self._gateway_id)]
+        if w.marked and not self.degraded:  # a try on an earlier offer failed: be eligible
+            w.marked = False
+            try:
+                await self._client.hdel(offered_key(group),
+                                        slotoffer.member(request_id, self._gateway_id))
+            except REDIS_ERRORS as e:
+                self._down(e)
+        if not w.offers:
+            w.event.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._degraded_poll_s if self.degraded
+                                           else self._poll_s):
+                    await w.event.wait()
+        if not w.offers:
+            self.stats.safety_polls += 1
+            return None
+        prefill, sent = w.offers.popleft()
+        self.stats.wake_ms.append(max(0.0, time.time() * 1000 - sent))
+        return prefill
+
+    async def leave(self, group: str, request_id: str) -> None:
+        m = slotoffer.member(request_id, self._gateway_id)
+        w = self._waiters.pop(m, None)
+        if not self.degraded:
+            try:
+                await slotoffer.leave(self._client, group, m)
+            except REDIS_ERRORS as e:
+                self._down(e)
+        for prefill, _ in w.offers if w is not None else ():
+            await self._pass_on(group, prefill)  # offers it never used go to the next one
+
+    async def rank(self, group: str, request_id: str) -> int | None:
+        """Position among the group's live entries; None once past its deadline. An entry
+        Redis lost (a restart between two calls) is entered again."""
+        m = slotoffer.member(request_id, self._gateway_id)
+        w = self._waiters.get(m)
+        now_ms = time.time() * 1000
+        if w is not None and w.deadline_ms <= now_ms:
+            return None
+        if not self.degraded:
+            try:
+                return await self._redis_rank(group, m, now_ms, w)
+            except REDIS_ERRORS as e:
+                self._down(e)
+        local = queue_order([Waiting(x.request_id, self._gateway_id, x.deadline_ms)
+                             for x in self._waiters.values() if x.group == group])
+        return next((i for i, e in enumerate(local) if e.request_id == request_id), None)
+
+    async def _redis_rank(self, group: str, m: str, now_ms: float,
+                          w: _Waiter | None) -> int | None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(queue_key(group), "-inf", now_ms)
+            pipe.zrange(queue_key(group), 0, -1, withscores=True)
+            pipe.hgetall(gateways_key(group))
+            _, raw, gws = await pipe.execute()
+        alive = {k.decode() for k, v in gws.items() if float(v) > now_ms}
+        entries = []
+        for member, score in raw:
+            rid, gw = slotoffer.split_member(member.decode())
+            if gw in alive or gw == self._gateway_id:
+                entries.append(Waiting(rid, gw, float(score)))
+        live, _ = split_expired(entries, now_ms)
+        rid = slotoffer.split_member(m)[0]
+        for i, e in enumerate(live):
+            if e.request_id == rid and e.gateway_id == self._gateway_id:
+                return i
+        if w is None:
+            return None
+        await slotoffer.enter(self._client, group, m, w.deadline_ms, self._gateway_id,
+                              self._alive_until())
+        return len(live)
+
+    async def depth(self, group: str) -> int:
+        local = sum(1 for w in self._waiters.values() if w.group == group)
+        if local or self.degraded:
+            return local  # > 0 is all the caller asks, and it needs no round trip
+        try:
+            return int(await self._client.zcard(queue_key(group)))
+        except REDIS_ERRORS as e:
+            self._down(e)
+            return 0
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # -- liveness and outages ------------------------------------------------------------
+
+    def _alive_until(self) -> int:
+        return int((time.time() + ALIVE_TTL_S) * 1000)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(ALIVE_PERIOD_S)
+            if self.degraded:
+                continue
+            for group in {w.group for w in self._waiters.values()}:
+                try:
+                    await self._client.hset(gateways_key(group), self._gateway_id,
+                                            self._alive_until())
+                except REDIS_ERRORS as e:
+                    self._down(e)
+                    break
+
+    def _down(self, err: BaseException) -> None:
+        if self.degraded:
+            return
+        self.degraded = True
+        self._down_since = time.monotonic()
+        self.stats.outages += 1
+        log.warning("Redis unreachable (%s); the forwarding queue waits gateway-locally "
+                    "until it is back", err)
+        for w in self._waiters.values():
+            w.event.set()  # re-check at the short local poll
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(), name="fwdq-recover")
+
+    async def _recover(self) -> None:
+        while True:
+            await asyncio.sleep(RECOVERY_PROBE_S)
+            try:
+                await self._client.ping()
+                await self._subscribe()
+                for group in sorted(self._groups):
+                    mine = {m: w.deadline_ms for m, w in self._waiters.items()
+                            if w.group == group}
+                    await slotoffer.resync(self._client, group, self._gateway_id,
+                                           self._alive_until(), mine)
+            except REDIS_ERRORS:
+                continue
+            for w in self._waiters.values():
+                w.marked = False
+                w.event.set()  # offers flow again; waiters re-check their rank now
+            self.degraded = False
+            self.stats.last_resync_at = time.monotonic()
+            self.stats.last_outage_s = self.stats.last_resync_at - self._down_since
+            log.warning("Redis is back; forwarding queue resynced after %.2f s",
+                        self.stats.last_outage_s)
+            return
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

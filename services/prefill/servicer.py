@@ -30,8 +30,8 @@ import grpc
 
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
+from services.common import slotoffer
 from services.common.errors import DeadlineExceeded, InvalidArgument, PdserveError, abort_with
-from services.common.keys import slotfree_channel
 from services.common.runtime import ServiceRuntime
 from services.common.telemetry import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, tracer
 from services.engine.worker import ModelThread, WorkerConfig, now_ms
@@ -210,11 +210,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         return out
 
     def _announce_free_slot(self) -> None:
-        """Wake gateways whose requests wait in this group's forwarding queue (a hint)."""
+        """Offer the freed slot to the earliest-deadline request waiting in this group's
+        forwarding queue: one Redis round trip, which wakes exactly that request's gateway
+        (services/common/slotoffer.py). Without Redis, gateways fall back to local waiting."""
         async def publish() -> None:
             with contextlib.suppress(Exception):
-                await self.runtime.redis.publish(slotfree_channel(self.cfg.group),
-                                                 self.runtime.instance_id)
+                await slotoffer.offer_slot(self.runtime.redis, self.cfg.group,
+                                           self.runtime.instance_id)
 
         task = asyncio.get_running_loop().create_task(publish())
         self._background.add(task)

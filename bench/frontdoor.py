@@ -1,0 +1,305 @@
+"""Front-door bench: the stack's own per-request cost, with an engine that costs nothing.
+
+A `pdserve up --engine mock` cluster (1 prefill + 1 decode, ``bench/profiles/instant.json``:
+every modelled latency is 0, the KV bytes still move over the real transport) is driven
+by a grpc.aio client in this process at concurrency c = 1, 8, 32 with 1 and 64 new
+tokens. For each cell: req/s, client TTFT p50/p99 (send -> first token), and CPU seconds
+per request of every process (client, gateway, prefill, decode, kvstore, redis), read
+from /proc before and after the cell.
+
+Baselines measured in the same run:
+  --baseline-tree DIR   the same cells against a cluster started from another source
+                        tree (e.g. `git archive <commit> | tar -x -C DIR`): before/after.
+  --dynamo              Dynamo 1.6.1's Rust frontend + mocker (disagg), if it is
+                        installed (shared/reference/baselines.md §5); started and
+                        stopped by PID.
+Ratios printed are this tree over the baseline.
+
+  python bench/frontdoor.py [--quick] [--runs 3] [--slots 4] [--cells 1x1,8x64]
+         [--baseline-tree DIR] [--trace PATH] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_port  # noqa: E402
+
+PROFILE = ROOT / "bench" / "profiles" / "instant.json"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FULL_CELLS = "1x1,8x1,32x1,1x64,8x64,32x64"
+QUICK_CELLS = "1x1,8x64"
+
+
+@dataclass
+class Cell:
+    concurrency: int
+    new_tokens: int
+    requests: int
+    req_s: float = 0.0
+    ttft_p50_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+    ttft_max_ms: float = 0.0
+    errors: int = 0
+    cpu_ms_per_req: dict[str, float] = field(default_factory=dict)
+    ttft_ms: list[float] = field(default_factory=list)
+
+
+class Cluster:
+    """`pdserve up` from ``tree`` (this repo by default), owned by PID."""
+
+    def __init__(self, tree: Path, slots: int, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="pdserve-frontdoor-"))
+        self.out = open(self.dir / "up.out", "w+b")
+        args = [sys.executable, "-m", "services.cli", "up", "--engine", "mock", "--profile",
+                str(PROFILE), "--prefill", "1", "--decode", "1", "--port", str(self.port),
+                "--log-dir", str(self.dir)]
+        if slots:
+            args += ["--slots", str(slots)]
+        pypath = os.pathsep.join([str(tree), str(tree / "gen")])
+        self.proc = subprocess.Popen(args, cwd=tree, stdout=self.out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env, "PYTHONPATH": pypath})
+        self.address = f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout_s: float = 120) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pdserve up exited: {self.log()}")
+            if b"gateway listening" in (self.dir / "up.out").read_bytes():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"cluster not up: {self.log()}")
+
+    def log(self) -> str:
+        return (self.dir / "up.out").read_text(errors="replace")[-3000:]
+
+    def processes(self) -> dict[str, int]:
+        """name -> pid of every child of `pdserve up` (workers and redis-server)."""
+        out: dict[str, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != self.proc.pid:
+                    continue
+                cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            name = Path(cmd[0].decode()).name
+            if b"-m" in cmd:
+                name = cmd[cmd.index(b"-m") + 1].decode().removeprefix("services.")
+            out[name] = int(stat.parent.name)
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+async def drive(address: str, c: int, n: int, prompts: list[list[int]],
+                new_tokens: int) -> tuple[float, list[float], int]:
+    """n requests by c concurrent streams on one channel; wall time, TTFTs (ms), errors."""
+    import grpc
+
+    from pdserve.v1 import generation_service_pb2 as pb
+    from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+
+    ttfts: list[float] = []
+    errors = 0
+    next_i = iter(range(n))
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+
+        async def user() -> None:
+            nonlocal errors
+            for i in next_i:
+                req = pb.GenerateRequest(prompt_token_ids=prompts[i % len(prompts)],
+                                         max_tokens=new_tokens)
+                t0 = time.perf_counter()
+                first = None
+                got = 0
+                try:
+                    async for msg in stub.Generate(req, timeout=60):
+                        if msg.token_ids and first is None:
+                            first = time.perf_counter() - t0
+                        got += len(msg.token_ids)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                if first is None or got != new_tokens:
+                    errors += 1
+                    continue
+                ttfts.append(first * 1e3)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(c)))
+        return time.perf_counter() - t0, ttfts, errors
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def run_cells(cluster: Cluster, cells: list[tuple[int, int]], n_of: dict[int, int],
+              prompts: list[list[int]]) -> list[Cell]:
+    asyncio.run(drive(cluster.address, 4, 40, prompts, 8))  # warm channels, caches, JIT-free
+    procs = {**cluster.processes(), "client": os.getpid()}
+    out = []
+    for c, k in cells:
+        n = n_of[c]
+        before = {name: cpu_s(pid) for name, pid in procs.items()}
+        wall, ttfts, errors = asyncio.run(drive(cluster.address, c, n, prompts, k))
+        cell = Cell(c, k, n, req_s=(n - errors) / wall, ttft_p50_ms=pct(ttfts, 0.5),
+                    ttft_p99_ms=pct(ttfts, 0.99), ttft_max_ms=max(ttfts, default=float("nan")),
+                    errors=errors, ttft_ms=[round(t, 3) for t in ttfts])
+        cell.cpu_ms_per_req = {name: 1e3 * (cpu_s(pid) - before[name]) / n
+                               for name, pid in procs.items()}
+        out.append(cell)
+        print(f"  c={c:<3} tokens={k:<3} {cell.req_s:7.1f} req/s  TTFT p50 "
+              f"{cell.ttft_p50_ms:6.1f} p99 {cell.ttft_p99_ms:6.1f} ms  errors {errors}  "
+              f"cpu ms/req " + " ".join(f"{a}={v:.2f}" for a, v in
+                                        sorted(cell.cpu_ms_per_req.items())), flush=True)
+    return out
+
+
+def prompt_set(args: argparse.Namespace) -> list[list[int]]:
+    """Fresh prompts (no prefix-cache hits between requests), ``--prompt-tokens`` long, or
+    the trace's prompt lengths when ``--trace`` is given (capped at 2k)."""
+    import random
+
+    rng = random.Random(7)
+    lens = [args.prompt_tokens] * 512
+    if args.trace:
+        from bench.traces import load_trace
+
+        lens = [min(2048, max(1, r.prompt_len)) for r in load_trace(args.trace)[:512]]
+    return [[rng.randrange(16, 49152) for _ in range(n)] for n in lens]
+
+
+def summarize(runs: list[list[Cell]]) -> list[dict[str, object]]:
+    """Median over runs per cell, with min/max spread."""
+    rows = []
+    for cells in zip(*runs, strict=True):
+        row: dict[str, object] = {"c": cells[0].concurrency, "tokens": cells[0].new_tokens}
+        for key in ("req_s", "ttft_p50_ms", "ttft_p99_ms"):
+            vals = [getattr(x, key) for x in cells]
+            row[key] = statistics.median(vals)
+            row[key + "_spread"] = [min(vals), max(vals)]
+        names = cells[0].cpu_ms_per_req.keys()
+        row["cpu_ms_per_req"] = {a: statistics.median(x.cpu_ms_per_req[a] for x in cells)
+                                 for a in names}
+        row["errors"] = sum(x.errors for x in cells)
+        rows.append(row)
+    return rows
+
+
+def ttft_lists(runs: list[list[Cell]]) -> dict[str, list[list[float]]]:
+    """Every client TTFT (ms) per cell and run, for distributions."""
+    return {f"{cs[0].concurrency}x{cs[0].new_tokens}": [c.ttft_ms for c in cs]
+            for cs in zip(*runs, strict=True)}
+
+
+def measure(tree: Path, label: str, args: argparse.Namespace, cells: list[tuple[int, int]],
+            n_of: dict[int, int], prompts: list[list[int]]) -> list[list[Cell]]:
+    runs = []
+    for r in range(args.runs):
+        print(f"[{label}] run {r + 1}/{args.runs}", flush=True)
+        cluster = Cluster(tree, args.slots, {})
+        try:
+            cluster.wait()
+            runs.append(run_cells(cluster, cells, n_of, prompts))
+        finally:
+            cluster.stop()
+    return runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="c=1x1 and c=8x64, fewer requests")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=4, help="prefill slots b_p (4 = default)")
+    ap.add_argument("--cells", default="", help=f"CxTOKENS list (default {FULL_CELLS})")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--baseline-tree", default="", help="another source tree to compare")
+    ap.add_argument("--trace", default="", help="take prompt lengths from this trace")
+    ap.add_argument("--json", default="", help="write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs = min(args.runs, 1)
+    spec = args.cells or (QUICK_CELLS if args.quick else FULL_CELLS)
+    cells = [(int(a), int(b)) for a, b in (p.split("x") for p in spec.split(","))]
+    scale = 0.25 if args.quick else 1.0
+    n_of = {c: max(20, int(scale * {1: 100, 8: 200, 32: 320}.get(c, 10 * c))) for c, _ in cells}
+    prompts = prompt_set(args)
+
+    result: dict[str, object] = {"slots": args.slots, "prompt_tokens": args.prompt_tokens,
+                                 "profile": str(PROFILE.relative_to(ROOT))}
+    runs = measure(ROOT, "this tree", args, cells, n_of, prompts)
+    result["this"] = summarize(runs)
+    result["this_ttft_ms"] = ttft_lists(runs)
+    if args.baseline_tree:
+        base = measure(Path(args.baseline_tree).resolve(), "baseline", args, cells, n_of,
+                       prompts)
+        result["baseline"] = summarize(base)
+        result["baseline_ttft_ms"] = ttft_lists(base)
+
+    print(f"\nFront door, instant mock profile, 1 prefill ({args.slots} slots) + 1 decode, "
+          f"{args.prompt_tokens}-token prompts, {args.runs} run(s); median [min-max]")
+    print("| c x tokens | req/s | TTFT p50 ms | TTFT p99 ms | cpu ms/req (gw/prefill/decode/"
+          "kvstore/redis/client) |" + (" req/s vs baseline | p50 vs baseline |"
+                                        if args.baseline_tree else ""))
+    for i, row in enumerate(result["this"]):  # type: ignore[arg-type]
+        cpu = row["cpu_ms_per_req"]
+        cpu_s_ = "/".join(f"{cpu.get(k, 0):.2f}" for k in
+                          ("gateway", "prefill", "decode", "kvstore", "redis-server", "client"))
+        line = (f"| {row['c']}x{row['tokens']} | {row['req_s']:.0f} "
+                f"[{row['req_s_spread'][0]:.0f}-{row['req_s_spread'][1]:.0f}] | "
+                f"{row['ttft_p50_ms']:.1f} [{row['ttft_p50_ms_spread'][0]:.1f}-"
+                f"{row['ttft_p50_ms_spread'][1]:.1f}] | {row['ttft_p99_ms']:.1f} "
+                f"[{row['ttft_p99_ms_spread'][0]:.1f}-{row['ttft_p99_ms_spread'][1]:.1f}] | "
+                f"{cpu_s_} |")
+        if args.baseline_tree:
+            b = result["baseline"][i]  # type: ignore[index]
+            line += (f" {row['req_s'] / b['req_s']:.2f}x (base {b['req_s']:.0f}) | "
+                     f"{row['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x "
+                     f"(base {b['ttft_p50_ms']:.1f}, p99 {b['ttft_p99_ms']:.1f}) |")
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=asdict))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

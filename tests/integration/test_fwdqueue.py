@@ -1,0 +1,149 @@
+"""The forwarding queue's wake-up against a real Redis: a freed slot is offered to the
+earliest-deadline waiter across gateways in one round trip, with no polling."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.common import slotoffer
+from services.common.registry import connect
+from services.gateway.fwdqueue import ForwardingQueue
+
+pytestmark = pytest.mark.integration
+SAFETY_POLL_S = 5.0  # long: any wake-up these tests see comes from an offer
+
+
+@pytest.fixture()
+async def gateways(redis_url: str) -> AsyncIterator[tuple[object, ForwardingQueue,
+                                                          ForwardingQueue]]:
+    client = connect(redis_url)
+    a = ForwardingQueue(client, f"gwA-{uuid.uuid4().hex[:6]}", SAFETY_POLL_S)
+    b = ForwardingQueue(client, f"gwB-{uuid.uuid4().hex[:6]}", SAFETY_POLL_S)
+    await a.start()
+    await b.start()
+    try:
+        yield client, a, b
+    finally:
+        await a.close()
+        await b.close()
+        await client.aclose()
+
+
+def _group() -> str:
+    return f"q{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_freed_slot_goes_to_the_earliest_deadline_waiter_across_gateways(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, b = gateways
+    g = _group()
+    now = time.time() * 1000
+    assert await a.enter(g, "r-late", now + 30_000) is None
+    assert await b.enter(g, "r-first", now + 10_000) is None
+    assert await a.enter(g, "r-mid", now + 20_000) is None
+    waits = {rid: asyncio.create_task(q.wait(g, rid))
+             for rid, q in (("r-late", a), ("r-first", b), ("r-mid", a))}
+    order = []
+    for prefill in ("p0", "p1", "p2"):
+        assert await slotoffer.offer_slot(client, g, prefill) is not None
+        done, _ = await asyncio.wait(waits.values(), timeout=2,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "one freed slot wakes exactly one waiter"
+        rid = next(r for r, t in waits.items() if t in done)
+        assert waits.pop(rid).result() == prefill  # told which prefill to ask first
+        order.append(rid)
+    assert order == ["r-first", "r-mid", "r-late"]
+    for rid, q in (("r-late", a), ("r-first", b), ("r-mid", a)):
+        await q.leave(g, rid)
+    assert await a.depth(g) == 0
+
+
+async def test_an_offer_to_a_request_that_left_is_passed_on(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, b = gateways
+    g = _group()
+    now = time.time() * 1000
+    await a.enter(g, "r0", now + 10_000)
+    await b.enter(g, "r1", now + 20_000)
+    assert await slotoffer.offer_slot(client, g, "p0") is not None  # r0's, while it tries
+    await asyncio.sleep(0.05)
+    await a.leave(g, "r0")  # admitted elsewhere: the offer it never used goes on
+    assert await asyncio.wait_for(b.wait(g, "r1"), 2) == "p0"
+    assert a.stats.offers_passed_on == 1
+    await b.leave(g, "r1")
+
+
+async def test_a_slot_freed_just_before_the_request_enters_is_claimed(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, _ = gateways
+    g = _group()
+    assert await slotoffer.offer_slot(client, g, "p0") is None  # nobody waiting yet
+    assert await a.enter(g, "r0", time.time() * 1000 + 10_000) == "p0"
+    await a.leave(g, "r0")
+    assert await slotoffer.offer_slot(client, g, "p1") is None
+    await asyncio.sleep(slotoffer.FREE_TTL_MS / 1000 + 0.1)  # long taken by someone else
+    assert await a.enter(g, "r1", time.time() * 1000 + 10_000) is None
+    await a.leave(g, "r1")
+
+
+async def test_entries_of_a_dead_gateway_and_past_deadlines_get_no_offer(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, _ = gateways
+    g = _group()
+    now = time.time() * 1000
+    # A gateway that died with a request queued: its liveness lapsed long ago.
+    await slotoffer.enter(client, g, slotoffer.member("orphan", "gw-dead"), now + 5_000,
+                          "gw-dead", int(now - 1))
+    await slotoffer.enter(client, g, slotoffer.member("late", a._gateway_id), now - 1,
+                          a._gateway_id, int(now + 60_000))
+    await a.enter(g, "r0", now + 20_000)
+    assert await slotoffer.offer_slot(client, g, "p0") == slotoffer.member("r0", a._gateway_id)
+    assert await asyncio.wait_for(a.wait(g, "r0"), 2) == "p0"
+    await a.leave(g, "r0")
+    assert await a.depth(g) == 0  # the orphan and the expired entry were pruned
+
+
+async def test_a_waiter_that_lost_its_offered_slot_keeps_its_place(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, b = gateways
+    g = _group()
+    now = time.time() * 1000
+    await a.enter(g, "r0", now + 10_000)
+    await b.enter(g, "r1", now + 20_000)
+    await slotoffer.offer_slot(client, g, "p0")
+    assert await asyncio.wait_for(a.wait(g, "r0"), 2) == "p0"
+    # r0's try was rejected (someone took the slot): it waits again, still first.
+    again = asyncio.create_task(a.wait(g, "r0"))
+    other = asyncio.create_task(b.wait(g, "r1"))
+    await asyncio.sleep(0.05)
+    await slotoffer.offer_slot(client, g, "p1")
+    assert await asyncio.wait_for(again, 2) == "p1"
+    assert not other.done()
+    other.cancel()
+    await a.leave(g, "r0")
+    await b.leave(g, "r1")
+
+
+async def test_offers_wake_waiters_far_sooner_than_the_safety_poll(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    """From the prefill's offer call to the waiter running again, on one host."""
+    client, a, _ = gateways
+    g = _group()
+    for i in range(200):
+        await a.enter(g, f"r{i}", time.time() * 1000 + 10_000)
+        waiter = asyncio.create_task(a.wait(g, f"r{i}"))
+        await asyncio.sleep(0)
+        await slotoffer.offer_slot(client, g, "p0")
+        assert await asyncio.wait_for(waiter, 2) == "p0"
+        await a.leave(g, f"r{i}")
+    wake = sorted(a.stats.wake_ms)
+    p50, p99 = statistics.median(wake), wake[int(0.99 * len(wake))]
+    print(f"offer -> waiter running: p50 {p50:.2f} ms, p99 {p99:.2f} ms (n={len(wake)})")
+    assert a.stats.safety_polls == 0
+    assert p50 < SAFETY_POLL_S * 1000 / 100  # a ratio: an offer, not a poll, woke them
