@@ -50,6 +50,12 @@ class ServiceConfig:
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     ready_file: str = ""  # written with {"address": ...} once SERVING (used by pdserve up)
     metrics_port: int = 0  # Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off
+    # Shared secret every internal RPC (prefill, decode, kvstore) must carry; empty: open.
+    # pdserve up generates one for its children.
+    cluster_token: str = ""
+    # Test-only pauses at named points of a request's path (common/faultpoints.py), e.g.
+    # "prefill.after_push=1.5"; empty in production.
+    fault_delays: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -61,6 +67,13 @@ class ServiceConfig:
                 f"need 0 < heartbeat_s < registry_ttl_s, got {self.heartbeat_s}, "
                 f"{self.registry_ttl_s}"
             )
+        if self.fault_delays:
+            from services.common.faultpoints import parse
+
+            try:
+                parse(self.fault_delays)
+            except ValueError as e:
+                raise ConfigError(f"fault_delays: {e}") from None
         if not self.group or ":" in self.group or "{" in self.group:
             raise ConfigError(
                 f"group must be a non-empty name without ':' or '{{', got {self.group!r}")

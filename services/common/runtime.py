@@ -27,12 +27,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import faultpoints
+from services.common.auth import ClusterTokenInterceptor, token_interceptors
 from services.common.config import ServiceConfig
 from services.common.metrics import Labels, MetricsServer, register_source, serve_metrics
 from services.common.registry import InstanceInfo, Registration, connect
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
+# Roles whose gRPC is internal: callers must present the cluster token when one is set.
+INTERNAL_ROLES = frozenset({"prefill", "decode", "kvstore"})
+_cluster_token = ""  # this process's cluster token (set by ServiceRuntime)
 
 # KV travels outside gRPC, so messages stay small; this bounds a malicious or buggy peer.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -73,6 +78,12 @@ class ServiceRuntime:
         self.cfg = cfg
         self.role = role
         self.instance_id = cfg.resolved_instance_id(role)
+        if cfg.fault_delays:  # test-only (faultpoints.py)
+            faultpoints.install(cfg.fault_delays)
+        global _cluster_token
+        _cluster_token = cfg.cluster_token  # sent on every call of new_channel()
+        if cfg.cluster_token and role in INTERNAL_ROLES:
+            interceptors = [ClusterTokenInterceptor(cfg.cluster_token), *interceptors]
         self.server = grpc.aio.server(options=SERVER_OPTIONS,
                                       interceptors=list(interceptors) or None)
         self._credentials = credentials
@@ -206,4 +217,6 @@ def run_main(
 
 
 def new_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A channel to a pdserve service; it carries the cluster token when one is set."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                     interceptors=token_interceptors(_cluster_token) or None)

@@ -39,7 +39,7 @@ class Runner(Protocol):
     def warmup(self) -> None: ...
 
     # -- prefill side
-    def attach_prefix_cache(self, capacity_bytes: int, block_tokens: int) -> None:
+    def attach_prefix_cache(self, capacity_bytes: int, block_tokens: int) -> object:
         """Reuse the KV of cached prompt prefixes from now on (LRU under the cap)."""
 
     def prefill(self, token_ids: list[int], params: Sampling, reuse_prefix: bool = True,

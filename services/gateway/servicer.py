@@ -47,6 +47,7 @@ from services.common.metrics import Labels, RequestMetrics
 from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import new_channel
 from services.common.telemetry import (
+    ATTR_CLIENT_REQUEST_ID,
     ATTR_COMPLETION_TOKENS,
     ATTR_PROMPT_TOKENS,
     ATTR_REQUEST_ID,
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 DECODE_RETRY_S = 0.05
 MISS_REFRESH_S = 1.0
+TOKENIZE_INLINE_CHARS = 4096  # longer text prompts are tokenized on a thread
 _FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                  common_pb2.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -88,6 +90,7 @@ class Progress:
     refine_ratio: float = 0.0  # P/D-Device: rho asked for (assist.py); 0 = none
     group: str = ""  # the scenario group it was routed to (metrics)
     prompt_tokens: int = 0
+    prefill_asked: bool = False  # a prefill may hold a reservation for it
 
     def stage(self) -> str:
         """Where the request is, for the deadline metric: ttft, handoff or decode."""
@@ -191,13 +194,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         """One request's path, shared by gRPC ``Generate`` and the HTTP door (http.py).
         Raises ``PdserveError``; cancelling or closing it early (the client went away)
         cancels the downstream calls and releases the KV, as a gRPC cancel does."""
-        rid = request.request_id or uuid.uuid4().hex
+        # The internal id: unique, and the only key anything downstream uses (block tables,
+        # KV handles, queue entries, spans). The client's request_id is a label only.
+        rid = uuid.uuid4().hex
         progress = Progress()
         outcome = "abort"  # until it ends otherwise: the client went away
         with _tracer.start_as_current_span("gateway.generate") as span:
             span.set_attribute(ATTR_REQUEST_ID, rid)
             try:
-                req = validate(request, rid, self.info, self.tok, self.default_max_tokens)
+                if len(request.prompt) > TOKENIZE_INLINE_CHARS:  # keep the event loop free
+                    req = await asyncio.to_thread(validate, request, rid, self.info, self.tok,
+                                                  self.default_max_tokens)
+                else:
+                    req = validate(request, rid, self.info, self.tok, self.default_max_tokens)
+                if req.client_request_id:
+                    span.set_attribute(ATTR_CLIENT_REQUEST_ID, req.client_request_id)
                 progress.refine_ratio = assist.refine_ratio(request)  # P/D-Device
                 req = assist.apply_budget(request, req)
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(req.prompt_ids))
@@ -209,7 +220,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     yield msg
                 span.set_attribute(ATTR_COMPLETION_TOKENS, len(progress.token_times))
             except PdserveError as e:
-                e.metadata.setdefault("request_id", rid)
+                e.metadata["internal_id"] = rid
+                if request.request_id and e.reason != "BAD_REQUEST_ID":
+                    e.metadata["request_id"] = request.request_id  # validated: bounded
+                else:
+                    e.metadata.setdefault("request_id", rid)
                 span.record_exception(e)
                 outcome = "error"
                 if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -222,6 +237,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     self.open_streams[progress.sse_prefill] -= 1
                 if progress.kv is not None and not progress.kv_consumed:
                     self._release_later(progress.kv, rid, "request ended before decode fetched")
+                elif progress.kv is None and progress.prefill_asked:
+                    # A prefill may have staged KV whose KvRef never reached us (cancelled
+                    # between reserve and kv_ready, or the prefill died): release by id.
+                    self._release_request(rid, progress.group or self.default_group)
                 self._observe(progress, outcome)
 
     def _observe(self, p: Progress, outcome: str) -> None:
@@ -246,6 +265,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _release_request(self, rid: str, group: str) -> None:
+        """Release whatever the group's kvstores hold for internal id ``rid`` (the
+        prefill picks one of the group's, or any when the group has none)."""
+        stores = self.view.instances(role="kvstore")
+        for inst in [s for s in stores if s.group == group] or stores:
+            self._release_later(common_pb2.KvRef(control_address=inst.address), rid,
+                                "request ended before its KvRef reached the gateway")
+
     async def _generate(
         self, req: ValidRequest, remaining: float | None, p: Progress
     ) -> AsyncIterator[pb.GenerateResponse]:
@@ -269,7 +296,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             p.ttft_ms = (time.monotonic() - p.t0) * 1e3
             p.token_times.append(time.monotonic())
             text = detok.add([first])
-            yield pb.GenerateResponse(token_ids=[first], text=text, request_id=req.request_id,
+            yield pb.GenerateResponse(token_ids=[first], text=text,
+                                      request_id=req.client_request_id or req.request_id,
                                       prompt_tokens=len(req.prompt_ids))
             # The TTFT SLO is met from here on; the handoff is bounded by the call's deadline.
             try:
@@ -305,7 +333,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed while decoding") from None
         yield pb.GenerateResponse(text=detok.flush(), finish_reason=finish,
-                                  timings=p.timings(), request_id=req.request_id,
+                                  timings=p.timings(),
+                                  request_id=req.client_request_id or req.request_id,
                                   prompt_tokens=len(req.prompt_ids))
 
     async def _prefill(self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams,
@@ -317,11 +346,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request_id=req.request_id, prompt_token_ids=req.prompt_ids, sampling=sampling,
             scenario=group,
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
-            if ttft_deadline is not None else 0, refine_ratio=p.refine_ratio)
+            if ttft_deadline is not None else 0, refine_ratio=p.refine_ratio,
+            client_request_id=req.client_request_id)
 
         def on_accepted() -> None:
             p.queue_ms = (time.monotonic() - p.t0) * 1e3
 
+        p.prefill_asked = True
         got = await self.admission.admit(preq, group, on_accepted)
         p.prefill_ms = got.prefill_ms
         return got.first_token, got.call, got.instance_id
@@ -350,7 +381,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         assert p.kv is not None
         dreq = decode_service_pb2.DecodeRequest(
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
-            max_new_tokens=req.max_tokens - 1)
+            max_new_tokens=req.max_tokens - 1, client_request_id=req.client_request_id)
         give_up = time.monotonic() + self.admission.max_queue_s
         while True:
             async for out in self._decode_round(dreq, group, detok, p):

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from pdserve.v1 import common_pb2, kvstore_service_pb2, kvstore_service_pb2_grpc
+from pdserve.v1 import common_pb2, kvstore_service_pb2
 from pdserve.v1 import prefill_service_pb2 as pb
+from pdserve.v1.kvstore_service_pb2_grpc import KvStoreServiceStub as KvStoreStub
 from services.common.errors import Unavailable, error_info, from_rpc_error
 from services.common.registry import RegistryView
 from services.common.runtime import host_id, new_channel
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 _tracer = tracer(__name__)
 ATTR_KV_LAYERED = "pdserve.kv.layered"
-KvStoreStub = kvstore_service_pb2_grpc.KvStoreServiceStub
 
 
 @dataclass
@@ -46,7 +46,7 @@ class _Layered:
     packer: LayerPacker
 
     def on_layer(self, i: int, cache: object) -> None:  # on the model thread
-        self.packer(i, cache)  # type: ignore[arg-type]
+        self.packer(i, cache)
         self.push.layer_done(i)
 
 

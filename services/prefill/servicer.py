@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -146,7 +146,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
     async def _run(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext, queue_ms: float
-    ) -> AsyncIterator[pb.PrefillResponse]:
+    ) -> AsyncGenerator[pb.PrefillResponse, None]:
         from services.engine.refine import probe_for, refined_prompt
         from services.engine.sampling import Sampling
 
