@@ -18,6 +18,13 @@ import grpc
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 AUTH_HEADER = "authorization"
+CLUSTER_TOKEN_HEADER = "x-pdserve-cluster-token"
+# Internal services leave probes and read-only stats open (orchestrators, pdserve status,
+# benches); everything that reserves, moves or computes needs the cluster token.
+INTERNAL_OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/", "/grpc.reflection.",
+    "/pdserve.v1.KvStoreService/GetKvStoreStats", "/pdserve.v1.PrefillService/GetPrefillStats",
+    "/pdserve.v1.DecodeService/GetDecodeStats")
 
 
 def parse_keys(raw: str) -> tuple[str, ...]:
@@ -75,13 +82,75 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(self.open_prefixes):
             return await continuation(handler_call_details)
         header = next((str(v) for k, v in handler_call_details.invocation_metadata or ()
-                       if k == AUTH_HEADER), None)
+                       if k == self.header), None)
         handler = await continuation(handler_call_details)
-        if bearer_ok(header, self.keys) or handler is None:
+        if self.accepts(header) or handler is None:
             return handler
-        why = ("missing API key: send metadata 'authorization: Bearer <key>'" if not header
-               else "invalid API key")
-        return _abort_handler(handler, why)
+        return _abort_handler(handler, self.refusal(header))
+
+    header = AUTH_HEADER
+
+    def accepts(self, header: str | None) -> bool:
+        return bearer_ok(header, self.keys)
+
+    @staticmethod
+    def refusal(header: str | None) -> str:
+        return ("missing API key: send metadata 'authorization: Bearer <key>'" if not header
+                else "invalid API key")
+
+
+class ClusterTokenInterceptor(ApiKeyInterceptor):
+    """UNAUTHENTICATED for an internal call without the shared cluster token (metadata
+    ``x-pdserve-cluster-token``); ``new_channel`` adds it to every call this process makes."""
+
+    header = CLUSTER_TOKEN_HEADER
+
+    def __init__(self, token: str, open_prefixes: Sequence[str] = INTERNAL_OPEN_PREFIXES) -> None:
+        super().__init__((token,), open_prefixes)
+
+    def accepts(self, header: str | None) -> bool:
+        return token_ok(header, self.keys)
+
+    @staticmethod
+    def refusal(header: str | None) -> str:
+        return ("missing cluster token: internal pdserve services only answer callers with "
+                "the cluster's PDSERVE_CLUSTER_TOKEN" if not header else "invalid cluster token")
+
+
+def token_ok(value: str | None, tokens: Sequence[str]) -> bool:
+    """Constant-time check of a raw token (bytes: safe for any non-ASCII input)."""
+    if not tokens:
+        return True
+    if not value:
+        return False
+    raw = value.encode()
+    return any([hmac.compare_digest(raw, t.encode()) for t in tokens])
+
+
+class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor,
+                     grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the cluster token to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.pair = (CLUSTER_TOKEN_HEADER, token)
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        md = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, md,
+                                          details.credentials, details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any,
+                                    request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any,
+                                     request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send ``token`` on every call (none without a token)."""
+    return [_TokenMetadata(token)] if token else []
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:

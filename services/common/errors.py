@@ -17,6 +17,15 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "pdserve"
+QUOTE_CHARS = 48  # how much of a user's string an error message repeats
+
+
+def quote(value: str, limit: int = QUOTE_CHARS) -> str:
+    """``value`` for an error message: repr'd and cut to ``limit`` characters, so a user's
+    20 KB string can never blow up grpc-message or the log (the length is still said)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 class PdserveError(Exception):

@@ -21,7 +21,8 @@ _lock = threading.Lock()
 _configured = False
 
 # Span attribute names (one place, vLLM SpanAttributes style).
-ATTR_REQUEST_ID = "pdserve.request_id"
+ATTR_REQUEST_ID = "pdserve.request_id"  # the gateway's internal id
+ATTR_CLIENT_REQUEST_ID = "pdserve.client_request_id"  # the client's label
 ATTR_SCENARIO = "pdserve.scenario"
 ATTR_PROMPT_TOKENS = "gen_ai.usage.input_tokens"
 ATTR_COMPLETION_TOKENS = "gen_ai.usage.output_tokens"
@@ -29,6 +30,25 @@ ATTR_KV_BYTES = "pdserve.kv.bytes"
 ATTR_KV_TRANSPORT = "pdserve.kv.transport"
 ATTR_KV_FALLBACK = "pdserve.kv.fallback"
 ATTR_INSTANCE = "pdserve.instance_id"
+
+
+class CrossContextDetachFilter(logging.Filter):
+    """Drops OTel's "Failed to detach context" when the cause is a token reset in another
+    Context. A cancelled gRPC stream leaves the instrumentation's async generator suspended
+    at a ``yield``; asyncio then closes it from a fresh task (the async-gen finalizer), whose
+    Context is not the one the span's token was made in. That Context is thrown away with
+    the generator, so there is nothing to detach: the ERROR traceback was pure noise, one per
+    cancelled stream. Any other detach failure is still logged."""
+
+    dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (record.msg == "Failed to detach context" and isinstance(exc, ValueError)
+                and "different Context" in str(exc)):
+            CrossContextDetachFilter.dropped += 1
+            return False
+        return True
 
 
 def setup_telemetry(service_name: str, exporter: SpanExporter | None = None) -> None:
@@ -41,6 +61,7 @@ def setup_telemetry(service_name: str, exporter: SpanExporter | None = None) -> 
     with _lock:
         if _configured:
             return
+        logging.getLogger("opentelemetry.context").addFilter(CrossContextDetachFilter())
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -34,6 +34,7 @@ import asyncio
 import enum
 import socket
 import struct
+from collections.abc import Callable
 
 from services.kv.base import Status, TransferError
 
@@ -42,6 +43,9 @@ RESP = struct.Struct("<BQH")
 MAGIC = b"PDKT"
 VERSION = 2
 CHUNK = 4 << 20
+# A request id on the wire (the gateway's internal ids are 32 hex characters); the u16
+# length field could carry 65,535, but neither side needs or accepts more than this.
+MAX_REQUEST_ID_BYTES = 1024
 
 # REQ flags
 FLAG_FALLBACK = 1  # this transfer is the tcp retry of a failed one (counted by the kvstore)
@@ -75,6 +79,9 @@ def pack_req(op: Op, handle: str, request_id: str, nbytes: int = 0, block_bytes:
     if len(raw_handle) != 16:
         raise TransferError(f"malformed KV handle {handle[:40]!r}", Status.NOT_FOUND)
     rid = request_id.encode()
+    if not rid or len(rid) > MAX_REQUEST_ID_BYTES:
+        raise TransferError(f"request id of {len(rid)} bytes: need 1 to {MAX_REQUEST_ID_BYTES}",
+                            Status.PROTOCOL)
     return REQ.pack(MAGIC, VERSION, op, flags, raw_handle, len(rid), nbytes, block_bytes) + rid
 
 
@@ -91,13 +98,17 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                    view: memoryview) -> None:
+                    view: memoryview, progress: Callable[[], None] | None = None) -> None:
+    """Fill ``view``; ``progress`` is called after every read that moved bytes (the
+    kvstore pushes its idle deadline back with it)."""
     got, n = 0, len(view)
     while got < n:
         r = await loop.sock_recv_into(sock, view[got : min(n, got + CHUNK)])
         if r == 0:
             raise TransferError(f"peer closed the data channel after {got} of {n} bytes")
         got += r
+        if progress is not None:
+            progress()
 
 
 async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -9,7 +9,10 @@
         then does the memfd go back to the pool.
 
 Every transfer is bounded by ``max_transfer_s``: a peer that stalls or vanishes ends its
-transfer (and a push returns its bytes to the lifecycle) instead of holding them. Fault
+transfer (and a push returns its bytes to the lifecycle) instead of holding them. A
+connection must send its request header within ``idle_s`` and a push's payload must keep
+moving (no ``idle_s`` without a byte); one peer address holds at most ``max_conns_per_peer``
+connections at once (more are closed on accept), so idle sockets cannot pile up. Fault
 injection (``faults``) happens here, on the server side of every transport.
 """
 
@@ -37,6 +40,7 @@ from services.kv.wire import (
     FLAG_FALLBACK,
     FLAG_RETRYABLE,
     MAGIC,
+    MAX_REQUEST_ID_BYTES,
     OP_TRANSPORT,
     REQ,
     RESP,
@@ -89,10 +93,14 @@ class DataHandler(Protocol):
 
 class DataServer:
     def __init__(self, handler: DataHandler, faults: Faults | None = None,
-                 max_transfer_s: float = 60.0) -> None:
+                 max_transfer_s: float = 60.0, idle_s: float = 10.0,
+                 max_conns_per_peer: int = 64) -> None:
         self._handler = handler
         self.faults = faults or Faults()
         self.max_transfer_s = max_transfer_s
+        self.idle_s = idle_s
+        self.max_conns_per_peer = max_conns_per_peer
+        self._per_peer: Counter[str] = Counter()
         self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
         self._conns: set[asyncio.Task[None]] = set()
         self._pushes: dict[str, asyncio.Task[None]] = {}  # handle -> connection pushing it
@@ -128,21 +136,35 @@ class DataServer:
     async def _accept_loop(self, lsock: socket.socket, kind: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(lsock)
+            conn, addr = await loop.sock_accept(lsock)
             conn.setblocking(False)
+            peer = str(addr[0]) if kind == "tcp" else "unix"
+            if self._per_peer[peer] >= self.max_conns_per_peer:
+                self.counters["refused.per_peer_limit"] += 1
+                conn.close()
+                continue
             if kind == "tcp":
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._per_peer[peer] += 1
             task = asyncio.create_task(self._serve(conn, kind))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
+            task.add_done_callback(lambda _t, p=peer: self._left(p))
+
+    def _left(self, peer: str) -> None:
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
 
     async def _serve(self, conn: socket.socket, kind: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.max_transfer_s) as bound:
-                raw = await recv_exact(loop, conn, REQ.size)
+                async with asyncio.timeout(self.idle_s):  # the header comes at once or never
+                    raw = await recv_exact(loop, conn, REQ.size)
                 magic, version, op, flags, handle_b, rid_len, nbytes, block = REQ.unpack(raw)
-                if magic != MAGIC or version != VERSION or op not in Op._value2member_map_:
+                if magic != MAGIC or version != VERSION or op not in Op._value2member_map_ \
+                        or not 0 < rid_len <= MAX_REQUEST_ID_BYTES:
                     await loop.sock_sendall(conn, pack_resp(Status.PROTOCOL, 0,
                                                             "bad request header or version"))
                     return
@@ -156,7 +178,9 @@ class DataServer:
                 if transport in ("shm", "rdma") and self.faults.take(f"refuse_{transport}",
                                                                      transport):
                     return  # injected: the fast path dies before any byte moves
-                request_id = (await recv_exact(loop, conn, rid_len)).decode(errors="replace")
+                async with asyncio.timeout(self.idle_s):
+                    request_id = (await recv_exact(loop, conn, rid_len)).decode(
+                        errors="replace")
                 handle = handle_b.hex()
                 put = op in (Op.PUT, Op.PUT_BLOCKS, Op.PUT_SHM, Op.PUT_RDMA, Op.PUT_LAYERS)
                 lent: Segmented | None = None
@@ -247,7 +271,11 @@ class DataServer:
         elif block:
             await recv_blocks(loop, conn, target, block)
         else:
-            await recv_into(loop, conn, target)
+            # Idle bound: a push whose bytes stop coming for idle_s ends now, not at the
+            # transfer bound, and its reservation goes back to the lifecycle.
+            async with asyncio.timeout(self.idle_s) as idle:
+                await recv_into(loop, conn, target,
+                                lambda: idle.reschedule(loop.time() + self.idle_s))
 
     # -- fetch --------------------------------------------------------------------------------
     async def _get(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.kv.base import Status, TransferError
+from services.kv.wire import MAX_REQUEST_ID_BYTES
 from services.kvstore.memory import Segment, heap_segment
 
 
@@ -78,8 +79,9 @@ class KvStore:
     counters: Counters = field(default_factory=Counters)
 
     def reserve(self, request_id: str, nbytes: int, lease_s: float = 0.0) -> Entry:
-        if not request_id:
-            raise InvalidArgument("ReserveKv needs a request_id")
+        if not request_id or len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+            raise InvalidArgument(f"ReserveKv needs a request_id of 1 to {MAX_REQUEST_ID_BYTES} "
+                                  "bytes")
         if nbytes <= 0:
             raise InvalidArgument(f"ReserveKv needs nbytes > 0, got {nbytes}")
         if nbytes > self.capacity_bytes:
@@ -107,7 +109,9 @@ class KvStore:
 
     def _live(self, handle: str, request_id: str) -> Entry:
         entry = self.entries.get(handle)
-        if entry is None or not secrets.compare_digest(entry.request_id, request_id):
+        # Bytes, not str: compare_digest refuses non-ASCII str (a TypeError per request).
+        if entry is None or not secrets.compare_digest(entry.request_id.encode(),
+                                                       request_id.encode()):
             # Same answer for "unknown" and "someone else's": no probing for handles.
             raise TransferError("no such KV handle for this request", Status.NOT_FOUND)
         return entry
@@ -210,7 +214,15 @@ class KvStore:
 
     # -- control ------------------------------------------------------------------------------
     def release(self, handle: str, request_id: str) -> State | None:
-        """Idempotent: returns the state before release, or None if already gone."""
+        """Idempotent: returns the state before release, or None if already gone. An empty
+        ``handle`` releases every entry of ``request_id`` (the gateway's internal id: a
+        request whose KvRef never reached the gateway), returning the last one's state."""
+        if not handle:
+            before = None
+            for entry in [e for e in self.entries.values() if e.request_id == request_id]:
+                before = entry.state
+                self._drop(entry, State.ABORTED)
+            return before
         entry = self.entries.get(handle)
         if entry is None or entry.request_id != request_id:
             return None
