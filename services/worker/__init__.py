@@ -1,0 +1,1 @@
+"""A role-switchable model worker (prefill or decode, switched at runtime)."""
