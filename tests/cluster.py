@@ -54,7 +54,7 @@ class Cluster:
             await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}"))
             for i in range(self.decodes)]
         gcfg = gateway_main.GatewayConfig(**base, port=0, model=self.model, registry_poll_s=0.1,
-                                          **self.gateway_overrides)
+                                          **{"http_port": 0, **self.gateway_overrides})
         self.gateway_nodes = [
             await gateway_main.start(replace(gcfg, instance_id=f"gw{i}-{self.group}"))
             for i in range(self.gateways)]

@@ -56,6 +56,17 @@ class TextTokenizer:
         text = self.apply_chat_template(user_text)
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """A whole conversation ({"role", "content"} dicts) through the chat template, with
+        the generation prompt (the HTTP door's /v1/chat/completions). One user message
+        gives exactly ``encode_chat`` of its text."""
+        if self._template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        text = self._template.render(
+            messages=list(messages), add_generation_prompt=True,
+            bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 

@@ -54,7 +54,7 @@ def start_up(tmp: Path, *args: str, timeout: float = 300) -> UpProcess:
     out = open(tmp / "up.out", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--log-dir", str(tmp),
-         *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+         "--http-port", "0", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PDSERVE_REDIS_URL": ""})
     out.close()
     up = UpProcess(proc, tmp, f"127.0.0.1:{port}")
