@@ -111,7 +111,8 @@ SCRAPED: dict[str, tuple[str, str]] = {
     PREFIX + "kv_transfer_failures": ("counter", "Transfers that failed outright."),
 }
 
-Source = Callable[[], Mapping[str, float]]
+# A source returns {name: value}, or {name: {group: value}} for a per-group series.
+Source = Callable[[], Mapping[str, float | Mapping[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,11 @@ class _ScrapeCollector(Collector):
                 if fam is None:
                     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                     fam = families[name] = cls(name, help_, labels=BASE_LABELS)
-                fam.add_metric(labels.values(), float(value))
+                if isinstance(value, Mapping):
+                    for group, v in value.items():
+                        fam.add_metric(labels.values(group), float(v))
+                else:
+                    fam.add_metric(labels.values(), float(value))
         yield from families.values()
 
     def describe(self) -> Iterable[Metric]:

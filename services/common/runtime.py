@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from services.common import faultpoints
 from services.common.auth import ClusterTokenInterceptor, token_interceptors
 from services.common.config import ServiceConfig
-from services.common.metrics import Labels, MetricsServer, register_source, serve_metrics
+from services.common.metrics import (
+    Labels,
+    MetricsServer,
+    Source,
+    register_source,
+    serve_metrics,
+)
 from services.common.registry import InstanceInfo, Registration, connect
 
 log = logging.getLogger(__name__)
@@ -107,7 +113,7 @@ class ServiceRuntime:
             return ""
         return f"http://{self.cfg.advertised(self.metrics_server.port)}/metrics"
 
-    def register_metrics(self, fn: Callable[[], Mapping[str, float]]) -> None:
+    def register_metrics(self, fn: Source) -> None:
         """Export ``fn()`` (names from metrics.SCRAPED) with this instance's labels."""
         self._unregister_metrics.append(
             register_source(Labels(self.role, self.cfg.group, self.instance_id), fn))
