@@ -95,11 +95,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    import os
-
+    from services.common.config import env_str
     from services.common.registry import connect, list_instances
 
-    url = args.redis_url or os.environ.get("PDSERVE_REDIS_URL", "")
+    url = args.redis_url or env_str("REDIS_URL")
     if not url:
         print("error: pass --redis-url or set PDSERVE_REDIS_URL (pdserve up prints it)",
               file=sys.stderr)

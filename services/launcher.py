@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import env_str
 from services.common.redis_embed import EmbeddedRedis
 
 PR_SET_PDEATHSIG = 1
@@ -103,7 +104,7 @@ class Launcher:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
         self.redis: EmbeddedRedis | None = None
-        self.redis_url = os.environ.get("PDSERVE_REDIS_URL", "")
+        self.redis_url = env_str("REDIS_URL")
         self._stopping = False
 
     def _spawn(self, name: str, role: str, env: dict[str, str]) -> Child:

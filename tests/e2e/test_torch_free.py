@@ -34,7 +34,7 @@ runpy.run_module(sys.argv.pop(1), run_name='__main__')
 def _start(module: str, tmp: Path, env: dict[str, str], *args: str,
            ) -> tuple[subprocess.Popen[bytes], Path]:
     ready = tmp / f"{module}.ready"
-    log = open(tmp / f"{module}.log", "wb")  # noqa: SIM115 - closed with the process
+    log = open(tmp / f"{module}.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-c", BLOCKER, module, "--port", "0", "--ready-file", str(ready),
          *args], stdout=log, stderr=subprocess.STDOUT, env=env)
