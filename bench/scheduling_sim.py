@@ -20,7 +20,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.scheduling import Point, percentile, plot, sample, write_json
+from bench.report import Point, percentile, plot, sample, write_json
 from bench.simulator import SIM_POLICIES, Result, SimConfig, SimRequest, Simulator
 from bench.traces import AZURE_CODE, MOONCAKE, TraceRequest, load_trace, paper_example
 

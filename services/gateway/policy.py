@@ -1,14 +1,28 @@
 """Routing policy: pure functions over snapshots, no I/O, no clock.
 
-The live gateway, a mock cluster and a simulator call the same code. Inputs are
-the group's candidates (from the registry) and the gateway's own counts of
+The live gateway, a mock cluster and the simulator (``bench/sim``) call the same code.
+Inputs are the group's candidates (from the registry) and the gateway's own counts of
 streams it has open on each instance.
+
+``LoadIndex`` is the one ranking structure: the instances of one pool bucketed by open
+streams, so the least-loaded instance (and the rest, lazily, in order) comes out in
+O(log n) without scanning the pool. The simulator keeps one per pool and updates it as
+streams open and close. The live gateway builds one per decision from its registry
+snapshot and counters (``rank_least_open_streams``): its candidate list is fresh from
+Redis every poll, and a decision costs an RPC anyway. Both rank with ``LoadIndex.ranked``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+# A decode whose KV fetches fell back from the negotiated transport more often than this
+# (``kv_fallback_rate`` in its registry load) ranks after the healthy ones with a free
+# slot: its transfers take the slow path, so new streams go elsewhere while others can
+# take them. It still ranks before full decodes, so it is used rather than nothing.
+KV_FALLBACK_DEGRADED = 0.2
 
 
 @dataclass(frozen=True)
@@ -16,6 +30,90 @@ class Candidate:
     instance_id: str
     slots: int = 0
     reported_busy: float = 0.0  # from the instance's last heartbeat (stale by up to 1 period)
+    kv_fallback_rate: float = 0.0  # share of KV transfers that fell back (heartbeat load)
+
+
+class LoadIndex(Mapping[str, int]):
+    """Open-stream counts of one pool's instances, bucketed by count.
+
+    Positions are the order the instances were given in (``ids``); ties among equal
+    counts rotate by ``tie_break`` over those positions, exactly as the sort key
+    ``(count, (position - tie_break) % n)`` would order them. ``add`` is O(log n) plus a
+    short list move; ``ranked`` yields the first instance in O(log n + distinct counts)."""
+
+    __slots__ = ("_buckets", "_counts", "_ids", "_pos")
+
+    def __init__(self, ids: Iterable[str] = (), counts: Mapping[str, int] | None = None) -> None:
+        self._ids: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._counts: list[int] = []
+        self._buckets: dict[int, list[int]] = {}
+        self.reset(ids, counts)
+
+    def reset(self, ids: Iterable[str], counts: Mapping[str, int] | None = None) -> None:
+        """New membership (a registry change, a role switch): O(n)."""
+        new_ids = list(ids)
+        get = (counts or {}).get  # may be this index itself: read before replacing
+        new_counts = [int(get(iid, 0)) for iid in new_ids]
+        self._ids = new_ids
+        self._pos = {iid: i for i, iid in enumerate(new_ids)}
+        self._counts = new_counts
+        self._buckets = {}
+        for i, c in enumerate(self._counts):
+            self._buckets.setdefault(c, []).append(i)
+
+    # -- Mapping ------------------------------------------------------------------------
+    def __getitem__(self, iid: str) -> int:
+        return self._counts[self._pos[iid]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, iid: object) -> bool:
+        return iid in self._pos
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    # -- updates ------------------------------------------------------------------------
+    def add(self, iid: str, delta: int) -> None:
+        i = self._pos[iid]
+        c = self._counts[i]
+        b = self._buckets[c]
+        del b[bisect_left(b, i)]
+        if not b:
+            del self._buckets[c]
+        c += delta
+        self._counts[i] = c
+        nb = self._buckets.get(c)
+        if nb is None:
+            self._buckets[c] = [i]
+        else:
+            insort(nb, i)
+
+    # -- queries ------------------------------------------------------------------------
+    def ranked(self, tie_break: int = 0) -> Iterator[str]:
+        """Fewest open streams first; equal counts rotate from position ``tie_break``."""
+        n = len(self._ids)
+        if not n:
+            return
+        t = tie_break % n
+        ids = self._ids
+        # Read lazily: a caller may update the index between two items (a simulated TRY
+        # round spans events); a bucket emptied meanwhile is skipped.
+        for c in sorted(self._buckets):
+            b = self._buckets.get(c)
+            if not b:
+                continue
+            k = bisect_left(b, t)
+            for i in b[k:]:
+                yield ids[i]
+            for i in b[:k]:
+                yield ids[i]
 
 
 def rank_least_open_streams(
@@ -25,17 +123,45 @@ def rank_least_open_streams(
     instances share load instead of the first one taking everything."""
     if not candidates:
         return []
-    n = len(candidates)
-    order = sorted(range(n), key=lambda i: (open_streams.get(candidates[i].instance_id, 0),
-                                            (i - tie_break) % n))
-    return [candidates[i] for i in order]
+    index = LoadIndex((c.instance_id for c in candidates), open_streams)
+    by_id = {c.instance_id: c for c in candidates}
+    return [by_id[iid] for iid in index.ranked(tie_break)]
+
+
+def decode_tier(open_now: int, slots: int, kv_fallback_rate: float) -> int:
+    """0: a free slot and healthy transfers; 1: a free slot, transfers degraded
+    (``kv_fallback_rate`` above ``KV_FALLBACK_DEGRADED``); 2: full by our own count."""
+    if slots and open_now >= slots:
+        return 2
+    return 1 if kv_fallback_rate > KV_FALLBACK_DEGRADED else 0
+
+
+def pick_decodes(ranked: Iterable[str], open_streams: Mapping[str, int],
+                 slots: Mapping[str, int], fallback: Mapping[str, float]) -> Iterator[str]:
+    """Decodes in ``ranked`` (least-open) order, healthy ones with a free slot first, then
+    degraded ones with a free slot, then full ones. Lazy: the first healthy free decode
+    comes out without looking further."""
+    later: list[list[str]] = [[], []]
+    for iid in ranked:
+        tier = decode_tier(open_streams.get(iid, 0), slots.get(iid, 0), fallback.get(iid, 0.0))
+        if tier == 0:
+            yield iid
+        else:
+            later[tier - 1].append(iid)
+    yield from later[0]
+    yield from later[1]
 
 
 def rank_decodes(
     candidates: Sequence[Candidate], open_streams: Mapping[str, int], tie_break: int = 0
 ) -> list[Candidate]:
-    """Least-loaded decode with a free slot first; full ones (by our own count) last."""
-    ranked = rank_least_open_streams(candidates, open_streams, tie_break)
-    free = [c for c in ranked if not c.slots or open_streams.get(c.instance_id, 0) < c.slots]
-    full = [c for c in ranked if c not in free]
-    return free + full
+    """Least-loaded decode with a free slot first (healthy transfers before degraded
+    ones, see ``KV_FALLBACK_DEGRADED``); full ones (by our own count) last."""
+    if not candidates:
+        return []
+    by_id = {c.instance_id: c for c in candidates}
+    index = LoadIndex((c.instance_id for c in candidates), open_streams)
+    slots = {c.instance_id: c.slots for c in candidates}
+    fallback = {c.instance_id: c.kv_fallback_rate for c in candidates}
+    return [by_id[iid] for iid in pick_decodes(index.ranked(tie_break), open_streams, slots,
+                                               fallback)]

@@ -14,16 +14,20 @@ knows, return the order in which to ask them.
 - ``reported-queue``: least reported load (busy + queued per slot) from the
   prefills' periodic heartbeats; local queue. Reports are stale by up to a period.
 
-The live gateway, a mock cluster and a simulator drive the same functions.
+The live gateway, a mock cluster and the simulator (``bench/sim``) drive the same
+functions: ``prefill_order`` (live, over a registry snapshot) and the simulator both rank
+through ``order_ids`` over a ``policy.LoadIndex``; the queue is ordered by ``queue_key``;
+``offer_to`` is the wake-up rule (whom a freed slot is offered to) and ``may_retry`` the
+safety-net poll's.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.gateway.policy import Candidate, rank_least_open_streams
+from services.gateway.policy import Candidate, LoadIndex
 
 
 class Policy(enum.StrEnum):
@@ -73,6 +77,50 @@ class BatchFiller:
             del self.filling[group]
 
 
+def order_ids(
+    policy: Policy,
+    group: str,
+    index: LoadIndex,
+    tick: int,
+    filler: BatchFiller | None = None,
+    loads: Mapping[str, Load] | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> Iterator[str]:
+    """The prefills to ask, in order, lazily: the policy core. ``index`` holds the group's
+    prefills (registry order) with this gateway's open-stream counts. ``forward`` yields
+    the batch-filling prefill first, then fewest open streams; the queueing policies
+    yield exactly one. Only ``reported-queue`` scans (the reports are a snapshot)."""
+    n = len(index)
+    if n == 0:
+        return
+    if policy is Policy.FORWARD:
+        fill = filler.filling.get(group) if filler else None
+        if fill is not None and fill in index and fill not in exclude:
+            yield fill
+        for iid in index.ranked(tick):
+            if iid != fill and iid not in exclude:
+                yield iid
+        return
+    if policy is Policy.RR_QUEUE:
+        live = [iid for iid in sorted(index) if iid not in exclude] if exclude else sorted(index)
+        if live:
+            yield live[tick % len(live)]
+        return
+    if policy is Policy.LOS_QUEUE:
+        for iid in index.ranked(tick):
+            if iid not in exclude:
+                yield iid
+                return
+        return
+    loads = loads or {}
+    cands = [iid for iid in index if iid not in exclude]
+    if cands:
+        m = len(cands)
+        best = min(range(m), key=lambda i: (loads.get(cands[i], Load()).per_slot,
+                                            (i - tick) % m))
+        yield cands[best]
+
+
 def prefill_order(
     policy: Policy,
     group: str,
@@ -83,24 +131,14 @@ def prefill_order(
     loads: Mapping[str, Load] | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> list[Candidate]:
-    """The prefills to ask, in order. Queueing policies return exactly one."""
+    """The prefills to ask, in order (``order_ids`` over a snapshot). Queueing policies
+    return exactly one."""
     cands = [c for c in candidates if c.instance_id not in exclude]
     if not cands:
         return []
-    if policy is Policy.FORWARD:
-        ranked = rank_least_open_streams(cands, open_streams, tick)
-        fill = filler.filling.get(group) if filler else None
-        head = [c for c in ranked if c.instance_id == fill]
-        return head + [c for c in ranked if c.instance_id != fill]
-    if policy is Policy.RR_QUEUE:
-        return [sorted(cands, key=lambda c: c.instance_id)[tick % len(cands)]]
-    if policy is Policy.LOS_QUEUE:
-        return rank_least_open_streams(cands, open_streams, tick)[:1]
-    loads = loads or {}
-    n = len(cands)
-    best = min(range(n), key=lambda i: (loads.get(cands[i].instance_id, Load()).per_slot,
-                                        (i - tick) % n))
-    return [cands[best]]
+    by_id = {c.instance_id: c for c in cands}
+    index = LoadIndex((c.instance_id for c in cands), open_streams)
+    return [by_id[iid] for iid in order_ids(policy, group, index, tick, filler, loads)]
 
 
 @dataclass(frozen=True)
@@ -112,9 +150,14 @@ class Waiting:
     deadline_ms: float  # unix ms; the queue is ordered by it (earliest first)
 
 
+def queue_key(e: Waiting) -> tuple[float, str]:
+    """The forwarding queue's order: earliest deadline first; ties by request id so every
+    gateway sees one order."""
+    return (e.deadline_ms, e.request_id)
+
+
 def queue_order(entries: Sequence[Waiting]) -> list[Waiting]:
-    """Earliest deadline first; ties by request id so every gateway sees one order."""
-    return sorted(entries, key=lambda e: (e.deadline_ms, e.request_id))
+    return sorted(entries, key=queue_key)
 
 
 def split_expired(entries: Sequence[Waiting], now_ms: float) -> tuple[list[Waiting], list[Waiting]]:
@@ -128,3 +171,20 @@ def may_retry(rank: int | None, prefills: int) -> bool:
     as could possibly be admitted at once, so gateways share the queue fairly and the
     earliest deadlines go first. ``rank`` is the 0-based position, None if not queued."""
     return rank is not None and rank < max(1, prefills)
+
+
+
+def offer_to(entries: Sequence[Waiting], offered_until: Mapping[str, float],
+             now_ms: float) -> Waiting | None:
+    """Whom a freed prefill slot is offered to: the earliest-deadline live entry (by
+    ``queue_key``) that holds no unexpired offer; None when no one waits (the slot is then
+    remembered briefly for a newcomer). The live queue runs this rule atomically in Redis
+    (``services.common.slotoffer``'s OFFER script, which also skips entries of dead
+    gateways); the simulator runs it here, and an integration test holds the two equal."""
+    live = [e for e in entries if may_offer(e, offered_until, now_ms)]
+    return min(live, key=queue_key) if live else None
+
+
+def may_offer(e: Waiting, offered_until: Mapping[str, float], now_ms: float) -> bool:
+    """An entry can take an offer: before its deadline, and not holding one already."""
+    return e.deadline_ms > now_ms and offered_until.get(e.request_id, 0.0) <= now_ms

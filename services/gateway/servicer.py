@@ -158,7 +158,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise Unavailable(f"no {role} instance is registered in scenario group {group!r}",
                               reason=f"NO_{role.upper()}", metadata={"group": group})
         by_id = {i.instance_id: i for i in found}
-        cands = [Candidate(i.instance_id, i.slots) for i in found]
+        cands = [Candidate(i.instance_id, i.slots,
+                           kv_fallback_rate=i.load.get("kv_fallback_rate", 0.0)) for i in found]
         rank = rank_decodes if role == "decode" else rank_least_open_streams
         return [by_id[c.instance_id] for c in rank(cands, self.open_streams, next(self._rr))]
 

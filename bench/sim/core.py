@@ -1,0 +1,889 @@
+"""The fleet simulator: a request-level discrete-event simulation of pdserve scenario
+groups that drives the live gateway's policy code under a virtual clock.
+
+One policy core, two clocks. Decisions call the very function objects the live gateway
+calls, looked up on their modules at call time (so a patched policy changes both):
+``scheduling.order_ids`` (forward's batch filling and least-open-streams order, and the
+queueing baselines), ``policy.LoadIndex`` (the ranking structure), ``scheduling.queue_key``
+(the forwarding queue's earliest-deadline order), ``scheduling.may_offer`` (whom a freed
+slot is offered to: the rule the live queue's Redis OFFER script runs),
+``policy.pick_decodes`` (decode selection, transport health included) and the prefill's
+own ``PrefillEstimator`` (predictive early intervention). Only I/O and time are replaced:
+an RPC is ``rtt_ms / 2``, compute is the mock engine's ``LatencyModel``, a KV hop is
+``bytes / kv_gbps``. ``POLICY_CORE`` lists those objects; a test checks they are the
+live gateway's.
+
+Per decision cost does not grow with the fleet: each gateway keeps a ``LoadIndex`` per
+group and role (open streams, bucketed), the forwarding queue is a sorted list keyed by
+``queue_key`` (O(log n) rank), decode progress is a ``FluidDecode`` (one event per batch
+change). Groups never share an instance or a request unless a controller moves one, so
+``bench.sim.fleet`` runs groups in parallel processes.
+
+Request life (forward): arrive -> (a non-empty queue: join it and wait for an offer) -> TRY
+prefills in ``order_ids`` order, each answer after a round trip -> accepted: compute,
+deadline checked before (and by prediction) and after, first token half a round trip
+later, slot held until the KV push ends -> decode chosen by ``pick_decodes`` (a full
+group waits for a slot) -> KV fetch -> fluid batch -> end. All rejected: the group's
+queue; a freed slot is offered to the earliest-deadline entry without an offer, which
+asks that prefill first; a slot nobody takes is remembered ``FREE_TTL_MS`` for a
+newcomer. Queueing baselines: one prefill, its FIFO.
+
+The control hook (``bench.sim.hook``): every ``control_period_ms`` the callback gets a
+``GroupSnapshot`` per group and returns ``Reassign``s, applied with drain semantics.
+
+``audit=True`` records what the invariant tests check (``tests/unit/test_sim_invariants.py``):
+a KV ledger (transfers started = completed + aborted, one owner per request's blocks),
+the clock, each request's timestamps, and pool membership over time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from bisect import bisect_left, insort
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+
+from bench.sim import hook
+from bench.sim.decode import FluidDecode
+from bench.sim.ledger import Audit
+from bench.sim.model import (
+    CANCELLED,
+    DEADLINE,
+    LOP_QUEUE,
+    OK,
+    REFUSED,
+    Result,
+    SimConfig,
+    SimRequest,
+    Stats,
+    _bin,
+)
+from services.common import slotoffer
+from services.engine.mock import LatencyModel
+from services.gateway import policy as pol
+from services.gateway import scheduling as sched
+from services.prefill import estimator as est
+
+SIM_POLICIES = [p.value for p in sched.Policy] + [LOP_QUEUE]
+# The live functions the simulator drives (looked up on the modules at call time).
+POLICY_CORE = ("scheduling.order_ids", "scheduling.queue_key", "scheduling.may_offer",
+               "policy.LoadIndex", "policy.pick_decodes", "estimator.PrefillEstimator")
+
+NEW, TRYING, WAITING, LOCAL, PREFILL, DWAIT, FETCH, DECODE, DONE = range(9)
+HASH_BLOCK_TOKENS = 512  # a Mooncake hash id covers 512 tokens (bench/traces.py)
+
+
+class Req:
+    __slots__ = ("arrival", "asked", "cached", "cancel_at", "ctx0", "deadline", "dec", "gi",
+                 "gone", "group", "gw", "hash_ids", "idx", "it", "n", "offer", "offered", "out",
+                 "pobj", "qkey", "queued", "slo", "state", "t_done", "t_dstart", "t_first",
+                 "t_pstart", "vjoin")
+
+    def __init__(self, idx: int, spec: SimRequest, group: Group, gw: int, now: float,
+                 slo: float) -> None:
+        self.idx, self.group, self.gw = idx, group, gw
+        self.n, self.out, self.hash_ids = spec.prompt_len, spec.output_len, spec.hash_ids
+        self.arrival, self.slo, self.deadline = now, slo, now + slo
+        self.state, self.queued, self.gone = NEW, False, False
+        self.asked: set[str] = set()
+        self.it: Iterator[str] | None = None
+        self.pobj: Prefill | None = None
+        self.dec: FluidDecode | None = None
+        self.qkey: tuple[float, str, int] | None = None
+        self.offer: str | None = None  # a freed prefill offered to it, not yet used
+        self.offered: dict[str, float] = {}  # offer mark: request id -> until (ms)
+        self.cached = 0
+        self.cancel_at = -1.0
+        self.t_pstart = self.t_first = self.t_done = self.t_dstart = float("nan")
+        self.ctx0, self.vjoin = 0, 0.0
+
+
+class Prefill:
+    __slots__ = ("busy", "cache", "drain", "estimator", "fifo", "group", "iid", "live")
+
+    def __init__(self, iid: str, group: Group) -> None:
+        self.iid, self.group = iid, group
+        self.busy = 0
+        self.fifo: deque[Req] = deque()
+        self.estimator = est.PrefillEstimator()
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.live = True
+        self.drain: tuple[str, str] | None = None
+
+
+class Group:
+    """One scenario group: its pools, each gateway's view of them, its queues, counters."""
+
+    def __init__(self, gi: int, name: str, gateways: int) -> None:
+        self.gi, self.name = gi, name
+        self.prefills: dict[str, Prefill] = {}
+        self.decodes: dict[str, FluidDecode] = {}
+        self.idx_p = [pol.LoadIndex() for _ in range(gateways)]
+        self.idx_d = [pol.LoadIndex() for _ in range(gateways)]
+        self.fillers = [sched.BatchFiller() for _ in range(gateways)]
+        self.ticks = [0] * gateways
+        self.queue: list[tuple[float, str, int, Req]] = []  # sorted by queue_key
+        self.free: deque[tuple[str, float]] = deque()  # slots freed with no one waiting
+        self.dwait: deque[Req] = deque()
+        self.loads: dict[str, sched.Load] = {}
+        self.rng = random.Random(gi)
+        self.n_req = 0
+        self.pbusy = 0  # busy prefill slots now
+        self.pt = 0.0
+        self.parea = 0.0
+        self.sarea = 0.0
+        self.pslots = 0
+        self.darea = 0.0
+        self.dactive = 0
+        self.reset_period()
+
+    def reset_period(self) -> None:
+        self.c_arrived = self.c_ok = self.c_failed = self.c_cancelled = self.c_slo = 0
+        self.s_ttft = self.s_e2e = self.s_share = 0.0
+        self.p_parea = self.p_sarea = self.p_darea = 0.0
+
+    def account(self, now: float) -> None:
+        dt = now - self.pt
+        if dt > 0:
+            self.parea += self.pbusy * dt
+            self.sarea += self.pslots * dt
+            self.darea += self.dactive * dt
+            self.pt = now
+
+    def reindex(self) -> None:
+        for idx in self.idx_p:
+            idx.reset([i for i, p in self.prefills.items() if p.live], idx)
+        for idx in self.idx_d:
+            idx.reset([i for i, d in self.decodes.items() if d.live], idx)
+        self.pslots = sum(1 for p in self.prefills.values() if p.live)
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig, latency: LatencyModel,
+                 group_ids: Sequence[int] | None = None,
+                 control: hook.Control | None = None, keep_results: bool = True,
+                 audit: bool = False) -> None:
+        if cfg.policy != LOP_QUEUE and cfg.policy not in {p.value for p in sched.Policy}:
+            raise ValueError(f"unknown policy {cfg.policy!r}; one of {SIM_POLICIES}")
+        self.cfg = cfg
+        self.lat = latency
+        self.policy = sched.Policy.LOS_QUEUE if cfg.policy == LOP_QUEUE else \
+            sched.Policy(cfg.policy)
+        self.rejects = self.policy.rejects
+        self.lifetime = cfg.policy != LOP_QUEUE and self.policy.lifetime_streams
+        self.control = control
+        self.keep = keep_results
+        self.audit = Audit() if audit else None
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[..., None], object]] = []
+        self._seq = itertools.count()
+        self.stats = Stats()
+        self.results: dict[int, Result] = {}
+        self.groups: dict[int, Group] = {}
+        self.inst: dict[str, Prefill | FluidDecode] = {}
+        self.max_busy_seen = 0
+        self.inflight = 0
+        self.sources_left = 0
+        self._on_end: Callable[[int], None] | None = None
+        self._window: tuple[float, float] | None = None
+        self._kv_ms_per_token = cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e6)
+        self._dslots = _Const(cfg.decode_slots)  # every decode has the same b_d
+        self._cache_cap = max(1, cfg.prefix_cache_blocks * 64 // HASH_BLOCK_TOKENS)
+        for gi in (range(cfg.groups) if group_ids is None else group_ids):
+            g = Group(gi, f"g{gi}", cfg.gateways)
+            g.rng = random.Random(f"{cfg.seed}/{gi}")  # per group: sharding changes nothing
+            self.groups[gi] = g
+            for i in range(cfg.prefills_per_group):
+                self._add_prefill(f"g{gi}-p{i}", g)
+            for i in range(cfg.decodes_per_group):
+                self._add_decode(f"g{gi}-d{i}", g)
+            g.reindex()
+
+    # -- pools ------------------------------------------------------------------------------
+    def _add_prefill(self, iid: str, g: Group) -> None:
+        p = Prefill(iid, g)
+        g.prefills[iid] = p
+        self.inst[iid] = p
+        if self.audit:
+            self.audit.member(self.now, iid, g.name, "prefill", True)
+
+    def _add_decode(self, iid: str, g: Group) -> None:
+        d = FluidDecode(iid, g, self.cfg.decode_slots, self.lat, self.cfg.time_scale)
+        d.tv = self.now
+        g.decodes[iid] = d
+        self.inst[iid] = d
+        if self.audit:
+            self.audit.member(self.now, iid, g.name, "decode", True)
+
+    @property
+    def prefills(self) -> dict[str, list[Prefill]]:
+        return {g.name: list(g.prefills.values()) for g in self.groups.values()}
+
+    @property
+    def fwdq(self) -> dict[str, list[tuple[float, str, int, Req]]]:
+        return {g.name: g.queue for g in self.groups.values()}
+
+    @property
+    def open_streams(self) -> list[dict[str, int]]:
+        out: list[dict[str, int]] = [{} for _ in range(self.cfg.gateways)]
+        for g in self.groups.values():
+            for k in range(self.cfg.gateways):
+                out[k].update(g.idx_p[k])
+                out[k].update(g.idx_d[k])
+        return out
+
+    # -- event loop -------------------------------------------------------------------------
+    def at(self, t: float, fn: Callable[..., None], arg: object = None) -> None:
+        heapq.heappush(self._heap, (t if t > self.now else self.now, next(self._seq), fn, arg))
+
+    def run(self, requests: Sequence[SimRequest], closed_users: int = 0) -> list[Result]:
+        """Open loop: each request arrives at its ``arrival_ms``. Closed loop
+        (``closed_users`` > 0): that many users, each sending the next request of the
+        sequence when its last one ended. Returns one ``Result`` per request, in order."""
+        reqs = list(requests)
+        if closed_users > 0:
+            pending = iter(range(len(reqs)))
+
+            def next_for_user(_: int) -> None:
+                i = next(pending, None)
+                if i is not None:
+                    self.sources_left += 1
+                    self.at(self.now, self._arrive_one, (i, reqs[i]))
+
+            self._on_end = next_for_user
+            for _ in range(min(closed_users, len(reqs))):
+                next_for_user(-1)
+        else:
+            by_group: dict[int, list[tuple[int, SimRequest]]] = {}
+            for i, r in enumerate(reqs):
+                by_group.setdefault(r.group % self.cfg.groups, []).append((i, r))
+            for items in by_group.values():
+                items.sort(key=lambda x: (x[1].arrival_ms, x[0]))
+                self.add_source(iter(items))
+        self.loop()
+        return [self.results[i] for i in range(len(reqs))]
+
+    def add_source(self, items: Iterator[tuple[int, SimRequest]]) -> None:
+        """A time-ordered stream of (index, request) for one group; read one at a time."""
+        first = next(items, None)
+        if first is not None:
+            self.sources_left += 1
+            self.at(first[1].arrival_ms, self._arrive_stream, (first, items))
+
+    def loop(self) -> None:
+        if self.policy is sched.Policy.REPORTED_QUEUE:
+            self.at(self.now, self._report)
+        if self.control is not None and self.cfg.control_period_ms > 0:
+            self.at(self.now + self.cfg.control_period_ms, self._control)
+        heap, pop = self._heap, heapq.heappop
+        audit = self.audit
+        events = 0
+        while heap:
+            t, _, fn, arg = pop(heap)
+            if audit is not None:
+                audit.clock(t, self.now)
+            self.now = t
+            fn(arg)
+            events += 1
+        self.stats.events += events
+        for g in self.groups.values():
+            g.account(self.now)
+        busy, slot_ms = self._window or (sum(g.parea for g in self.groups.values()),
+                                         sum(g.sarea for g in self.groups.values())
+                                         * self.cfg.slots)
+        self.stats.prefill_busy_ms += busy
+        self.stats.prefill_slot_ms += slot_ms
+        self.stats.sim_ms = max(self.stats.sim_ms, self.now)
+
+    def window(self, t: float) -> None:
+        """Measure prefill utilisation over [0, t] only (the arrival window, not the
+        drain after the last arrival)."""
+        self.at(t, self._close_window)
+
+    def _close_window(self, _: object) -> None:
+        self.stats.events -= 1  # bookkeeping, not a simulated event
+        for g in self.groups.values():
+            g.account(self.now)
+        self._window = (sum(g.parea for g in self.groups.values()),
+                        sum(g.sarea for g in self.groups.values()) * self.cfg.slots)
+
+    def _busy_any(self) -> bool:
+        return self.inflight > 0 or self.sources_left > 0
+
+    def _report(self, _: object) -> None:
+        for g in self.groups.values():
+            g.loads = {p.iid: sched.Load(float(p.busy), float(len(p.fifo)), float(self.cfg.slots))
+                       for p in g.prefills.values()}
+        if self._busy_any():
+            self.at(self.now + self.cfg.report_ms, self._report)
+
+    # -- arrival ----------------------------------------------------------------------------
+    def _arrive_stream(self, arg: object) -> None:
+        (i, spec), items = arg  # type: ignore[misc]
+        nxt = next(items, None)
+        if nxt is not None:
+            self.at(nxt[1].arrival_ms, self._arrive_stream, (nxt, items))
+        else:
+            self.sources_left -= 1
+        self._arrive(i, spec)
+
+    def _arrive_one(self, arg: object) -> None:
+        i, spec = arg  # type: ignore[misc]
+        self.sources_left -= 1
+        self._arrive(i, spec)
+
+    def _arrive(self, i: int, spec: SimRequest) -> None:
+        cfg = self.cfg
+        g = self.groups[spec.group % cfg.groups]
+        slo = cfg.slo_ms(self.lat.prefill_ms(spec.prompt_len) * cfg.time_scale)
+        r = Req(i, spec, g, g.n_req % cfg.gateways, self.now, slo)
+        g.n_req += 1
+        g.c_arrived += 1
+        self.inflight += 1
+        rng = g.rng
+        if cfg.cancel_frac > 0 and rng.random() < cfg.cancel_frac:
+            r.cancel_at = self.now + rng.uniform(0.0, 2.0 * slo + 50.0 * spec.output_len)
+            self.at(r.cancel_at, self._cancel, r)
+        if self.audit:
+            self.audit.arrive(self.now, r.idx)
+        if cfg.gateway_ms > 0:
+            self.at(self.now + cfg.gateway_ms, self._route, r)
+        else:
+            self._route(r)
+
+    def _route(self, r: Req) -> None:
+        if r.state == DONE:
+            return
+        if not self.rejects:
+            self._route_local(r)
+            return
+        if r.group.queue:  # others wait already: join, keep the group earliest-deadline-first
+            self._enqueue(r)
+            self._wait_or_retry(r)
+            return
+        self._try_round(r)
+
+    # -- forward: TRY round, queue, wake-up -----------------------------------------------
+    def _try_round(self, r: Req) -> None:
+        g, gw = r.group, r.gw
+        r.state = TRYING
+        r.asked = set()
+        tick = g.ticks[gw]
+        g.ticks[gw] = tick + 1
+        r.it = sched.order_ids(self.policy, g.name, g.idx_p[gw], tick, g.fillers[gw])
+        self._ask_next(r)
+
+    def _ask_next(self, r: Req, delay: float = 0.0) -> None:
+        g = r.group
+        idx = g.idx_p[r.gw]
+        assert r.it is not None
+        for pid in r.it:
+            if pid in r.asked or pid not in idx:
+                continue  # the index changed since the round began
+            r.asked.add(pid)
+            idx.add(pid, 1)
+            self.at(self.now + delay + self.cfg.rtt_ms / 2, self._at_prefill,
+                    (r, g.prefills[pid]))
+            return
+        if not r.queued:  # every prefill rejected: wait in the group's queue
+            self._enqueue(r)
+        self._wait_or_retry(r)
+
+    def _wait_or_retry(self, r: Req) -> None:
+        """Wait for an offer, or use one that came (or a slot that freed just before it
+        queued) at once: ask that prefill first."""
+        r.state = WAITING
+        r.offered.clear()  # the offer mark is cleared before waiting again
+        if r.offer is not None:
+            freed, r.offer = r.offer, None
+            r.group.fillers[r.gw].on_accept(r.group.name, freed)
+            self._try_round(r)
+
+    def _at_prefill(self, arg: object) -> None:
+        r, p = arg  # type: ignore[misc]
+        if r.state == DONE:
+            self._unstream(r, p)
+            return
+        if self.now >= r.deadline:  # the prefill's "before" check
+            self._unstream(r, p)
+            self._end(r, DEADLINE)
+            return
+        if not p.live or p.busy >= self.cfg.slots:
+            # REJECTED. Its way back and the next TRY's way out are one event: the gateway
+            # books the rejection (stream closed, batch filler told) and asks the next
+            # prefill, which sees the TRY a whole round trip from now.
+            self._unstream(r, p)
+            r.group.fillers[r.gw].on_reject(r.group.name, p.iid)
+            self._ask_next(r, self.cfg.rtt_ms)
+            return
+        self._start_prefill(r, p)
+
+    def _unstream(self, r: Req, p: Prefill) -> None:
+        if p.live:
+            r.group.idx_p[r.gw].add(p.iid, -1)
+
+    def _enqueue(self, r: Req) -> None:
+        g = r.group
+        r.queued = True
+        w = sched.Waiting(str(r.idx), str(r.gw), r.deadline)
+        k = sched.queue_key(w)
+        r.qkey = (k[0], k[1], r.idx)
+        insort(g.queue, (*r.qkey, r))
+        self.at(r.deadline, self._deadline, r)
+        # ENTER claims a slot that freed, unoffered, within FREE_TTL_MS.
+        while g.free and g.free[0][1] < self.now - slotoffer.FREE_TTL_MS:
+            g.free.popleft()
+        if g.free:
+            r.offer = g.free.popleft()[0]
+
+    def _rank(self, r: Req) -> int | None:
+        if r.qkey is None:
+            return None
+        q = r.group.queue
+        i = bisect_left(q, r.qkey)
+        return i if i < len(q) and q[i][3] is r else None
+
+    def _leave_queue(self, r: Req) -> None:
+        if r.qkey is not None:
+            q = r.group.queue
+            i = bisect_left(q, r.qkey)
+            if i < len(q) and q[i][3] is r:
+                del q[i]
+            r.qkey = None
+
+    def _wake(self, g: Group, freed: str) -> None:
+        """A slot freed: it is offered to the earliest-deadline entry that may take an
+        offer (``may_offer``, in ``queue_key`` order: ``offer_to``'s rule), which asks
+        the freed prefill first once the offer reaches its gateway (``offer_ms``)."""
+        now = self.now
+        for _, rid, _, r in g.queue:
+            w = sched.Waiting(rid, str(r.gw), r.deadline)
+            if sched.may_offer(w, r.offered, now):
+                r.offered[rid] = now + slotoffer.OFFER_TTL_MS
+                self.at(now + self.cfg.offer_ms, self._offered, (r, freed))
+                return
+        g.free.append((freed, now))
+
+    def _offered(self, arg: object) -> None:
+        r, freed = arg  # type: ignore[misc]
+        if r.state == DONE:
+            return
+        r.offer = freed
+        if r.state == WAITING:
+            self._wait_or_retry(r)
+
+    # -- queueing baselines ---------------------------------------------------------------
+    def _route_local(self, r: Req) -> None:
+        g, gw = r.group, r.gw
+        tick = g.ticks[gw]
+        g.ticks[gw] = tick + 1
+        pid = next(sched.order_ids(self.policy, g.name, g.idx_p[gw], tick, g.fillers[gw],
+                                   g.loads), None)
+        if pid is None:
+            self._end(r, REFUSED)
+            return
+        g.idx_p[gw].add(pid, 1)
+        r.state = LOCAL
+        r.pobj = g.prefills[pid]
+        self.at(self.now + self.cfg.rtt_ms / 2, self._at_local, r)
+
+    def _at_local(self, r: Req) -> None:
+        p = r.pobj
+        assert p is not None
+        if r.state == DONE:
+            self._unstream(r, p)
+            return
+        if not p.live:
+            self._unstream(r, p)
+            self._end(r, REFUSED)
+        elif p.busy < self.cfg.slots and not p.fifo:
+            self._start_prefill(r, p)
+        else:
+            p.fifo.append(r)
+            self.at(r.deadline, self._deadline, r)
+
+    # -- prefill ------------------------------------------------------------------------
+    def _start_prefill(self, r: Req, p: Prefill) -> None:
+        self._leave_queue(r)
+        g = p.group
+        cfg = self.cfg
+        r.pobj = p
+        if self.now >= r.deadline:
+            self._unstream(r, p)
+            self._end(r, DEADLINE)
+            self._slot_freed(p)
+            return
+        if cfg.predictive and p.estimator.lower_bound_ms(r.n) > r.deadline - self.now:
+            self._unstream(r, p)  # early intervention by prediction: nothing was taken
+            self._end(r, DEADLINE)
+            self._slot_freed(p)
+            return
+        g.account(self.now)
+        p.busy += 1
+        g.pbusy += 1
+        if p.busy > self.max_busy_seen:
+            self.max_busy_seen = p.busy
+        r.state = PREFILL
+        r.t_pstart = self.now
+        if self.rejects:
+            g.fillers[r.gw].on_accept(g.name, p.iid)
+        cached = self._cached(p, r) if cfg.prefix_cache and r.hash_ids else 0
+        r.cached = cached
+        compute = self.lat.prefill_ms(r.n, cached) * cfg.time_scale
+        r.t_done = self.now + compute
+        if self.audit:
+            self.audit.kv_reserve(self.now, r.idx, p.iid)
+        if r.t_done >= r.deadline:  # the "after" check fails: release at the end of compute
+            self.at(r.t_done, self._prefill_failed, r)
+            return
+        r.t_first = r.t_done + cfg.rtt_ms / 2
+        push = (r.n * self._kv_ms_per_token + cfg.kv_fixed_ms)
+        self.at(r.t_done + push, self._handoff, r)
+
+    def _cached(self, p: Prefill, r: Req) -> int:
+        cache = p.cache
+        hit = 0
+        for h in r.hash_ids:
+            if h not in cache:
+                break
+            hit += 1
+        for h in r.hash_ids:
+            cache[h] = None
+            cache.move_to_end(h)
+        while len(cache) > self._cache_cap:
+            cache.popitem(last=False)
+        return min(hit * HASH_BLOCK_TOKENS, (r.n - 1) // 64 * 64)
+
+    def _prefill_failed(self, r: Req) -> None:
+        p = r.pobj
+        assert p is not None
+        p.estimator.observe(r.n, r.t_done - r.t_pstart)
+        if self.audit:
+            self.audit.kv_free(self.now, r.idx, p.iid)
+        self._release(p)
+        self._unstream(r, p)
+        if r.state != DONE:
+            self._end(r, DEADLINE)
+
+    def _handoff(self, r: Req) -> None:
+        """The KV push ended: the prefill's slot frees; the request goes to a decode."""
+        p = r.pobj
+        assert p is not None
+        p.estimator.observe(r.n, r.t_done - r.t_pstart)
+        self._release(p)
+        if not self.lifetime:
+            self._unstream(r, p)
+        audit = self.audit
+        if r.state == DONE:  # cancelled while computing or pushing
+            if audit:
+                if r.cancel_at >= r.t_done:
+                    audit.transfer(r.idx, "push", "start")
+                    audit.transfer(r.idx, "push", "abort")
+                audit.kv_free(self.now, r.idx, "store")
+            if self.lifetime:
+                self._unstream(r, p)
+            return
+        if audit:
+            audit.transfer(r.idx, "push", "start")
+            audit.transfer(r.idx, "push", "done")
+            audit.first_token(r.t_first, r.idx, p.iid, r.group.name, r.t_pstart, r.t_done)
+        self._to_decode(r)
+
+    def _release(self, p: Prefill) -> None:
+        g = p.group
+        g.account(self.now)
+        p.busy -= 1
+        g.pbusy -= 1
+        self._slot_freed(p)
+
+    def _slot_freed(self, p: Prefill) -> None:
+        if p.drain is not None:
+            self._maybe_switch(p)
+            return
+        if self.rejects:
+            self._wake(p.group, p.iid)
+            return
+        while p.fifo and p.busy < self.cfg.slots:
+            nxt = p.fifo.popleft()
+            if nxt.state != DONE:
+                self._start_prefill(nxt, p)
+
+    # -- decode ---------------------------------------------------------------------------
+    def _to_decode(self, r: Req) -> None:
+        g, gw = r.group, r.gw
+        idx = g.idx_d[gw]
+        tick = g.ticks[gw]
+        g.ticks[gw] = tick + 1
+        for did in pol.pick_decodes(idx.ranked(tick), idx, self._dslots, _NO_FALLBACK):
+            d = g.decodes[did]
+            if d.B + d.reserved < d.slots:  # the decode admits; a full one refuses
+                self._fetch(r, d)
+                return
+        r.state = DWAIT  # every decode is full: the KV waits in the kvstore
+        g.dwait.append(r)
+
+    def _fetch(self, r: Req, d: FluidDecode) -> None:
+        g = r.group
+        d.reserved += 1
+        g.idx_d[r.gw].add(d.iid, 1)
+        r.dec = d
+        r.state = FETCH
+        if self.audit:
+            self.audit.transfer(r.idx, "fetch", "start")
+        hop = (r.n * self._kv_ms_per_token + self.cfg.kv_fixed_ms) if self.cfg.fetch else 0.0
+        self.at(self.now + hop, self._join, r)
+
+    def _join(self, r: Req) -> None:
+        d = r.dec
+        assert d is not None
+        d.reserved -= 1
+        if r.state == DONE:  # cancelled during the fetch
+            if self.audit:
+                self.audit.transfer(r.idx, "fetch", "abort")
+                self.audit.kv_free(self.now, r.idx, "store")
+            self._decode_slot_freed(d)
+            return
+        if self.audit:
+            self.audit.transfer(r.idx, "fetch", "done")
+            self.audit.kv_move(self.now, r.idx, "store", d.iid)
+            self.audit.decode_start(self.now, r.idx, d.iid, r.group.name)
+        r.state = DECODE
+        r.t_dstart = self.now
+        g = r.group
+        g.account(self.now)
+        g.dactive += 1
+        r.ctx0 = r.n + 1
+        steps = max(0, r.out - 1)
+        d.advance(self.now)
+        r.vjoin = d.V
+        d.join(self.now, r.ctx0, steps, r.idx, r)
+        self._reschedule(d)
+
+    def _reschedule(self, d: FluidDecode) -> None:
+        d.version += 1
+        t = d.next_finish_ms()
+        if t is not None:
+            self.at(t, self._decode_tick, (d, d.version))
+
+    def _decode_tick(self, arg: object) -> None:
+        d, version = arg  # type: ignore[misc]
+        if version != d.version:
+            return
+        d.advance(self.now)
+        heap = d.heap
+        done = []
+        while heap and heap[0][0] <= d.V + 1e-6:
+            _, _, r = heapq.heappop(heap)
+            if not r.gone:
+                done.append(r)
+        for r in done:
+            self._leave_decode(r, d)
+            self._end(r, OK)
+        self._reschedule(d)
+        if done:
+            self._decode_slot_freed(d)
+
+    def _leave_decode(self, r: Req, d: FluidDecode) -> None:
+        r.gone = True
+        d.leave(self.now, r.ctx0, r.vjoin)
+        g = r.group
+        g.account(self.now)
+        g.dactive -= 1
+        if d.live:
+            g.idx_d[r.gw].add(d.iid, -1)
+        if self.lifetime and r.pobj is not None:
+            self._unstream(r, r.pobj)
+        if self.audit:
+            self.audit.kv_free(self.now, r.idx, d.iid)
+
+    def _decode_slot_freed(self, d: FluidDecode) -> None:
+        g = d.group
+        assert isinstance(g, Group)
+        if d.drain is not None:
+            self._maybe_switch(d)
+            return
+        while g.dwait and d.B + d.reserved < d.slots:
+            r = g.dwait.popleft()
+            if r.state == DWAIT:
+                self._fetch(r, d)
+
+    # -- ends -----------------------------------------------------------------------------
+    def _deadline(self, r: Req) -> None:
+        if r.state in (NEW, TRYING, WAITING, LOCAL):
+            # Past its TTFT deadline before any prefill started it: DEADLINE_EXCEEDED.
+            if r.state == LOCAL and r.pobj is not None:
+                p = r.pobj
+                if r in p.fifo:
+                    p.fifo.remove(r)
+                    self._unstream(r, p)
+            self._end(r, DEADLINE)
+
+    def _cancel(self, r: Req) -> None:
+        s = r.state
+        if s == DONE:
+            return
+        if s in (NEW, TRYING, WAITING, LOCAL):
+            if s == LOCAL and r.pobj is not None and r in r.pobj.fifo:
+                r.pobj.fifo.remove(r)
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
+        elif s == DWAIT:
+            r.group.dwait.remove(r)
+            if self.audit:
+                self.audit.kv_free(self.now, r.idx, "store")
+            if self.lifetime and r.pobj is not None:
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
+        elif s == DECODE:
+            d = r.dec
+            assert d is not None
+            self._leave_decode(r, d)
+            self._end(r, CANCELLED)
+            self._reschedule(d)
+            self._decode_slot_freed(d)
+        else:  # PREFILL, FETCH: the pending handoff/join event cleans up
+            if s == FETCH and self.lifetime and r.pobj is not None:
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
+
+    def _end(self, r: Req, status: str) -> None:
+        if r.state == DONE:
+            raise AssertionError(f"request {r.idx} ended twice")
+        was = r.state
+        r.state = DONE
+        self._leave_queue(r)
+        self.inflight -= 1
+        now = self.now
+        ok = status == OK
+        # The last token reaches the client half a round trip after the decode made it; a
+        # one-token answer ends with its first token.
+        end = max(now + self.cfg.rtt_ms / 2, r.t_first) if ok else now
+        ttft = r.t_first - r.arrival if ok else float("nan")
+        e2e = end - r.arrival
+        st = self.stats
+        st.requests += 1
+        g = r.group
+        if ok:
+            st.ok += 1
+            met = ttft <= r.slo
+            st.slo_met += met
+            g.c_ok += 1
+            g.c_slo += met
+            g.s_ttft += ttft
+            g.s_e2e += e2e
+            g.s_share += ttft / e2e if e2e > 0 else 1.0
+            st.ttft_sum += ttft
+            st.e2e_sum += e2e
+            st.ttft_hist[_bin(ttft)] += 1
+            st.e2e_hist[_bin(e2e)] += 1
+        elif status == CANCELLED:
+            st.cancelled += 1
+            g.c_cancelled += 1
+        elif status == DEADLINE:
+            st.deadline += 1
+            g.c_failed += 1
+        else:
+            st.refused += 1
+            g.c_failed += 1
+        st.queued += r.queued
+        if self.audit:
+            self.audit.end(end, r.idx, status, was)
+        if self.keep:
+            self.results[r.idx] = Result(
+                ok, ttft, r.slo, end, r.queued, status, r.arrival, e2e if ok else float("nan"),
+                r.pobj.iid if r.pobj is not None else "", r.dec.iid if r.dec is not None else "",
+                r.t_pstart, r.t_first if ok else float("nan"), r.t_dstart, r.cached)
+        if self._on_end is not None:
+            self._on_end(r.idx)
+
+    # -- control hook ---------------------------------------------------------------------
+    def _control(self, _: object) -> None:
+        assert self.control is not None
+        period = self.cfg.control_period_ms
+        snaps = []
+        for g in self.groups.values():
+            g.account(self.now)
+            pa, sa, da = g.parea - g.p_parea, g.sarea - g.p_sarea, g.darea - g.p_darea
+            n_ok = max(g.c_ok, 1)
+            nd = sum(1 for d in g.decodes.values() if d.live)
+            snaps.append(hook.GroupSnapshot(
+                g.name, self.now, period, g.c_arrived, g.c_ok, g.c_failed, g.c_cancelled,
+                g.c_slo, g.s_ttft / n_ok if g.c_ok else float("nan"),
+                g.s_e2e / n_ok if g.c_ok else float("nan"),
+                g.s_share / n_ok if g.c_ok else float("nan"),
+                sum(1 for e in g.queue if e[3].state == WAITING), len(g.dwait),
+                pa / (sa * self.cfg.slots) if sa else 0.0,
+                da / (period * max(nd, 1) * self.cfg.decode_slots),
+                tuple(i for i, p in g.prefills.items() if p.live),
+                tuple(i for i, d in g.decodes.items() if d.live),
+                tuple((i, *o.drain) for i, o in self.inst.items()
+                      if o.drain is not None and o.group is g)))
+            g.reset_period()
+            g.p_parea, g.p_sarea, g.p_darea = g.parea, g.sarea, g.darea
+        for a in self.control(snaps):
+            self._reassign(a)
+        if self._busy_any():
+            self.at(self.now + period, self._control)
+
+    def _reassign(self, a: hook.Reassign) -> None:
+        o = self.inst.get(a.instance_id)
+        if o is None or o.drain is not None:
+            return  # unknown, or draining already: idempotent
+        g = o.group
+        assert isinstance(g, Group)
+        to_group = a.group or g.name
+        role = "prefill" if isinstance(o, Prefill) else "decode"
+        if to_group not in {x.name for x in self.groups.values()}:
+            raise ValueError(f"reassign {a.instance_id} to unknown group {to_group!r}")
+        if a.role == role and to_group == g.name:
+            return
+        o.drain = (a.role, to_group)
+        o.live = False  # out of routing now; in-flight work finishes
+        g.account(self.now)
+        g.reindex()
+        if self.audit:
+            self.audit.member(self.now, o.iid, g.name, role, False)
+        self._maybe_switch(o)
+
+    def _maybe_switch(self, o: Prefill | FluidDecode) -> None:
+        idle = (o.busy == 0 and not o.fifo) if isinstance(o, Prefill) else \
+            (o.B == 0 and o.reserved == 0)
+        if idle and o.drain is not None:
+            self.at(self.now + self.cfg.switch_ms, self._switch, o)
+
+    def _switch(self, o: Prefill | FluidDecode) -> None:
+        if self.inst.get(o.iid) is not o or o.drain is None:
+            return
+        role, to_group = o.drain
+        g = o.group
+        assert isinstance(g, Group)
+        if isinstance(o, Prefill):
+            del g.prefills[o.iid]
+        else:
+            del g.decodes[o.iid]
+        g.account(self.now)
+        g.reindex()
+        dst = next(x for x in self.groups.values() if x.name == to_group)
+        dst.account(self.now)
+        (self._add_prefill if role == "prefill" else self._add_decode)(o.iid, dst)
+        dst.reindex()
+        if role == "prefill" and self.rejects:
+            self._wake(dst, o.iid)
+        elif role == "decode":
+            self._decode_slot_freed(dst.decodes[o.iid])
+
+
+class _Const(dict[str, int]):
+    """Every decode has the same b_d: a mapping that answers it for any id."""
+
+    def __init__(self, v: int) -> None:
+        super().__init__()
+        self.v = v
+
+    def get(self, key: str, default: object = None) -> int:  # type: ignore[override]
+        return self.v
+
+
+_NO_FALLBACK: dict[str, float] = {}  # the simulated transports never fall back
