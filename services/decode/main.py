@@ -7,7 +7,9 @@ Lifecycle of a request (``Decode``, server-streaming):
   1. Take a slot and reserve the request's blocks in the paged KV pool (prompt +
      max_new_tokens) BEFORE the transfer starts; RESOURCE_EXHAUSTED when either is
      full (the gateway picks another decode).
-  2. Fetch the KV from the kvstore's data channel (single consumer), verify header,
+  2. Check that the KvRef names a kvstore registered in this decode's group (a forged
+     KvRef never makes it dial an address of the caller's choice), then fetch the KV
+     from the kvstore's data channel (single consumer), verify header,
      model fingerprint and checksum, and scatter it into the reserved blocks
      (RecvScatter) on the step thread; then release the fetch (over shm the kvstore
      reuses its pages only after that, and never if the request was cancelled).
@@ -20,6 +22,7 @@ Lifecycle of a request (``Decode``, server-streaming):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +34,7 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
+from services.common import faultpoints
 from services.common.config import ConfigError
 from services.common.errors import (
     Aborted,
@@ -40,7 +44,8 @@ from services.common.errors import (
     ResourceExhausted,
     abort_with,
 )
-from services.common.runtime import ServiceRuntime, run_main
+from services.common.registry import InstanceInfo, RegistryView
+from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.telemetry import (
     ATTR_COMPLETION_TOKENS,
     ATTR_KV_BYTES,
@@ -52,6 +57,7 @@ from services.engine.paged import PoolExhausted
 from services.engine.worker import WorkerConfig, worker_info
 from services.kv import fetch_kv, transfer_load
 from services.kv.layout import KvFormatError, decode_header
+from services.kv.wire import MAX_REQUEST_ID_BYTES
 
 if TYPE_CHECKING:
     from services.engine.base import Runner
@@ -95,11 +101,34 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self.runner = runner
         self.steps = steps
         self.pool = pool
-        self.active: dict[str, BlockTable | None] = {}  # request_id -> its reserved blocks
+        # One entry per call, keyed by a per-call number, never by a caller's id: two calls
+        # with the same request_id must not share (or free) each other's blocks.
+        self.active: dict[int, BlockTable | None] = {}
+        self._calls = itertools.count()
+        self.view: RegistryView | None = None  # the registry: which kvstores may be dialled
         self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
 
+    async def _trusted_kv(self, kv: common_pb2.KvRef, rid: str) -> common_pb2.KvRef:
+        """``kv`` with only the endpoints of a kvstore registered in this group (or in any
+        group when this one has none, as prefill chooses); FAILED_PRECONDITION otherwise."""
+        if self.view is None:
+            return kv
+        for attempt in range(2):
+            stores = self.view.instances(role="kvstore")
+            same = [s for s in stores if s.group == self.cfg.group] or stores
+            match = next((s for s in same if s.data_address and
+                          s.data_address == kv.data_address), None)
+            if match is not None:
+                return _only_endpoints_of(kv, match)
+            if attempt == 0:  # the polled view may lag a just-registered kvstore
+                await self.view.refresh()
+        raise FailedPrecondition(
+            f"the KvRef names data address {kv.data_address[:64]!r}, which is no kvstore "
+            f"registered in group {self.cfg.group!r}; refusing to connect to it",
+            reason="KVSTORE_NOT_REGISTERED", metadata={"request_id": rid})
+
     async def _fetch(self, request: pb.DecodeRequest,  # type: ignore[no-untyped-def]
-                     table: BlockTable | None):
+                     table: BlockTable | None, key: int):
         kv, rid = request.kv, request.request_id
         if kv.model_fingerprint and kv.model_fingerprint != self.runner.fingerprint:
             raise FailedPrecondition(
@@ -109,6 +138,8 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         with _tracer.start_as_current_span("kv.fetch") as span:
             span.set_attribute(ATTR_REQUEST_ID, rid)
             span.set_attribute(ATTR_KV_BYTES, int(kv.nbytes))
+            kv = await self._trusted_kv(kv, rid)
+            await faultpoints.pause("decode.before_fetch")
             fetched = await fetch_kv(self.cfg, kv, rid)
         xfer = fetched.result
         try:
@@ -117,7 +148,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             async with fetched:
                 buf = fetched.view
                 if table is None:  # a KvRef without num_tokens: size the table from the header
-                    table = self.active[rid] = self._reserve(request,
+                    table = self.active[key] = self._reserve(request,
                                                              decode_header(buf).num_tokens)
                 # RecvScatter into the reserved blocks, on the step thread between steps
                 meta, state = await self.steps.run(self.runner.restore_paged, buf, table)
@@ -152,19 +183,21 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         from services.engine.sampling import Sampling
 
         rid = request.request_id
-        if not rid or not request.kv.handle:
-            await abort_with(context, InvalidArgument("request_id and kv.handle are required"))
+        if not rid or not request.kv.handle or len(rid.encode()) > MAX_REQUEST_ID_BYTES:
+            await abort_with(context, InvalidArgument(
+                f"request_id (1 to {MAX_REQUEST_ID_BYTES} bytes) and kv.handle are required"))
         if len(self.active) >= self.cfg.slots:
             await abort_with(context, ResourceExhausted(
                 f"all {self.cfg.slots} decode slots are busy", reason="DECODE_SLOTS_FULL",
                 metadata={"request_id": rid}))
-        self.active[rid] = None
+        key = next(self._calls)
+        self.active[key] = None
         table: BlockTable | None = None
         try:
             if request.kv.num_tokens:
-                table = self.active[rid] = self._reserve(request, int(request.kv.num_tokens))
+                table = self.active[key] = self._reserve(request, int(request.kv.num_tokens))
             t0 = time.monotonic()
-            state, xfer, table = await self._fetch(request, table)
+            state, xfer, table = await self._fetch(request, table, key)
             fetch_ms = (time.monotonic() - t0) * 1e3
             sp = request.sampling
             params = Sampling(sp.temperature, sp.top_p or 1.0,
@@ -220,7 +253,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             # Idempotent with the step loop's own free. Safe even while a step is in
             # flight: block contents are only written on the step thread, and a new
             # owner's RecvScatter runs after that step.
-            self.pool.free(self.active.pop(rid, None))
+            self.pool.free(self.active.pop(key, None))
 
     async def GetDecodeStats(
         self, request: pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext
@@ -254,15 +287,37 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
     steps.runner, steps.pool = runner, pool
     servicer = DecodeServicer(cfg, runtime, runner, steps, pool)
     await runtime.start(lambda s: pb_grpc.add_DecodeServiceServicer_to_server(servicer, s))
+    if cfg.redis_url:
+        servicer.view = RegistryView(runtime.redis)
+        await servicer.view.start()
     await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
     return runtime, servicer
 
 
 async def stop(runtime: ServiceRuntime, servicer: DecodeServicer) -> None:
     async def cleanup() -> None:
+        if servicer.view is not None:
+            await servicer.view.close()
         servicer.steps.stop()
 
     await runtime.stop(cleanup)
+
+
+def _only_endpoints_of(kv: common_pb2.KvRef, store: InstanceInfo) -> common_pb2.KvRef:
+    """Keep the endpoints that belong to ``store``: tcp and rdma at its registered data
+    address, shm only when it runs on this host (the Unix socket is local by nature)."""
+    out = common_pb2.KvRef()
+    out.CopyFrom(kv)
+    del out.endpoints[:]
+    for ep in kv.endpoints:
+        if ep.transport in ("tcp", "rdma") and ep.address == store.data_address:
+            out.endpoints.append(ep)
+        elif ep.transport == "shm" and store.host_id == host_id() and ep.host_id == host_id():
+            out.endpoints.append(ep)
+    if not out.endpoints:  # the registered data address is always a tcp endpoint
+        out.endpoints.append(common_pb2.KvEndpoint(transport="tcp", address=store.data_address,
+                                                    protocol="tcp"))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,11 @@ Lifecycle of the process:
      request's contiguous KV buffer on the best one it can use; the gateway hands
      the KvRef to a decode, which fetches it once (single consumer) and the buffer is
      freed. A sweeper frees leases that nobody consumed in time; ReleaseKv frees on
-     cancel or error. ``kv_faults`` injects data-plane failures (tests).
+     cancel or error (by handle, or every entry of a request id). A reservation is capped
+     to what one request can need: at most the KV of the served model's whole context
+     (``model``), and a lease of at most ``max_lease_s``. A reservation whose caller went
+     away before reading the answer is released at once. ``kv_faults`` injects data-plane
+     failures (tests).
   3. On SIGTERM: NOT_SERVING, deregister, drain gRPC, close the data channel.
 """
 
@@ -27,6 +31,7 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import kvstore_service_pb2 as pb
 from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
+from services.common import faultpoints
 from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import PdserveError, abort_with
 from services.common.registry import InstanceInfo
@@ -54,11 +59,23 @@ class KvStoreConfig(KvTransferConfig, ServiceConfig):
     sweep_s: float = 0.5  # how often expired leases are freed
     pool_bytes: int = 1 << 30  # idle staged buffers kept mapped for reuse (no page faults)
     kv_faults: str = ""  # fault injection, e.g. "drop_put@shm#1" (transport/faults.py)
+    max_lease_s: float = 300.0  # the longest lease a reservation may ask for
+    # The served model (PDSERVE_MODEL, as pdserve up sets it): caps one reservation at
+    # the KV of its whole context. Empty, or not readable here: capped at capacity_bytes.
+    model: str = ""
+    cache_dir: str = ""  # where converted models are cached; empty: ~/.cache/pdserve
+    data_idle_s: float = 10.0  # a data connection silent this long (header, push) is closed
+    data_max_conns_per_peer: int = 64  # live data connections one peer address may hold
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.capacity_bytes <= 0 or self.lease_s <= 0:
             raise ConfigError("capacity_bytes and lease_s must be positive")
+        if not self.lease_s <= self.max_lease_s < float("inf"):
+            raise ConfigError(f"need lease_s <= max_lease_s < inf, got {self.lease_s}, "
+                              f"{self.max_lease_s}")
+        if self.data_idle_s <= 0 or self.data_max_conns_per_peer <= 0:
+            raise ConfigError("data_idle_s and data_max_conns_per_peer must be positive")
         try:
             Faults.parse(self.kv_faults)
         except ValueError as e:
@@ -78,13 +95,24 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
         self, request: pb.ReserveKvRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveKvResponse:
         with _tracer.start_as_current_span("kvstore.reserve") as span:
-            span.set_attribute(ATTR_REQUEST_ID, request.request_id)
+            span.set_attribute(ATTR_REQUEST_ID, request.request_id[:128])
             try:
                 entry = self.store.reserve(
                     request.request_id, request.nbytes, request.lease_ms / 1000.0
                 )
             except PdserveError as e:
                 await abort_with(context, e)
+            # The caller may go away before it reads the handle (cancelled while reserving,
+            # or it died): nobody else can ever release this entry, so do it now rather
+            # than when the lease ends.
+            try:
+                await faultpoints.pause("kvstore.reserve")
+            except BaseException:
+                self._abandoned(entry.handle, entry.request_id)
+                raise
+            context.add_done_callback(
+                lambda ctx, h=entry.handle, r=entry.request_id:
+                ctx.cancelled() and self._abandoned(h, r))  # type: ignore[func-returns-value]
             lease_left = entry.lease_expires - self.store.clock()
             return pb.ReserveKvResponse(
                 handle=entry.handle,
@@ -94,12 +122,18 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
                 endpoints=self.endpoints,
             )
 
+    def _abandoned(self, handle: str, request_id: str) -> None:
+        if self.store.release(handle, request_id) is not None:
+            log.info("released KV of %s: the caller went away before reading its handle",
+                     request_id[:128])
+
     async def ReleaseKv(
         self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseKvResponse:
         before = self.store.release(request.handle, request.request_id)
         if before is not None:
-            log.info("released KV of %s (%s): %s", request.request_id, before.name, request.reason)
+            log.info("released KV of %s (%s): %s", request.request_id[:128], before.name,
+                     request.reason[:200])
         return pb.ReleaseKvResponse(previous_state=int(before) if before is not None else 0)
 
     async def GetKvStoreStats(
@@ -135,9 +169,12 @@ class KvStoreService:
         self.pool = SegmentPool(memfd_segment if self.shm else heap_segment,
                                 max_idle_bytes=cfg.pool_bytes)
         self.store = KvStore(cfg.capacity_bytes, cfg.lease_s, allocate=self.pool.allocate,
-                             recycle=self.pool.recycle)
+                             recycle=self.pool.recycle, max_lease_s=cfg.max_lease_s,
+                             max_entry_bytes=_max_entry_bytes(cfg))
         self.data = DataServer(self.store, Faults.parse(cfg.kv_faults),
-                               max_transfer_s=2 * cfg.kv_transfer_timeout_s)
+                               max_transfer_s=2 * cfg.kv_transfer_timeout_s,
+                               idle_s=cfg.data_idle_s,
+                               max_conns_per_peer=cfg.data_max_conns_per_peer)
         self._sweeper: asyncio.Task[None] | None = None
         self.servicer: KvStoreServicer | None = None
 
@@ -207,6 +244,27 @@ class KvStoreService:
             self.pool.close()
 
         await self.runtime.stop(cleanup)
+
+
+def _max_entry_bytes(cfg: KvStoreConfig) -> int:
+    """The largest KV one request of the served model can need: its whole context (0: no
+    cap beyond the capacity, when the model is unknown here)."""
+    if not cfg.model:
+        return 0
+    from services.kv.layout import kv_nbytes
+    from services.model.info import ModelInfo
+
+    try:
+        info = ModelInfo.load(cfg.model, cfg.cache_dir)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("cannot read model %r here (%s): a reservation is capped at the capacity",
+                    cfg.model, e)
+        return 0
+    cap = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, info.max_context,
+                    info.kv_dtype)
+    log.info("one reservation is capped at %d bytes (%s, %d tokens)", cap, info.name,
+             info.max_context)
+    return cap
 
 
 async def start(cfg: KvStoreConfig) -> tuple[KvStoreService]:

@@ -77,13 +77,26 @@ class KvStore:
     entries: dict[str, Entry] = field(default_factory=dict)
     bytes_held: int = 0
     counters: Counters = field(default_factory=Counters)
+    max_lease_s: float = 300.0  # a longer lease asked for is cut to this
+    max_entry_bytes: int = 0  # one reservation's cap (the model's whole-context KV); 0: none
 
     def reserve(self, request_id: str, nbytes: int, lease_s: float = 0.0) -> Entry:
+        """Room for one request's KV. One live entry per request id: a new reservation
+        replaces an older one (its prefill died or gave up before the handoff; the
+        gateway's ids are unique, so no two live requests share one)."""
         if not request_id or len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
             raise InvalidArgument(f"ReserveKv needs a request_id of 1 to {MAX_REQUEST_ID_BYTES} "
                                   "bytes")
         if nbytes <= 0:
             raise InvalidArgument(f"ReserveKv needs nbytes > 0, got {nbytes}")
+        if self.max_entry_bytes and nbytes > self.max_entry_bytes:
+            self.counters.rejected_total += 1
+            raise InvalidArgument(
+                f"a {nbytes}-byte reservation is more than one request of the served model "
+                f"can need ({self.max_entry_bytes} bytes: its whole context)",
+                reason="KV_RESERVATION_TOO_LARGE", metadata={"request_id": request_id[:128]})
+        for old in [e for e in self.entries.values() if e.request_id == request_id]:
+            self._drop(old, State.ABORTED)
         if nbytes > self.capacity_bytes:
             self.counters.rejected_total += 1
             raise ResourceExhausted(
@@ -99,7 +112,8 @@ class KvStore:
                 metadata={"request_id": request_id},
             )
         handle = secrets.token_hex(16)
-        entry = Entry(handle, request_id, nbytes, self.clock() + (lease_s or self.default_lease_s))
+        lease = min(lease_s or self.default_lease_s, self.max_lease_s)
+        entry = Entry(handle, request_id, nbytes, self.clock() + lease)
         # The buffer exists from the reservation on (a memfd's pages only once written).
         entry.segment = self.allocate(nbytes)
         self.entries[handle] = entry

@@ -116,6 +116,7 @@ class Handoff:
         self.kv_lease_s = kv_lease_s
         self.view: RegistryView | None = None
         self._channels: dict[str, KvStoreStub] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     def _kvstore(self) -> tuple[str, KvStoreStub]:
         stores = self.view.instances(role="kvstore") if self.view else []
@@ -137,10 +138,16 @@ class Handoff:
         n = len(request.prompt_token_ids)
         nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, n, info.kv_dtype)
         address, kvstore = self._kvstore()
+        call = asyncio.ensure_future(kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+            request_id=rid, nbytes=nbytes,
+            lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10))
         try:
-            res = await kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-                request_id=rid, nbytes=nbytes,
-                lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10)
+            # Shielded: cancelled while the kvstore reserves, we still learn the handle
+            # and release it at once (else it would be held until its lease ends).
+            res = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._release_when_reserved(call, kvstore, rid)
+            raise
         except grpc.aio.AioRpcError as e:
             err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
             if err.reason == "KV_CAPACITY" and \
@@ -153,3 +160,19 @@ class Handoff:
                                   metadata={"request_id": rid, "kvstore": address})
             raise err from e
         return Staged(self.cfg, self.runner, self.thread, rid, address, kvstore, res)
+
+    def _release_when_reserved(self, call: asyncio.Future[kvstore_service_pb2.ReserveKvResponse],
+                               kvstore: KvStoreStub, rid: str) -> None:
+        async def release() -> None:
+            try:
+                res = await call
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                return  # nothing was reserved
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await kvstore.ReleaseKv(kvstore_service_pb2.ReleaseKvRequest(
+                    handle=res.handle, request_id=rid,
+                    reason="prefill cancelled while reserving"), timeout=5)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

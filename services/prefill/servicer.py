@@ -15,7 +15,8 @@ Lifecycle of a request (``Prefill``, server-streaming):
      after another (docs/engine.md).
   3. Push the KV as one contiguous buffer, then ``kv_ready`` with the KvRef. The slot is
      held until here.
-  Cancellation or failure at any step releases the reservation at the kvstore.
+  Cancellation or failure at any step releases the reservation at the kvstore, even
+  a cancel while ReserveKv is still in flight (``Handoff.reserve``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import grpc
 
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
-from services.common import slotoffer
+from services.common import faultpoints, slotoffer
 from services.common.errors import DeadlineExceeded, InvalidArgument, PdserveError, abort_with
 from services.common.runtime import ServiceRuntime
 from services.common.telemetry import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, tracer
 from services.engine.worker import ModelThread, WorkerConfig, now_ms
 from services.kv import transfer_load
+from services.kv.wire import MAX_REQUEST_ID_BYTES
 from services.prefill.estimator import PrefillEstimator
 from services.prefill.handoff import Handoff
 
@@ -63,8 +65,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self._background: set[asyncio.Task[None]] = set()
 
     def _check(self, request: pb.PrefillRequest) -> None:
-        if not request.request_id:
-            raise InvalidArgument("request_id is required")
+        if not request.request_id or len(request.request_id.encode()) > MAX_REQUEST_ID_BYTES:
+            raise InvalidArgument(f"request_id of 1 to {MAX_REQUEST_ID_BYTES} bytes is required")
         ids = request.prompt_token_ids
         if not ids:
             raise InvalidArgument("prompt_token_ids is empty")
@@ -154,12 +156,14 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         ids = list(request.prompt_token_ids)
         self._deadline_passed(request, "before")
         self._deadline_unreachable(request)
+        await faultpoints.pause("prefill.before_reserve")
         staged = await self.handoff.reserve(request, self.estimator)
         if isinstance(staged, pb.PrefillRejected):
             self.stats.rejected_total += 1
             yield pb.PrefillResponse(rejected=staged)
             return
         try:
+            await faultpoints.pause("prefill.after_reserve")
             self.stats.accepted_total += 1
             yield pb.PrefillResponse(accepted=pb.PrefillAccepted(
                 instance_id=self.runtime.instance_id, queue_ms=queue_ms))
@@ -189,6 +193,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     token_ids=kept, method=method, refine_ms=refine_ms))
             kv = await staged.push(cache, context.time_remaining())
             del cache
+            await faultpoints.pause("prefill.after_push")
             stage_ms = (time.monotonic() - t_first) * 1e3
             handed_off = False
             try:
@@ -200,6 +205,9 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         except BaseException:
             await staged.release("prefill failed or was cancelled")
             raise
+        # From here the gateway owns the KV: it releases it by handle, or by request id if
+        # the KvRef never reached it.
+        await faultpoints.pause("prefill.after_kv_ready")
 
     def _compute(self, ids: list[int], params: Sampling, reuse_prefix: bool = True,
                  on_layer: OnLayer | None = None) -> tuple[int, KvState]:
