@@ -34,6 +34,7 @@ from pdserve.v1 import (
 )
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+from services.common import faultpoints
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -308,6 +309,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if refined is not None:  # P/D-Device: P' just after the first token
                     yield refined
                 async with asyncio.timeout_at(_loop_time(deadline)):
+                    await faultpoints.pause("gateway.before_kv_read")
                     kv_ready = await self._await_kv(call, instance_id, p)
             except TimeoutError:
                 raise DeadlineExceeded("the deadline passed during the KV handoff") from None
@@ -384,6 +386,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
             max_new_tokens=req.max_tokens - 1, client_request_id=req.client_request_id)
         give_up = time.monotonic() + self.admission.max_queue_s
+        await faultpoints.pause("gateway.before_decode")
         while True:
             async for out in self._decode_round(dreq, group, detok, p):
                 if out is None:  # a decode took it and finished
