@@ -41,8 +41,13 @@ async def test_a_task_that_never_stops_is_abandoned_with_a_bounded_wait() -> Non
     await task
 
 
-async def test_none_and_finished_tasks_are_fine() -> None:
-    await cancel_and_wait(None)
-    t = asyncio.create_task(asyncio.sleep(0))
+async def test_none_and_finished_tasks_return_at_once_and_keep_their_result() -> None:
+    await asyncio.wait_for(cancel_and_wait(None), 1)
+
+    async def answer() -> int:
+        return 42
+
+    t = asyncio.create_task(answer())
     await t
-    await cancel_and_wait(t)
+    await asyncio.wait_for(cancel_and_wait(t), 1)
+    assert not t.cancelled() and t.result() == 42  # a finished task is not cancelled after
