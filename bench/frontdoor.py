@@ -100,7 +100,7 @@ class Cluster:
                 cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
             except (OSError, IndexError, ValueError):
                 continue
-            name = Path(cmd[0].decode()).name
+            name = Path(cmd[0].decode().split(" ")[0]).name  # redis-server retitles itself
             if b"-m" in cmd:
                 name = cmd[cmd.index(b"-m") + 1].decode().removeprefix("services.")
             out[name] = int(stat.parent.name)
@@ -231,17 +231,19 @@ def ttft_lists(runs: list[list[Cell]]) -> dict[str, list[list[float]]]:
             for cs in zip(*runs, strict=True)}
 
 
-def measure(tree: Path, label: str, args: argparse.Namespace, cells: list[tuple[int, int]],
-            n_of: dict[int, int], prompts: list[list[int]]) -> list[list[Cell]]:
-    runs = []
+def measure(trees: dict[str, Path], args: argparse.Namespace, cells: list[tuple[int, int]],
+            n_of: dict[int, int], prompts: list[list[int]]) -> dict[str, list[list[Cell]]]:
+    """Runs alternate between the trees, so machine noise hits each of them alike."""
+    runs: dict[str, list[list[Cell]]] = {label: [] for label in trees}
     for r in range(args.runs):
-        print(f"[{label}] run {r + 1}/{args.runs}", flush=True)
-        cluster = Cluster(tree, args.slots, {})
-        try:
-            cluster.wait()
-            runs.append(run_cells(cluster, cells, n_of, prompts))
-        finally:
-            cluster.stop()
+        for label, tree in trees.items():
+            print(f"[{label}] run {r + 1}/{args.runs}", flush=True)
+            cluster = Cluster(tree, args.slots, {})
+            try:
+                cluster.wait()
+                runs[label].append(run_cells(cluster, cells, n_of, prompts))
+            finally:
+                cluster.stop()
     return runs
 
 
@@ -266,14 +268,13 @@ def main() -> int:
 
     result: dict[str, object] = {"slots": args.slots, "prompt_tokens": args.prompt_tokens,
                                  "profile": str(PROFILE.relative_to(ROOT))}
-    runs = measure(ROOT, "this tree", args, cells, n_of, prompts)
-    result["this"] = summarize(runs)
-    result["this_ttft_ms"] = ttft_lists(runs)
+    trees = {"this": ROOT}
     if args.baseline_tree:
-        base = measure(Path(args.baseline_tree).resolve(), "baseline", args, cells, n_of,
-                       prompts)
-        result["baseline"] = summarize(base)
-        result["baseline_ttft_ms"] = ttft_lists(base)
+        trees["baseline"] = Path(args.baseline_tree).resolve()
+    runs = measure(trees, args, cells, n_of, prompts)
+    for label, label_runs in runs.items():
+        result[label] = summarize(label_runs)
+        result[f"{label}_ttft_ms"] = ttft_lists(label_runs)
 
     print(f"\nFront door, instant mock profile, 1 prefill ({args.slots} slots) + 1 decode, "
           f"{args.prompt_tokens}-token prompts, {args.runs} run(s); median [min-max]")

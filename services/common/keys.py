@@ -2,13 +2,14 @@
 
 Redis Cluster-safe: every key of a scenario group carries the hash tag ``{<group>}``, so
 a group's keys share one cluster slot and a multi-key step over them (always a Lua
-script, see ``slotoffer`` and ``registry``) runs on one node. The only key outside a
-group is ``GROUPS_KEY``, and it is only ever touched by single-key commands.
+script, see ``slotoffer`` and ``registry``) runs on one node. The only keys outside a
+group are ``GROUPS_KEY`` and ``EPOCH_KEY``, only ever touched by single-key commands.
 """
 
 from __future__ import annotations
 
 GROUPS_KEY = "pdserve:groups"  # SET of group names
+EPOCH_KEY = "pdserve:epoch"  # random token; a new one means Redis lost the registry
 
 
 def _tag(group: str) -> str:

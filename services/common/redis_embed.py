@@ -76,6 +76,14 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"redis-server did not start within {timeout_s}s")
 
+    def kill(self) -> None:
+        """SIGKILL the server (fault injection): its data is gone, its directory stays, and
+        ``start`` brings a fresh one up on the same socket."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -36,7 +37,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.common.keys import GROUPS_KEY, instance_key, members_key
+from services.common.keys import EPOCH_KEY, GROUPS_KEY, instance_key, members_key
 from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ REDIS_ERRORS = (aioredis.RedisError, OSError)
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# After Redis lost its data (a restart, a failover without replicas) or after the view could
+# not read it, instances reappear one by one at their next heartbeat. For this long, the
+# view keeps the instances it knew and has not yet seen again (>= the default lease, 3 s).
+REJOIN_GRACE_S = 3.0
 
 _BEAT = """
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -213,15 +218,29 @@ async def list_instances(client: Any, group: str | None = None) -> list[Instance
     return out
 
 
+async def registry_epoch(client: Any) -> bytes:
+    """A random token that lives as long as Redis keeps its data: a new one means the
+    registry was lost (a restart without persistence) and is being rebuilt."""
+    epoch = await client.get(EPOCH_KEY)
+    if epoch is None:
+        await client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+        epoch = await client.get(EPOCH_KEY)
+    return bytes(epoch or b"")
+
+
 class RegistryView:
     """A live, polled snapshot of the registry (short poll; events are only hints). While
     Redis is away it keeps the last view: callers route on it rather than fail."""
 
-    def __init__(self, client: Any, period_s: float = 0.5) -> None:
+    def __init__(self, client: Any, period_s: float = 0.5,
+                 rejoin_grace_s: float = REJOIN_GRACE_S) -> None:
         self._client = client
         self._period_s = period_s
+        self._rejoin_grace_s = rejoin_grace_s
         self._instances: list[InstanceInfo] = []
         self._task: asyncio.Task[None] | None = None
+        self._epoch: bytes | None = None
+        self._merge_until = 0.0
         self.refreshed_at = 0.0
         self.failing = False
 
@@ -234,16 +253,27 @@ class RegistryView:
     async def refresh(self) -> bool:
         """Re-read the registry; False (and the last view kept) when Redis is away."""
         try:
-            self._instances = await list_instances(self._client)
+            epoch = await registry_epoch(self._client)
+            fresh = await list_instances(self._client)
         except REDIS_ERRORS as e:
             if not self.failing:
                 log.warning("registry refresh failed, keeping the last view: %s", e)
             self.failing = True
             return False
-        if self.failing:
-            log.warning("registry refresh restored (%d instances)", len(self._instances))
+        now = time.monotonic()
+        if self.failing or (self._epoch is not None and epoch != self._epoch):
+            # Redis was away or lost its data: members re-register at their next beat.
+            log.warning("registry readable again (%d instances so far); keeping the last "
+                        "view's others for %.1f s while they re-register", len(fresh),
+                        self._rejoin_grace_s)
+            self._merge_until = now + self._rejoin_grace_s
+        self._epoch = epoch
+        if now < self._merge_until:
+            seen = {i.instance_id for i in fresh}
+            fresh += [i for i in self._instances if i.instance_id not in seen]
+        self._instances = fresh
         self.failing = False
-        self.refreshed_at = time.monotonic()
+        self.refreshed_at = now
         return True
 
     async def start(self) -> None:
