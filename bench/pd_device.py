@@ -1,4 +1,5 @@
-"""P/D-Device bench: TTFT, displayed TPOT, cloud busy time and quality against rho.
+"""P/D-Device bench: TTFT, displayed TPOT, cloud busy time, quality against rho, and
+how many devices one cloud carries per mode (the cloud throughput gain).
 
 One run, all measured here (the machine is shared; figures are noisy):
   1. Quality vs rho (in-process, a real model: SmolLM2, tiny with --quick): for each
@@ -14,16 +15,25 @@ One run, all measured here (the machine is shared; figures are noisy):
      their own output lengths (capped at --max-out), and the same requests restricted
      to outputs >= --long-out (the trace's long tail) as a second workload. Each request
      runs in device_only, cloud_only and pd_device (settings from the optimiser).
+     The cloud's slots are cut to --cloud-slots (prefill and decode) for step 3.
+  3. Fleet (bench/pd_device_fleet.py): the device process hosts --fleet-size emulated
+     phones; N of them chat at once in closed loops against the one cloud, N swept per
+     mode, for the trace's own answers and a chat-length workload; then the cloud busy
+     time per request against answer length; then (not with --quick) the gateway is
+     SIGKILLed under load and the in-flight sessions finish locally.
 
---json FILE writes {"ttft_reduction_2k", "max_tpot_ms", "p99_tpot_ms", "cloud_busy_ratio"}
-(pd_device against device_only TTFT at 2k, pd_device displayed gaps over all requests,
-pd_device cloud busy time over cloud_only's, summed over all requests).
+--trace PATH: an Azure-style .csv or a Mooncake-style .jsonl (bench/traces.py); default
+the shipped Azure code trace.
+--json FILE writes {"ttft_reduction_2k", "max_tpot_ms", "p99_tpot_ms", "cloud_busy_ratio",
+"max_tpot_ms_all_modes", "cloud_throughput_gain", ...}: pd_device against device_only
+TTFT at 2k; pd_device displayed gaps over all single-device requests; every mode's;
+pd_device cloud busy time over cloud_only's; chats per second one cloud serves with
+every chat meeting its targets, pd_device over cloud_only, on the chat-length workload.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import itertools
 import json
@@ -43,14 +53,14 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import pd_device_fleet as fleet
 from bench.common import UpCluster
-from bench.traces import AZURE_CODE
+from bench.traces import AZURE_CODE, load_trace
 from pdserve.v1 import device_service_pb2 as pb
 from pdserve.v1 import device_service_pb2_grpc as pb_grpc
 from services.device.controller import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
-TRACE = AZURE_CODE
 MODES = {"device_only": pb.DEVICE_MODE_DEVICE_ONLY, "cloud_only": pb.DEVICE_MODE_CLOUD_ONLY,
          "pd_device": pb.DEVICE_MODE_PD_DEVICE}
 RHOS = (1.0, 0.75, 0.5, 0.25)
@@ -138,11 +148,17 @@ class Result:
         return 1 + max(range(len(self.gaps)), key=self.gaps.__getitem__) if self.gaps else 0
 
 
+TRACE = [str(AZURE_CODE)]  # set from --trace in main()
+
+
 @functools.cache
-def trace_rows() -> list[tuple[int, int]]:
+def _rows(path: str) -> tuple[tuple[int, int], ...]:
+    return tuple((r.prompt_len, r.output_len) for r in load_trace(path))
+
+
+def trace_rows() -> tuple[tuple[int, int], ...]:
     """(prompt tokens, answer tokens) of every trace request, in order."""
-    with TRACE.open() as f:
-        return [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+    return _rows(TRACE[0])
 
 
 def trace_requests(buckets: list[int], per: int, max_out: int, long_out: int) -> list[Req]:
@@ -160,9 +176,10 @@ def tail_requests(buckets: list[int], tail_out: int) -> list[Req]:
     cloud's saving is large: it decodes N tokens instead of the whole answer)."""
     out = []
     for b in buckets:
-        p, g = max(((p, g) for p, g in trace_rows() if 0.8 * b <= p <= 1.25 * b),
-                   key=lambda r: r[1])
-        out.append(Req(b, p, min(g, tail_out), "tail"))
+        near = [(p, g) for p, g in trace_rows() if 0.8 * b <= p <= 1.25 * b]
+        if near:
+            p, g = max(near, key=lambda r: r[1])
+            out.append(Req(b, p, min(g, tail_out), "tail"))
     return out
 
 
@@ -208,7 +225,8 @@ def start_device(cloud: str, log_dir: Path, plan: Path, args: argparse.Namespace
          "--wan-rtt-ms", str(args.rtt_ms), "--wan-bandwidth-mbps", str(args.bandwidth_mbps),
          "--plan-profile", str(plan), "--chunk-tokens", str(CHUNK_TOKENS),
          "--ttft-target-ms", str(TTFT_TARGET_MS), "--tpot-max-ms", str(TPOT_MAX_MS),
-         "--min-quality", str(args.min_quality),
+         "--min-quality", str(args.min_quality), "--fleet-size", str(args.fleet_size),
+         "--fleet-spread", str(args.fleet_spread),
          "--cloud-timeout-s", "30", "--ready-file", str(ready)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
@@ -221,15 +239,24 @@ def start_device(cloud: str, log_dir: Path, plan: Path, args: argparse.Namespace
 
 
 def cloud_profile(address: str) -> dict[str, Any]:
-    """TTFT_c(n) and TPOT_c of this cloud, measured straight at the gateway."""
-    from bench.common import prompt_ids, stream
+    """TTFT_c(n), TPOT_c and the t1 -> t2 gap G_c(n) (the cloud's prefill -> decode KV
+    handoff) of this cloud, measured straight at the gateway."""
+    from bench.common import prompt_ids
+    from pdserve.v1 import generation_service_pb2 as gpb
+    from pdserve.v1 import generation_service_pb2_grpc as gpb_grpc
 
-    ttft, tpot = [], []
-    for n in (256, 1024, 2048, 4096):
-        t = stream(address, prompt_ids(n, 256, seed=n), 16)
-        ttft.append([n, t.ttft_s * 1e3])
-        tpot.append(t.tpot_s * 1e3)
-    return {"ttft": ttft, "tpot_ms": statistics.median(tpot)}
+    ttft, tpot, t2 = [], [], []
+    with grpc.insecure_channel(address) as ch:
+        stub = gpb_grpc.GenerationServiceStub(ch)
+        for n in (256, 1024, 2048, 4096, 8192):
+            t0 = time.perf_counter()
+            times = [time.perf_counter() for m in stub.Generate(gpb.GenerateRequest(
+                prompt_token_ids=prompt_ids(n, 256, seed=n), max_tokens=16), timeout=120)
+                for _ in m.token_ids]
+            ttft.append([n, (times[0] - t0) * 1e3])
+            t2.append([n, (times[1] - times[0]) * 1e3])
+            tpot.append((times[-1] - times[1]) * 1e3 / (len(times) - 2))
+    return {"ttft": ttft, "tpot_ms": statistics.median(tpot), "t2_gap": t2}
 
 
 def chat(stub: pb_grpc.DeviceServiceStub, req: Req, mode: str) -> Result:
@@ -328,6 +355,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run: 2 buckets, tiny quality")
     ap.add_argument("--json", default="")
+    ap.add_argument("--trace", default=str(AZURE_CODE),
+                    help="Azure-style .csv or Mooncake-style .jsonl (bench/traces.py)")
     ap.add_argument("--per-bucket", type=int, default=3)
     ap.add_argument("--max-out", type=int, default=256)
     ap.add_argument("--long-out", type=int, default=128)
@@ -338,13 +367,45 @@ def main() -> int:
     ap.add_argument("--bandwidth-mbps", type=float, default=20.0)
     ap.add_argument("--min-quality", type=float, default=0.8)
     ap.add_argument("--plots", default=str(ROOT / "docs/img"))
+    ap.add_argument("--skip-quality", action="store_true",
+                    help="rho = 1 only (no quality table; the optimiser never refines)")
+    fl = ap.add_argument_group("fleet (bench/pd_device_fleet.py)")
+    fl.add_argument("--cloud-slots", type=int, default=2,
+                    help="prefill and decode slots of the cloud (small: it saturates at a "
+                         "device count this machine can drive live)")
+    fl.add_argument("--fleet-size", type=int, default=0, help="most devices (0: 40, quick 8)")
+    fl.add_argument("--fleet-spread", type=float, default=0.2,
+                    help="device i is 1 + spread * i/(n-1) times slower than the profile")
+    fl.add_argument("--fleet-chats", type=int, default=200, help="requests per workload")
+    fl.add_argument("--fleet-max-prompt", type=int, default=8192)
+    fl.add_argument("--chat-max-prompt", type=int, default=2048,
+                    help="chat workload: the trace's prompts up to this length")
+    fl.add_argument("--chat-median", type=int, default=256,
+                    help="chat workload: median answer tokens (lognormal, sigma 0.6)")
+    fl.add_argument("--per-device", type=int, default=0, help="chats per device per probe "
+                    "(0: 2, quick 1)")
+    fl.add_argument("--think-s", type=float, default=2.0, help="mean think time")
+    fl.add_argument("--attainment", type=float, default=1.0,
+                    help="share of chats that must meet every target for a probe to pass")
+    fl.add_argument("--lengths", default="",
+                    help="answer lengths for the gain curve (default 16..1024, quick 32,256)")
+    fl.add_argument("--length-prompt", type=int, default=1024)
+    fl.add_argument("--kill-after-s", type=float, default=4.0)
+    fl.add_argument("--skip-fleet", action="store_true")
     args = ap.parse_args()
+    TRACE[0] = args.trace
+    args.fleet_size = args.fleet_size or (8 if args.quick else 40)
+    args.per_device = args.per_device or (1 if args.quick else 2)
+    args.lengths = args.lengths or ("32,256" if args.quick else "16,32,64,128,256,512,1024")
     buckets = [512, 2048] if args.quick else [512, 1024, 2048, 4096]
     per = 1 if args.quick else args.per_bucket
 
     t0 = time.monotonic()
-    q = quality("tiny" if args.quick else "smollm2", 3 if args.quick else 6,
-                120 if args.quick else 250, 12 if args.quick else 20)
+    if args.skip_quality:
+        q = {"1.0": {"agreement": 1.0, "exact": 1.0, "prompts": 0}}
+    else:
+        q = quality("tiny" if args.quick else "smollm2", 3 if args.quick else 6,
+                    120 if args.quick else 250, 12 if args.quick else 20)
     print(f"quality vs rho ({'tiny' if args.quick else 'smollm2'}, {K_CLOUD} cloud tokens "
           f"then the device):")
     for r, v in q.items():
@@ -354,8 +415,9 @@ def main() -> int:
     if not args.quick and args.tail_buckets:
         reqs += tail_requests([int(b) for b in args.tail_buckets.split(",")], args.tail_out)
     results: list[Result] = []
-    with UpCluster("mock", extra=["--engine", "mock", "--profile", "scaled-gpu"]) as up, \
-            tempfile.TemporaryDirectory(prefix="pd-device-") as tmp:
+    slots = {"PDSERVE_SLOTS": str(args.cloud_slots)}
+    with UpCluster("mock", extra=["--engine", "mock", "--profile", "scaled-gpu"],
+                   env=slots) as up, tempfile.TemporaryDirectory(prefix="pd-device-") as tmp:
         from services.device.engine import MockDevice
 
         phone = MockDevice("phone", 320)
@@ -366,7 +428,7 @@ def main() -> int:
                 "bandwidth_mbps": args.bandwidth_mbps,
                 "quality": {r: v["agreement"] for r, v in q.items()}}
         (Path(tmp) / "plan.json").write_text(json.dumps(plan))
-        print(f"cloud profile (measured): {plan['cloud']}")
+        print(f"cloud profile (measured, {args.cloud_slots} slots): {plan['cloud']}")
         proc, address = start_device(up.address, Path(tmp), Path(tmp) / "plan.json", args)
         try:
             with grpc.insecure_channel(address) as ch:
@@ -380,8 +442,11 @@ def main() -> int:
                               f"{s.max_tpot_ms:6.1f}  busy {s.cloud_busy_ms:7.0f} ms  "
                               f"hand-off {s.handoff_index:3}  N {s.token_budget:3} "
                               f"rho {s.refine_ratio:.2f} tau {s.tau_ms:4.1f} "
+                              f"hold {s.first_token_hold_ms:4.1f} "
                               f"(max gap after token {results[-1].max_gap_at})"
                               f"{'  ' + s.fallback if s.fallback else ''}", flush=True)
+            fleet_out = {} if args.skip_fleet else fleet.run(
+                address, args, str(up.log_dir), TTFT_TARGET_MS, TPOT_MAX_MS)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -397,17 +462,28 @@ def main() -> int:
                 for m in ("pd_device", "cloud_only")}
         return busy["pd_device"] / busy["cloud_only"] if busy["cloud_only"] else 0.0
 
+    # Max displayed gap by mode and prompt bucket, every single-device request (issue 16).
+    by_mode = {m: {str(b): max((g for r in results if r.mode == m and r.req.bucket == b
+                                for g in r.gaps), default=0.0) for b in buckets}
+               for m in MODES}
     model_ratio, model_modes = trace_model_ratio(plan, q, args)
     out = {"ttft_reduction_2k": 1 - two_k["pd_device"]["ttft_ms"] / two_k["device_only"]["ttft_ms"],
            "max_tpot_ms": max(gaps, default=0.0), "p99_tpot_ms": percentile(gaps, 99),
+           "max_tpot_ms_all_modes": max(max(v.values()) for v in by_mode.values()),
+           "max_tpot_ms_by_mode_bucket": by_mode,
            # Without each answer's first gap (t1 -> t2: the cloud's own KV handoff to its
-           # decode, which no pacing can hide without delaying the first token).
+           # decode, now covered by the first-token hold).
            "max_tpot_after_t2_ms": max((g for r in pd for g in r.gaps[1:]), default=0.0),
            # The sampled trace and its long answers (the tail requests are reported apart:
            # they are over-sampled and would dominate the sum).
            "cloud_busy_ratio": busy_ratio(("trace", "long")),
            "cloud_busy_ratio_tail": busy_ratio(("tail",)),
            "cloud_busy_ratio_trace_model": model_ratio}
+    for wl in ("chat", "trace"):
+        w = fleet_out.get(wl, {})
+        key = "cloud_throughput_gain" + ("" if wl == "chat" else "_trace")
+        out[key] = w.get("cloud_throughput_gain", 0.0)
+        out[f"devices_carried_{wl}"] = w.get("carried", {})
     print(f"modelled over all {sum(model_modes.values())} trace requests: plans {model_modes}, "
           f"cloud busy pd_device/cloud_only {model_ratio:.2f}")
     print("\nbucket workload | TTFT ms dev/cloud/pd | max TPOT ms pd | busy ms cloud/pd | gain")
@@ -418,14 +494,26 @@ def main() -> int:
               f"{c['cloud_busy_ms']:6.0f} {p['cloud_busy_ms']:6.0f} | "
               f"{r.get('throughput_gain', 0):5.2f}x  (hand-off ~{p['handoff']:.0f} of "
               f"{p['out_len']:.0f})")
+    print("\nmax displayed gap (ms) by mode and prompt bucket:")
+    for m, v in by_mode.items():
+        print(f"  {m:11} " + "  ".join(f"{b}: {g:5.1f}" for b, g in v.items()))
+    for wl in ("trace", "chat"):
+        w = fleet_out.get(wl)
+        if w:
+            print(f"fleet {wl}: devices carried {w['carried']}, cloud throughput gain "
+                  f"{w.get('cloud_throughput_gain', 0):.2f}x (chats/s), devices "
+                  f"{w.get('devices_gain', 0):.2f}x, busy/request {w.get('busy_per_request_ms')}")
     print(f"\n{json.dumps(out)}  [{time.monotonic() - t0:.0f} s; machine shared, one run]")
     for p in plots(rows, q, Path(args.plots)):
         print(f"plot: {p}")
+    if fleet_out.get("gain_vs_length"):
+        print("plot: " + fleet.plot(fleet_out["gain_vs_length"], fleet_out,
+                                    str(Path(args.plots) / "pd-device-fleet.png")))
     if args.json:
         Path(args.json).write_text(json.dumps(out))
         Path(args.json).with_suffix(".detail.json").write_text(
-            json.dumps({"summary": out, "rows": rows, "quality": q, "args": vars(args)},
-                       indent=1))
+            json.dumps({"summary": out, "rows": rows, "quality": q, "fleet": fleet_out,
+                        "cloud_profile": plan["cloud"], "args": vars(args)}, indent=1))
     return 0
 
 

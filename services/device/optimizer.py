@@ -10,7 +10,7 @@ made concrete here and in docs/pd-device.md):
   R_k    = s + T_pf(rho * n + k) + chunks(k)    the device cache covers P' + r_1..r_k
            * ``chunks`` is a fixed overhead per catch-up chunk
 
-  H      = max(0, G_c(n) * (1 + jitter) - tpot_max)
+  H      = max(0, G_c(n) * (1 + hold_jitter) - tpot_max)
                                                 first-token hold: G_c(n) is the cloud's
                                                 t1 -> t2 gap (its prefill -> decode KV
                                                 handoff); holding t1 by H keeps that gap
@@ -87,6 +87,9 @@ class Profiles:
     margin_frac: float = 0.25  # extra budget tokens beyond k, relative to k ...
     min_margin: int = 4  # ... and at least this many
     cloud_t2_gap: Curve | None = None  # G_c(n): t1 -> t2 gap at the cloud; None: no hold
+    # Relative slack on G_c: the KV handoff varies more than TPOT_c (transfers of
+    # concurrent requests share the link; 1.2x still showed 56-59 ms gaps with 2 at once).
+    hold_jitter: float = 0.5
 
     def upload_ms(self, n: int) -> float:
         return n * 4 * 8 / (self.bandwidth_mbps * 1e3)
@@ -108,7 +111,7 @@ class Profiles:
         """H: hold the first token so the cloud's t1 -> t2 gap shows as <= tpot_max."""
         if self.cloud_t2_gap is None:
             return 0.0
-        return max(0.0, self.cloud_t2_gap(n) * (1 + self.jitter) - tpot_max_ms)
+        return max(0.0, self.cloud_t2_gap(n) * (1 + self.hold_jitter) - tpot_max_ms)
 
 
 @dataclass(frozen=True)
