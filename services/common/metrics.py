@@ -93,12 +93,18 @@ SCRAPED: dict[str, tuple[str, str]] = {
                                      "queue (shared by every gateway)."),
     PREFIX + "prefill_busy_slots": ("gauge", "Prefill batch slots in use (b_p)."),
     PREFIX + "prefill_slots": ("gauge", "Prefill batch slots (b_p)."),
+    PREFIX + "prefill_queued": ("gauge", "Requests waiting at the prefill (queueing "
+                                "baselines only; forward keeps no local queue)."),
+    PREFIX + "prefix_cache_lookups": ("counter", "Prefix-cache lookups."),
     PREFIX + "prefix_cache_hits": ("counter", "Prefills that reused cached prefix KV."),
+    PREFIX + "prefix_cache_saved_tokens": ("counter", "Prompt tokens not recomputed thanks to "
+                                           "the prefix cache."),
     PREFIX + "prefix_cache_bytes": ("gauge", "Bytes of KV held by the prefix cache."),
     PREFIX + "decode_batch_size": ("gauge", "Requests in the decode's continuous batch."),
     PREFIX + "decode_slots": ("gauge", "Decode batch slots (b_d)."),
     PREFIX + "paged_blocks_in_use": ("gauge", "Paged KV pool blocks held by requests."),
     PREFIX + "paged_blocks_total": ("gauge", "Paged KV pool blocks."),
+    PREFIX + "paged_bytes_in_use": ("gauge", "Bytes of the paged KV pool held by requests."),
     PREFIX + "kv_staged_bytes": ("gauge", "KV bytes staged in the kvstore (reserved or "
                                  "written, not yet consumed or released)."),
     PREFIX + "kv_staged_entries": ("gauge", "Requests whose KV the kvstore holds."),
@@ -185,11 +191,31 @@ def register_source(labels: Labels, fn: Source) -> Callable[[], None]:
     return lambda: _SCRAPE.remove(key)
 
 
-def transfer_values(load: Mapping[str, float]) -> dict[str, float]:
-    """The data-plane client counters of ``services.kv.transfer_load()`` as metrics."""
-    return {PREFIX + "kv_transfers": load.get("kv_transfers", 0.0),
-            PREFIX + "kv_transfer_fallbacks": load.get("kv_fallbacks", 0.0),
-            PREFIX + "kv_transfer_failures": load.get("kv_transfer_failures", 0.0)}
+# A service's registry load record (what it reports every heartbeat) -> metrics, per role:
+# every service exports its state without code of its own (ServiceRuntime.serving).
+_LOAD_NAMES: dict[str, dict[str, str]] = {
+    "*": {"kv_transfers": "kv_transfers", "kv_fallbacks": "kv_transfer_fallbacks",
+          "kv_transfer_failures": "kv_transfer_failures"},
+    "prefill": {"busy": "prefill_busy_slots", "slots": "prefill_slots",
+                "queued": "prefill_queued", "prefix_lookups": "prefix_cache_lookups",
+                "prefix_hits": "prefix_cache_hits", "prefix_bytes": "prefix_cache_bytes",
+                "prefix_saved_tokens": "prefix_cache_saved_tokens"},
+    "decode": {"active": "decode_batch_size", "slots": "decode_slots",
+               "kv_blocks_total": "paged_blocks_total", "kv_bytes_held": "paged_bytes_in_use"},
+    "kvstore": {"bytes_held": "kv_staged_bytes", "entries": "kv_staged_entries",
+                "capacity_bytes": "kv_capacity_bytes"},
+}
+
+
+def from_load(role: str, load: Mapping[str, float]) -> dict[str, float]:
+    """The metrics in one load record (unknown keys are ignored: the load record is the
+    scheduler's contract, the metric names are the operators')."""
+    names = {**_LOAD_NAMES["*"], **_LOAD_NAMES.get(role, {})}
+    out = {PREFIX + names[k]: float(v) for k, v in load.items() if k in names}
+    if role == "decode" and "kv_blocks_total" in load:
+        out[PREFIX + "paged_blocks_in_use"] = float(
+            load["kv_blocks_total"] - load.get("kv_blocks_free", 0.0))
+    return out
 
 
 class MetricsServer:

@@ -34,6 +34,7 @@ from services.common.metrics import (
     Labels,
     MetricsServer,
     Source,
+    from_load,
     register_source,
     serve_metrics,
 )
@@ -149,6 +150,9 @@ class ServiceRuntime:
         info: InstanceInfo | None = None,
         load_fn: Callable[[], dict[str, float]] | None = None,
     ) -> None:
+        if load_fn is not None:  # its load record doubles as its metrics (metrics.from_load)
+            fn = load_fn
+            self.register_metrics(lambda: from_load(self.role, fn()))
         if info is not None and self._redis is not None:
             self.registration = Registration(
                 self._redis, info, self.cfg.registry_ttl_s, self.cfg.heartbeat_s, load_fn
