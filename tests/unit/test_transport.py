@@ -110,11 +110,31 @@ def test_a_block_is_n_tokens_of_one_layer() -> None:
     assert block_bytes(KvTransferConfig(), memoryview(buf), 64) == 0
 
 
-async def test_block_mode_confirms_each_block(node: Node) -> None:
+async def test_block_mode_confirms_each_block(node: Node,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import services.kv.tcp as tcp
+
+    confirmed = {"push": 0, "fetch": 0}
+    real = tcp.read_resp
+
+    async def counting(*args: object, **kw: object) -> object:
+        sender = sys._getframe(1)
+        if sender.f_code.co_name == "send_blocks":  # a block's confirmation
+            server = "dataserver" in sender.f_back.f_code.co_filename  # type: ignore[union-attr]
+            confirmed["fetch" if server else "push"] += 1
+        return await real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tcp, "read_resp", counting)
     cfg = KvTransferConfig(kv_transports="tcp", kv_transfer_mode="block", kv_block_tokens=16)
     data = _data()
+    blocks = -(-len(data) // block_bytes(cfg, memoryview(data), TOKENS))
     got, *_ = await node.roundtrip(cfg, data)
-    assert got == data.tobytes()  # 4 blocks each way, each acknowledged before the next
+    assert got == data.tobytes()
+    # push (prefill -> kvstore): every block acknowledged before the next; the fetch
+    # (kvstore -> decode) goes in the server's pages, also one acknowledgement each
+    assert confirmed["push"] == blocks and confirmed["fetch"] >= 2, confirmed
 
 
 def test_plan_prefers_shm_on_same_host_only(node: Node) -> None:
@@ -346,7 +366,8 @@ async def test_layered_push_sends_layers_during_compute_and_the_header_last(node
     assert bytes(view[HEADER_BYTES:]) == want[HEADER_BYTES:].tobytes()
 
 
-async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> None:
+async def test_layered_push_is_not_used_on_shm_and_an_aborted_one_is_freed_by_release(
+        node: Node) -> None:
     from services.kv.layers import LayerPush
 
     buf, meta = _kv_buffer()
@@ -361,7 +382,13 @@ async def test_layered_push_is_not_used_on_shm_and_abort_frees(node: Node) -> No
     await asyncio.sleep(0.05)
     push.abort()  # compute failed: the connection closes mid-stream
     await _settle(node, "tcp.put.failed")
-    node.store.release(e.handle, "ab")  # what prefill does on failure
+    assert node.server.counters["tcp.put.failed"] == 1
+    # The broken push left the reservation staged but unfilled: nothing was handed off,
+    # and the kvstore still holds it until prefill releases it (the handoff does on any
+    # failure), which frees every byte.
+    assert node.store.bytes_held == buf.nbytes
+    node.store.release(e.handle, "ab")
+    assert node.store.bytes_held == 0 and not node.store.entries
 
 
 async def test_tcp_fetch_held_receives_into_a_released_buffer(node: Node) -> None:
