@@ -130,13 +130,11 @@ class Group:
         self.loads: dict[str, sched.Load] = {}
         self.rng = random.Random(gi)
         self.n_req = 0
-        self.pbusy = 0  # busy prefill slots now
         self.pt = 0.0
         self.parea = 0.0
         self.sarea = 0.0
         self.pslots = 0
         self.darea = 0.0
-        self.dactive = 0
         self.reset_period()
 
     def reset_period(self) -> None:
@@ -145,11 +143,11 @@ class Group:
         self.p_parea = self.p_sarea = self.p_darea = 0.0
 
     def account(self, now: float) -> None:
+        """Integrates the slots the group has (they change only when a role switches).
+        Busy slot-time is added per request instead (``parea``, ``darea``)."""
         dt = now - self.pt
         if dt > 0:
-            self.parea += self.pbusy * dt
             self.sarea += self.pslots * dt
-            self.darea += self.dactive * dt
             self.pt = now
 
     def reindex(self) -> None:
@@ -520,9 +518,7 @@ class Simulator:
             self._end(r, DEADLINE)
             self._slot_freed(p)
             return
-        g.account(self.now)
         p.busy += 1
-        g.pbusy += 1
         if p.busy > self.max_busy_seen:
             self.max_busy_seen = p.busy
         r.state = PREFILL
@@ -536,10 +532,12 @@ class Simulator:
         if self.audit:
             self.audit.kv_reserve(self.now, r.idx, p.iid)
         if r.t_done >= r.deadline:  # the "after" check fails: release at the end of compute
+            g.parea += compute
             self.at(r.t_done, self._prefill_failed, r)
             return
         r.t_first = r.t_done + cfg.rtt_ms / 2
         push = (r.n * self._kv_ms_per_token + cfg.kv_fixed_ms)
+        g.parea += compute + push  # the slot is held until the KV push ends
         self.at(r.t_done + push, self._handoff, r)
 
     def _cached(self, p: Prefill, r: Req) -> int:
@@ -592,10 +590,7 @@ class Simulator:
         self._to_decode(r)
 
     def _release(self, p: Prefill) -> None:
-        g = p.group
-        g.account(self.now)
         p.busy -= 1
-        g.pbusy -= 1
         self._slot_freed(p)
 
     def _slot_freed(self, p: Prefill) -> None:
@@ -651,9 +646,6 @@ class Simulator:
             self.audit.decode_start(self.now, r.idx, d.iid, r.group.name)
         r.state = DECODE
         r.t_dstart = self.now
-        g = r.group
-        g.account(self.now)
-        g.dactive += 1
         r.ctx0 = r.n + 1
         steps = max(0, r.out - 1)
         d.advance(self.now)
@@ -689,8 +681,7 @@ class Simulator:
         r.gone = True
         d.leave(self.now, r.ctx0, r.vjoin)
         g = r.group
-        g.account(self.now)
-        g.dactive -= 1
+        g.darea += self.now - r.t_dstart
         if d.live:
             g.idx_d[r.gw].add(d.iid, -1)
         if self.lifetime and r.pobj is not None:
@@ -814,8 +805,10 @@ class Simulator:
                 g.s_e2e / n_ok if g.c_ok else float("nan"),
                 g.s_share / n_ok if g.c_ok else float("nan"),
                 sum(1 for e in g.queue if e[3].state == WAITING), len(g.dwait),
-                pa / (sa * self.cfg.slots) if sa else 0.0,
-                da / (period * max(nd, 1) * self.cfg.decode_slots),
+                # Busy time is booked when a prefill starts (decode: when it ends), so a
+                # period can show a little more than it held; clipped to 1.
+                min(1.0, pa / (sa * self.cfg.slots)) if sa else 0.0,
+                min(1.0, da / (period * max(nd, 1) * self.cfg.decode_slots)),
                 tuple(i for i, p in g.prefills.items() if p.live),
                 tuple(i for i, d in g.decodes.items() if d.live),
                 tuple((i, *o.drain) for i, o in self.inst.items()

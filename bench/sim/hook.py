@@ -59,7 +59,7 @@ class GroupSnapshot:
     ttft_share: float
     queue_depth: int  # waiting in the forwarding queue now
     decode_waiting: int  # prefilled, waiting for a decode slot now
-    prefill_busy: float  # mean busy prefill slots / slots over the period, 0..1
+    prefill_busy: float  # busy prefill slot-time / slot-time over the period, 0..1
     decode_busy: float  # mean decode batch size / decode slots over the period, 0..1
     prefills: tuple[str, ...]  # routable prefill instance ids
     decodes: tuple[str, ...]  # routable decode instance ids
