@@ -1,15 +1,32 @@
-"""``pdserve up``: the whole cluster as separate OS processes on one machine.
+"""``pdserve up``: the whole cluster as separate OS processes on one machine, supervised.
 
 Lifecycle:
-  1. Redis: ``PDSERVE_REDIS_URL`` if set, else a private embedded redis-server.
+  1. Redis: ``PDSERVE_REDIS_URL`` if set, else a private embedded redis-server (with a
+     parent-death signal, like every child).
   2. Prepare the model once (so N workers do not convert it N times).
-  3. Spawn kvstore, N prefill, M decode and the gateway (``python -m services.<role>``),
-     each in its own session with a parent-death signal, logging to a file.
-  4. Wait until each has written its ready file and answers SERVING on gRPC
-     health; then print the gateway address.
-  5. On Ctrl-C / SIGTERM, or if any child dies: stop the gateway first, then the
-     workers, then the kvstore and Redis: SIGTERM, wait, SIGKILL only what is left.
-     Only processes this launcher started are signalled.
+  3. Spawn kvstore, the prefill and decode workers (per-role processes, or
+     role-switchable ``services.worker`` processes with ``--switchable``), ``--spares``
+     idle workers, the gateway and (``--admin``) the admin service
+     (``python -m services.<module>``), each in its own session with a parent-death
+     signal, logging to a file.
+  4. Wait until each has written its ready file and answers SERVING on gRPC health;
+     then print the gateway address.
+  5. Supervise (``Launcher.supervise``, every 0.2 s) until Ctrl-C / SIGTERM:
+     - a child that dies is marked removed in the registry at once (nothing more is
+       routed or transferred to it; P/D-Serve §1.4), then substituted: a prefill or
+       decode's role goes to an idle spare if there is one (a role switch: the spare
+       already holds the weights) and a new spare is started in its place; otherwise
+       the child is restarted with the same settings after a backoff (0.5 s, doubling
+       while it keeps dying within 30 s of its start, at most 30 s). The cluster keeps
+       serving throughout.
+     - a dead embedded Redis is restarted on the same socket; services re-register at
+       their next heartbeat.
+     Every event goes to ``supervisor.jsonl`` in the log directory.
+  6. On Ctrl-C / SIGTERM: stop the gateway and admin first, then the workers, then the
+     kvstore and Redis: SIGTERM, wait, SIGKILL only what is left. Only processes this
+     launcher started are signalled. If the launcher itself is killed (even SIGKILL),
+     every child, redis-server included, gets SIGTERM from the kernel
+     (PR_SET_PDEATHSIG), so nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -21,24 +38,76 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import env_str
-from services.common.redis_embed import EmbeddedRedis
+from services.common.redis_embed import EmbeddedRedis, redis_server_binary
 
 PR_SET_PDEATHSIG = 1
+STABLE_S = 30.0  # a child that lived this long restarts after the base backoff again
+WORKER_ROLES = ("prefill", "decode", "idle")
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the launcher dies (even SIGKILL), so do we."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """Runs in the child before exec: if the launcher dies (even SIGKILL), so do we.
+    The signal fires when the parent exits; if it already has (a race with the fork),
+    the child ends itself at once."""
+    def preexec() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+class SupervisedRedis(EmbeddedRedis):
+    """The embedded redis-server, also bound to the launcher's life (parent-death
+    signal), so a killed launcher leaves no redis-server behind."""
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        import redis
+
+        args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket),
+                "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), "--notify-keyspace-events", "KEA"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent(os.getpid()))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see "
+                                   f"{self.dir / 'redis.log'}")
+            try:
+                client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+                client.ping()
+                client.close()
+                return self.url
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start within {timeout_s}s")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to (re)start one child."""
+
+    name: str  # also its instance id
+    role: str  # what it serves: kvstore, prefill, decode, idle, gateway, admin
+    module: str  # python -m services.<module>
+    group: str
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +118,8 @@ class Child:
     log: Path
     ready: Path
     address: str = ""
+    spec: Spec | None = None
+    started: float = 0.0  # monotonic
 
 
 @dataclass
@@ -63,6 +134,12 @@ class UpOptions:
     groups: str = ""  # "name:NpMd,..." (several scenario groups); overrides prefill/decode
     prefill_slots: int = 0  # b_p; 0 keeps the worker default
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Role-switchable workers (services/worker) instead of per-role processes.
+    switchable: bool = False
+    spares: int = 0  # idle workers kept in the spare pool (switchable workers)
+    admin: bool = False  # run the admin service (pdserve group ...); on with spares
+    restart_backoff_s: float = 0.5  # first restart delay; doubles while a child crash-loops
+    restart_backoff_max_s: float = 30.0
 
 
 def parse_groups(spec: str) -> list[tuple[str, int, int]]:
@@ -97,6 +174,7 @@ def omp_env(workers: int, user_env: Mapping[str, str]) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+
 class Launcher:
     def __init__(self, opts: UpOptions) -> None:
         self.opts = opts
@@ -106,26 +184,69 @@ class Launcher:
         self.redis: EmbeddedRedis | None = None
         self.redis_url = env_str("REDIS_URL")
         self._stopping = False
+        self._threads: dict[str, str] = {}
+        self._pending: dict[str, tuple[float, Spec]] = {}  # name -> (due, spec)
+        self._backoff: dict[str, float] = {}
+        self._died_at: dict[str, float] = {}  # name -> when it died (for "back after")
+        self._spare_seq = 0
+        self._assigning: set[str] = set()  # spares taking a role right now
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="supervise")
+        self._events_lock = threading.Lock()
+        self.events_path = self.dir / "supervisor.jsonl"
 
-    def _spawn(self, name: str, role: str, env: dict[str, str]) -> Child:
-        log = self.dir / f"{name}.log"
-        ready = self.dir / f"{name}.ready.json"
+    # -- events ----------------------------------------------------------------------
+    def event(self, kind: str, name: str, **extra: object) -> None:
+        rec = {"t": time.time(), "event": kind, "name": name, **extra}
+        with self._events_lock, open(self.events_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def say(self, msg: str) -> None:
+        print(f"pdserve: {msg}", file=sys.stderr, flush=True)
+
+    # -- spawning --------------------------------------------------------------------
+    def _spawn_spec(self, spec: Spec) -> Child:
+        log = self.dir / f"{spec.name}.log"
+        ready = self.dir / f"{spec.name}.ready.json"
         ready.unlink(missing_ok=True)
-        full_env = {**os.environ, **self.opts.extra_env, **env,
+        full_env = {**os.environ, **self.opts.extra_env, **spec.env,
                     "PDSERVE_REDIS_URL": self.redis_url, "PDSERVE_MODEL": self.opts.model,
-                    "PDSERVE_READY_FILE": str(ready), "PDSERVE_INSTANCE_ID": name}
-        with open(log, "wb") as fh:
+                    "PDSERVE_READY_FILE": str(ready), "PDSERVE_INSTANCE_ID": spec.name,
+                    "PDSERVE_GROUP": spec.group}
+        with open(log, "ab") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{role}"], env=full_env, stdout=fh,
+                [sys.executable, "-m", f"services.{spec.module}"], env=full_env, stdout=fh,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
-        child = Child(name, role, proc, log, ready)
+                preexec_fn=_die_with_parent(os.getpid()))
+        child = Child(spec.name, spec.role, proc, log, ready, spec=spec,
+                      started=time.monotonic())
         self.children.append(child)
         return child
 
+    def _spawn(self, name: str, role: str, env: dict[str, str]) -> Child:
+        """A per-role child (module = role), as before supervision."""
+        return self._spawn_spec(Spec(name, role, role, env.get("PDSERVE_GROUP", "default"),
+                                     env))
+
+    def _worker_spec(self, name: str, role: str, group: str) -> Spec:
+        env = {**self._threads}
+        if role == "prefill" and self.opts.prefill_slots:
+            env["PDSERVE_SLOTS" if not self._switchable() else "PDSERVE_PREFILL_SLOTS"] = \
+                str(self.opts.prefill_slots)
+        if self._switchable() or role == "idle":
+            return Spec(name, role, "worker", group, {**env, "PDSERVE_ROLE": role})
+        return Spec(name, role, role, group, env)
+
+    def _switchable(self) -> bool:
+        return self.opts.switchable
+
+    def _new_spare(self, group: str) -> Spec:
+        name = f"spare-{self._spare_seq}"
+        self._spare_seq += 1
+        return self._worker_spec(name, "idle", group)
+
     def start(self) -> str:
         if not self.redis_url:
-            self.redis = EmbeddedRedis(str(self.dir / "redis"))
+            self.redis = SupervisedRedis(str(self.dir / "redis"))
             self.redis_url = self.redis.start()
         from services.engine.prepare import ensure_prepared
 
@@ -133,21 +254,22 @@ class Launcher:
         groups = (parse_groups(self.opts.groups) if self.opts.groups
                   else [("default", self.opts.prefill, self.opts.decode)])
         first_group = groups[0][0]
-        threads = omp_env(sum(p + d for _, p, d in groups), {**os.environ, **self.opts.extra_env})
-        self._spawn("kvstore", "kvstore", {"PDSERVE_GROUP": first_group})
+        workers = sum(p + d for _, p, d in groups) + self.opts.spares
+        self._threads = omp_env(workers, {**os.environ, **self.opts.extra_env})
+        self._spawn_spec(Spec("kvstore", "kvstore", "kvstore", first_group))
         for g, n_p, n_d in groups:
             prefix = "" if g == "default" else f"{g}-"
             for i in range(n_p):
-                env = {"PDSERVE_GROUP": g, **threads}
-                if self.opts.prefill_slots:
-                    env["PDSERVE_SLOTS"] = str(self.opts.prefill_slots)
-                self._spawn(f"{prefix}prefill-{i}", "prefill", env)
+                self._spawn_spec(self._worker_spec(f"{prefix}prefill-{i}", "prefill", g))
             for i in range(n_d):
-                self._spawn(f"{prefix}decode-{i}", "decode", {"PDSERVE_GROUP": g, **threads})
+                self._spawn_spec(self._worker_spec(f"{prefix}decode-{i}", "decode", g))
+        for _ in range(self.opts.spares):
+            self._spawn_spec(self._new_spare(first_group))
         self._wait_ready()  # workers first, so the gateway's first routing table is complete
-        self._spawn("gateway", "gateway", {
-            "PDSERVE_GROUP": first_group, "PDSERVE_HOST": self.opts.host,
-            "PDSERVE_PORT": str(self.opts.port)})
+        self._spawn_spec(Spec("gateway", "gateway", "gateway", first_group, {
+            "PDSERVE_HOST": self.opts.host, "PDSERVE_PORT": str(self.opts.port)}))
+        if self.opts.admin or self.opts.spares:
+            self._spawn_spec(Spec("admin", "admin", "admin", first_group))
         self._wait_ready()
         return next(c.address for c in self.children if c.role == "gateway")
 
@@ -159,18 +281,29 @@ class Launcher:
                 if c.proc.poll() is not None:
                     raise RuntimeError(f"{c.name} exited with {c.proc.returncode} during "
                                        f"startup:\n{self.tail(c)}")
-                if c.ready.exists() and self._serving(json.loads(c.ready.read_text())["address"]):
-                    c.address = json.loads(c.ready.read_text())["address"]
+                if self._check_ready(c):
                     pending.remove(c)
             if time.monotonic() > deadline:
                 names = ", ".join(c.name for c in pending)
                 raise TimeoutError(f"not SERVING after {self.opts.startup_timeout_s}s: {names}")
             time.sleep(0.1)
 
+    def _check_ready(self, c: Child) -> bool:
+        if c.address:
+            return True
+        try:
+            address = json.loads(c.ready.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            return False
+        if self._serving(address):
+            c.address = address
+            return True
+        return False
+
     @staticmethod
     def _serving(address: str) -> bool:
         try:
-            with grpc.insecure_channel(address) as ch:
+            with _health_channel(address) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
@@ -186,11 +319,128 @@ class Launcher:
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
+    # -- supervision -----------------------------------------------------------------
+    def supervise(self) -> None:
+        """One round: restart a dead Redis, substitute dead children, start the restarts
+        that are due, and note the ones that are back."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        if self.redis is not None and self.redis.proc is not None and \
+                self.redis.proc.poll() is not None:
+            self._restart_redis()
+        for c in [c for c in self.children if c.proc.poll() is not None]:
+            self.children.remove(c)
+            self._on_death(c, now)
+        for name, (due, spec) in list(self._pending.items()):
+            if now >= due:
+                del self._pending[name]
+                self._spawn_spec(spec)
+                self.event("restarted", name, role=spec.role, group=spec.group)
+        for c in self.children:
+            if not c.address and self._check_ready(c):
+                died = self._died_at.pop(c.name, None)
+                self.event("serving", c.name, role=c.role, address=c.address,
+                           after_s=None if died is None else round(now - died, 3))
+                if died is not None:
+                    self.say(f"{c.name} is back SERVING after {now - died:.1f}s")
+
+    def _restart_redis(self) -> None:
+        assert self.redis is not None and self.redis.proc is not None
+        code = self.redis.proc.returncode
+        self.say(f"redis-server exited with {code}; restarting it")
+        self.event("died", "redis", code=code)
+        try:
+            self.redis.start()
+            self.event("restarted", "redis")
+        except RuntimeError as e:
+            self.say(f"redis restart failed, retrying: {e}")
+
+    def _on_death(self, c: Child, now: float) -> None:
+        spec = c.spec or Spec(c.name, c.role, c.role, "default")
+        code = c.proc.returncode
+        self._died_at[c.name] = now
+        self.event("died", c.name, role=spec.role, group=spec.group, code=code)
+        self._mark_removed(spec)
+        lived = now - c.started
+        spare = self._free_spare() if spec.role in ("prefill", "decode") else None
+        if spare is not None:
+            self.say(f"{c.name} ({spec.role}@{spec.group}) exited with {code}; its role goes "
+                     f"to spare {spare.name}, and a new spare starts")
+            self._hand_to_spare(spare, spec)
+            new = self._new_spare(spec.group)
+            self._pending[new.name] = (now, new)
+            self._died_at[new.name] = now
+            return
+        back = self._backoff.get(c.name, self.opts.restart_backoff_s)
+        back = self.opts.restart_backoff_s if lived > STABLE_S else back
+        self._backoff[c.name] = min(back * 2, self.opts.restart_backoff_max_s)
+        self.say(f"{c.name} exited with {code}; restarting in {back:.1f}s\n{self.tail(c, 5)}")
+        self._pending[c.name] = (now + back, spec)
+
+    def _free_spare(self) -> Child | None:
+        return next((c for c in self.children if c.role == "idle" and c.address
+                     and c.name not in self._assigning and c.proc.poll() is None), None)
+
+    def _hand_to_spare(self, spare: Child, spec: Spec) -> None:
+        """The spare takes the dead child's role and group (in the background: a drain
+        and a switch take a while); if it fails, the dead child's spec restarts."""
+        from pdserve.v1 import admin_service_pb2 as apb
+        from pdserve.v1 import admin_service_pb2_grpc as apb_grpc
+
+        self._assigning.add(spare.name)
+        assert spare.spec is not None
+        spare.role = spec.role
+        spare.spec = replace(spare.spec, role=spec.role, group=spec.group,
+                             env={**spare.spec.env, "PDSERVE_ROLE": spec.role})
+        t0 = time.monotonic()
+
+        def assign() -> None:
+            try:
+                with grpc.insecure_channel(spare.address) as ch:
+                    apb_grpc.WorkerControlServiceStub(ch).Assign(
+                        apb.AssignRequest(role=spec.role, group=spec.group), timeout=300)
+                took = time.monotonic() - t0
+                self.event("substituted", spec.name, by=spare.name, role=spec.role,
+                           group=spec.group, assign_s=round(took, 3))
+                self.say(f"{spare.name} now serves {spec.role}@{spec.group} "
+                         f"(switch {took * 1e3:.0f} ms)")
+            except grpc.RpcError as e:
+                self.say(f"{spare.name} could not take {spec.role}: {e}; restarting "
+                         f"{spec.name} instead")
+                self._pending[spec.name] = (time.monotonic(), spec)
+            finally:
+                self._assigning.discard(spare.name)
+
+        self._pool.submit(assign)
+
+    def _mark_removed(self, spec: Spec) -> None:
+        """Drop the dead child's registry record now, not when its lease lapses."""
+        if not self.redis_url or spec.role in ("admin",):
+            return
+        import redis
+
+        from services.common.keys import instance_key, members_key
+
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=1,
+                                          socket_connect_timeout=1)
+            with client.pipeline(transaction=True) as pipe:
+                pipe.srem(members_key(spec.group), spec.name)
+                pipe.delete(instance_key(spec.group, spec.name))
+                pipe.execute()
+            client.close()
+        except (redis.RedisError, OSError, ValueError) as e:
+            self.say(f"could not mark {spec.name} removed (its lease will lapse): {e}")
+
+    # -- stopping --------------------------------------------------------------------
     def stop(self, grace_s: float = 10.0) -> None:
         if self._stopping:
             return
         self._stopping = True
-        order = [["gateway"], ["prefill", "decode"], ["kvstore"]]
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        order = [["gateway", "admin"], list(WORKER_ROLES), ["kvstore"]]
         for roles in order:
             batch = [c for c in self.children if c.role in roles and c.proc.poll() is None]
             for c in batch:
@@ -202,12 +452,17 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     c.proc.kill()
                     c.proc.wait()
+        for c in self.children:  # anything left (an unknown role): never orphaned
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait()
         if self.redis is not None:
             self.redis.stop()
 
 
 def run_up(opts: UpOptions) -> int:
     launcher = Launcher(opts)
+    _set_tls_roots(opts.extra_env.get("PDSERVE_TLS_CERT", ""))
     stop_now = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -231,17 +486,54 @@ def run_up(opts: UpOptions) -> int:
         roles[c.role] = roles.get(c.role, 0) + 1
     print(f"pdserve: cluster SERVING ({', '.join(f'{n} {r}' for r, n in roles.items())}); "
           f"redis {launcher.redis_url}", flush=True)
+    admin = next((c.address for c in launcher.children if c.role == "admin"), "")
+    if admin:
+        print(f"pdserve: admin listening on {admin} (pdserve group --admin {admin} ...)",
+              flush=True)
+    print_urls(launcher.children)
     print(f"pdserve: gateway listening on {address}", flush=True)
-    code = 0
     while not stop_now:
-        dead = launcher.dead_child()
-        if dead is not None:
-            print(f"pdserve: {dead.name} exited with {dead.proc.returncode}; shutting down\n"
-                  f"{launcher.tail(dead)}", file=sys.stderr, flush=True)
-            code = 1
-            break
+        launcher.supervise()
         time.sleep(0.2)
     print("pdserve: shutting down", flush=True)
     launcher.stop()
     print("pdserve: stopped", flush=True)
-    return code
+    return 0
+
+
+# --- the front door: where to reach it and each process's /metrics ----------------------
+_TLS_ROOTS: bytes | None = None  # the gateway's certificate when it serves TLS
+
+
+def _set_tls_roots(cert: str) -> None:
+    global _TLS_ROOTS
+    _TLS_ROOTS = Path(cert).read_bytes() if cert else None
+
+
+def _health_channel(address: str) -> grpc.Channel:
+    """Plaintext, except for a TLS gateway: its certificate is the trust root (self-signed
+    or not, pdserve up was handed it)."""
+    if _TLS_ROOTS is not None:
+        try:
+            with grpc.insecure_channel(address) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return grpc.insecure_channel(address)
+        except grpc.RpcError:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(_TLS_ROOTS))
+    return grpc.insecure_channel(address)
+
+
+def print_urls(children: list[Child]) -> None:
+    """The OpenAI base URL and every process's /metrics URL (from their ready files)."""
+    metrics = []
+    for c in children:
+        try:
+            ready = json.loads(c.ready.read_text())
+        except (OSError, ValueError):
+            continue
+        if ready.get("http"):
+            print(f"pdserve: OpenAI-compatible HTTP on {ready['http']}/v1", flush=True)
+        if ready.get("metrics"):
+            metrics.append(f"  {c.name:16} {ready['metrics']}")
+    if metrics:
+        print("pdserve: Prometheus /metrics:\n" + "\n".join(metrics), flush=True)

@@ -9,7 +9,7 @@ processes run); a switch builds a new one and keeps the rest.
 States: STARTING -> IDLE (registry role "idle") or SERVING (role "prefill"/"decode").
 A switch (SGLang PR 28403's rule: drain to idle first, since in-flight KV belongs to
 the request's path) is:
-  1. DRAINING: re-register as "idle" so gateways stop routing here (within their
+  1. DRAINING: re-register as "draining" so gateways stop routing here (within their
      registry poll); requests that still arrive from a stale view are turned away the
      way each role turns away load it cannot take (prefill: rejected DRAINING, which
      the gateway forwards; decode: RESOURCE_EXHAUSTED, the gateway tries another
@@ -65,6 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE = "idle"  # registry role of a worker that serves no role (the spare pool)
+# Registry role while leaving a role (draining, drained, loading the next): neither
+# routable (gateways pick "prefill"/"decode") nor a spare (the controller picks "idle").
+DRAINING = "draining"
 ROLES = ("prefill", "decode")
 _WORKER_SLOTS_DEFAULT = WorkerConfig.__dataclass_fields__["slots"].default
 
@@ -158,6 +161,7 @@ class RoleHost:
         self.state = State.STARTING
         self.role = ""
         self.group = cfg.group
+        self.home = cfg.group  # where it waits as a spare (not a served scenario)
         self.runner: Runner | None = None
         self.pool: BlockAllocator | None = None
         self._pool_shape: tuple[int, int] = (0, 0)
@@ -254,7 +258,7 @@ class RoleHost:
                 weights_kept, pool_kept = await self._become(role, cfg)
             except BaseException:
                 self.state = State.DRAINED
-                await self._register(IDLE, self.group)
+                await self._register(DRAINING, self.group)
                 raise
             self.state = State.SERVING
             await self._register(role, self.group)
@@ -273,7 +277,7 @@ class RoleHost:
             if self.state is State.IDLE:
                 return
             self.role, self.prefill_sv, self.decode_sv = "", None, None
-            self.group = self.cfg.group
+            self.group = self.home
             self.state = State.IDLE
             await self._register(IDLE, self.group)
 
@@ -284,7 +288,7 @@ class RoleHost:
         self.state = State.DRAINING
         if self.prefill_sv is not None:
             self.prefill_sv.draining = True
-        await self._register(IDLE, self.group)  # out of routing first
+        await self._register(DRAINING, self.group)  # out of routing first
         await self._wait_empty(timeout_s)
         if self._calls:  # no migration (P/D-Serve): end them with a clear status
             for call in list(self._calls):
