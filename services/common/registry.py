@@ -196,14 +196,14 @@ async def list_instances(client: Any, group: str | None = None) -> list[Instance
                                                                     strict=True)}
     async with client.pipeline(transaction=False) as pipe:
         for g in groups:
-            if ids_by_group[g]:
-                pipe.mget([instance_key(g, i) for i in ids_by_group[g]])
+            for i in ids_by_group[g]:  # GETs, not MGET: a cluster pipeline refuses MGET
+                pipe.get(instance_key(g, i))
         raws = iter(await pipe.execute())
     out: list[InstanceInfo] = []
     prune = []
     for g in groups:
         ids = ids_by_group[g]
-        got = next(raws) if ids else []
+        got = [next(raws) for _ in ids]
         dead = [i for i, raw in zip(ids, got, strict=True) if raw is None]
         if dead:
             prune.append((members_key(g), dead))

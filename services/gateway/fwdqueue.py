@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from services.common import slotoffer
 from services.common.keys import (
@@ -111,6 +112,10 @@ class ForwardingQueue:
         if self._pubsub is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await self._pubsub.aclose()
+        if isinstance(self._client, RedisCluster):
+            # Classic pub/sub reaches every node over the cluster bus, so one node's
+            # subscription sees every group's offers; the client must know the nodes first.
+            await self._client.initialize()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.psubscribe(wake_pattern(self._gateway_id))
         self._listener = asyncio.create_task(self._listen(self._pubsub), name="fwdq-offers")
