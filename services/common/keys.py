@@ -59,14 +59,5 @@ def wake_pattern(gateway_id: str) -> str:
     return f"pdserve:{{*}}:wake:{escaped}"
 
 
-def slotfree_channel(group: str) -> str:
-    """Pub/sub: a prefill publishes its id when it frees a batch slot (legacy hint; the
-    offer script in ``slotoffer`` replaced it)."""
-    return f"{_tag(group)}:slotfree"
-
-
-SLOTFREE_PATTERN = "pdserve:{*}:slotfree"
-
-
 def group_of_channel(channel: str) -> str:
     return channel[channel.index("{") + 1 : channel.index("}")]

@@ -4,6 +4,7 @@ earliest-deadline waiter across gateways in one round trip, with no polling."""
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 import uuid
@@ -12,8 +13,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.common import slotoffer
+from services.common.keys import gateways_key, offered_key, queue_key
 from services.common.registry import connect
 from services.gateway.fwdqueue import ForwardingQueue
+from services.gateway.scheduling import Waiting, offer_to
 
 pytestmark = pytest.mark.integration
 SAFETY_POLL_S = 5.0  # long: any wake-up these tests see comes from an offer
@@ -147,3 +150,32 @@ async def test_offers_wake_waiters_far_sooner_than_the_safety_poll(
     print(f"offer -> waiter running: p50 {p50:.2f} ms, p99 {p99:.2f} ms (n={len(wake)})")
     assert a.stats.safety_polls == 0
     assert p50 < SAFETY_POLL_S * 1000 / 100  # a ratio: an offer, not a poll, woke them
+
+
+async def test_the_offer_script_runs_the_policy_cores_offer_to_rule(redis_url: str) -> None:
+    """The OFFER script (Lua, in Redis) and ``scheduling.offer_to`` (what the simulator
+    runs) pick the same entry: deadlines with ties, expired entries, held and lapsed
+    offers."""
+    rng = random.Random(5)
+    client = connect(redis_url)
+    gw = "gw-live"
+    try:
+        for _ in range(150):
+            g = _group()
+            now = time.time() * 1000
+            await client.hset(gateways_key(g), gw, now + 60_000)
+            entries, offered = [], {}
+            for rid in rng.sample(range(1000), rng.randrange(0, 8)):
+                e = Waiting(f"r{rid:03d}", gw, now + rng.choice([-1e3, 2e3, 2e3, 5e3, 9e3]))
+                entries.append(e)
+                await client.zadd(queue_key(g), {slotoffer.member(e.request_id, gw):
+                                                 e.deadline_ms})
+                if rng.random() < 0.4:
+                    offered[e.request_id] = now + rng.choice([-500.0, 60_000.0])
+                    await client.hset(offered_key(g), slotoffer.member(e.request_id, gw),
+                                      offered[e.request_id])
+            want = offer_to(entries, offered, now)
+            got = await slotoffer.offer_slot(client, g, "p0")
+            assert got == (slotoffer.member(want.request_id, gw) if want else None)
+    finally:
+        await client.aclose()
