@@ -3,7 +3,7 @@
 Tokens (from the cloud, later from the device itself) arrive at times ``a_j`` and go
 into a buffer. The controller decides their display times ``D_j``:
 
-  D_1 = a_1 + hold                           (shown at once, or held by ``first_hold_ms``)
+  D_1 = a_1, or min(a_2, a_1 + hold)         (shown at once, or held: see below)
   D_j = max(a_j, D_{j-1} + tau_j)            (j >= 2)
 
 ``tau_j``, the pace, adapts so that the displayed gap stays smooth and bounded:
@@ -26,9 +26,13 @@ buffer is empty and the next token is simply not there yet: a stall the controll
 cannot hide, which the optimiser's no-stall constraints are there to prevent.
 
 ``first_hold_ms`` (the hold) exists for the one gap the pace cannot hide: the cloud's
-t1 -> t2 gap (its prefill -> decode KV handoff, ~100 ms for a 5k prompt). Holding t1
-by (expected gap - pace limit) turns that gap into TTFT, which has a separate, looser
-target; the planner sizes the hold (planning.py).
+t1 -> t2 gap (its prefill -> decode KV handoff, 100-300 ms for a 4k prompt on a busy
+host). With a hold, t1 is shown when t2 has arrived (then D_2 = a_2 + tau: the first
+gap is the pace), or when the hold runs out, or when the stream has ended (``end``).
+Holding by a fixed estimate of the gap was tried first: the gap varies so much under
+load (it doubled between two bench runs) that 1.5x the estimate still left 58 ms gaps;
+waiting for t2 itself is exact and costs TTFT only the gap actually seen. The planner
+decides when a hold is needed and its cap (optimizer.py).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class SpeedController:
     _arrivals: deque[float] = field(default_factory=deque)
     _last_display: float | None = None
     _tau: float = 0.0
+    _ended: bool = False
     displayed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +93,10 @@ class SpeedController:
     def push(self, token: int, now: float) -> None:
         self._buffer.append((token, now))
         self._arrivals.append(now)
+
+    def end(self) -> None:
+        """No more tokens will come: a held first token need not wait for a second."""
+        self._ended = True
 
     def retarget(self, tau_ms: float, gain: float | None = None) -> None:
         """New planned pace (and optionally buffer gain), e.g. at hand-off: the device's
@@ -127,7 +136,12 @@ class SpeedController:
             return None
         _, arrived = self._buffer[0]
         if self._last_display is None:
-            return arrived + self.cfg.first_hold_ms
+            hold = self.cfg.first_hold_ms
+            if hold <= 0 or self._ended:
+                return arrived
+            if len(self._buffer) >= 2:  # t2 is in hand: show t1 now, t2 one pace later
+                return min(arrived + hold, self._buffer[1][1])
+            return arrived + hold
         return max(arrived, self._last_display + self._next_pace())
 
     def pop_due(self, now: float) -> list[tuple[int, float]]:
@@ -159,6 +173,8 @@ def simulate(arrivals: Sequence[float], cfg: ControllerConfig) -> list[float]:
         else:
             ctl.push(i, nxt)
             i += 1
+            if i == len(arrivals):
+                ctl.end()
     return shown
 
 

@@ -23,6 +23,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 
@@ -197,6 +198,7 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
                       rid, Detokenizer(self.tok, s.stop))
         detok = Detokenizer(self.tok, s.stop)
         run.start()
+        sent = 0
         try:
             async for batch in run.display():
                 text = ""
@@ -205,13 +207,15 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
                     if detok.stopped:
                         batch = batch[:i + 1]
                         break
+                sent += len(batch)
                 yield pb.ChatResponse(
-                    tokens=[pb.DisplayedToken(token_id=t, display_ms=ms, source=src)
+                    tokens=[pb.DisplayedToken(token_id=t, display_ms=ms, source=cast(Any, src))
                             for t, ms, src in batch], text=text, request_id=rid)
                 if detok.stopped:
                     break
         finally:
             await run.close()
+        del run.shown[sent:]  # what the user saw, not what the display had released
         summary = run.summary(s.mode)
         summary.device_index = dev.index
         planner = dev.planner

@@ -10,17 +10,21 @@ made concrete here and in docs/pd-device.md):
   R_k    = s + T_pf(rho * n + k) + chunks(k)    the device cache covers P' + r_1..r_k
            * ``chunks`` is a fixed overhead per catch-up chunk
 
-  H      = max(0, G_c(n) * (1 + hold_jitter) - tpot_max)
-                                                first-token hold: G_c(n) is the cloud's
+  H      = 3 * G_c(n) if 1.5 * G_c(n) > tpot_max, else 0
+                                                first-token hold cap: G_c(n) is the cloud's
                                                 t1 -> t2 gap (its prefill -> decode KV
-                                                handoff); holding t1 by H keeps that gap
-                                                under the bound on screen. Then every
-                                                display time moves by H: D_j += H.
+                                                handoff). With a hold the controller shows
+                                                t1 when t2 has arrived (at most H late), so
+                                                that gap never shows; TTFT grows by the gap
+                                                actually seen. The plan counts the whole cap
+                                                against the TTFT target, and gives the
+                                                device no credit for it (the display may
+                                                start as early as A_1).
 
 Constraints:
   TTFT      A_1 + H <= ttft_target
   cloud     tau >= TPOT_c * (1 + jitter)      cloud tokens are in hand when due
-  device    R_k <= D_{k+1} = A_1 + H + k*tau  the device is ready before token k+1 is due
+  device    R_k <= D_{k+1} = A_1 + k * tau    the device is ready before token k+1 is due
   smooth    max(tau, t_dev) <= tpot_max       displayed gaps before and after hand-off
   quality   q(rho) >= q_min
   budget    N = k + margin(k) <= G            margin covers the device running late
@@ -32,7 +36,7 @@ For fixed rho the device constraint is ``f(k) = R_k - A_1 - k*tau <= 0``. Its fe
 set in k is not assumed to be an interval (T_pf is a measured curve), so the solver
 scans k upward with tau at its largest allowed value (a larger tau only helps the
 device) and stops at the first feasible k: the least N. Then the least tau for that k
-is closed-form, ``max(tau_lo, (R_k - A_1 - H) / k)``. ``brute_force`` in the tests
+is closed-form, ``max(tau_lo, (R_k - A_1) / k)``. ``brute_force`` in the tests
 enumerates (rho, k, tau-grid) and must agree.
 """
 
@@ -87,8 +91,8 @@ class Profiles:
     margin_frac: float = 0.25  # extra budget tokens beyond k, relative to k ...
     min_margin: int = 4  # ... and at least this many
     cloud_t2_gap: Curve | None = None  # G_c(n): t1 -> t2 gap at the cloud; None: no hold
-    # Relative slack on G_c: the KV handoff varies more than TPOT_c (transfers of
-    # concurrent requests share the link; 1.2x still showed 56-59 ms gaps with 2 at once).
+    # Relative slack on G_c when deciding whether a hold is needed; the cap is twice
+    # that. The KV handoff varies far more than TPOT_c under load.
     hold_jitter: float = 0.5
 
     def upload_ms(self, n: int) -> float:
@@ -108,10 +112,11 @@ class Profiles:
         return max(self.min_margin, math.ceil(self.margin_frac * k))
 
     def hold_ms(self, n: int, tpot_max_ms: float) -> float:
-        """H: hold the first token so the cloud's t1 -> t2 gap shows as <= tpot_max."""
+        """H: the first token's hold cap (0: the t1 -> t2 gap fits under tpot_max)."""
         if self.cloud_t2_gap is None:
             return 0.0
-        return max(0.0, self.cloud_t2_gap(n) * (1 + self.hold_jitter) - tpot_max_ms)
+        gap = self.cloud_t2_gap(n) * (1 + self.hold_jitter)
+        return 2.0 * gap if gap > tpot_max_ms else 0.0
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,8 @@ def cloud_occupancy(p: Profiles, n: int, n_budget: int) -> float:
 def feasible(p: Profiles, c: Constraints, n: int, out_len: int, rho: float, k: int,
              tau: float) -> bool:
     """Every constraint of the module docstring, checked directly."""
-    a1 = p.first_arrival_ms(n) + p.hold_ms(n, c.tpot_max_ms)
-    return (k >= 1 and a1 <= c.ttft_target_ms
+    a1 = p.first_arrival_ms(n)
+    return (k >= 1 and a1 + p.hold_ms(n, c.tpot_max_ms) <= c.ttft_target_ms
             and tau >= max(c.tau_min_ms, p.cloud_tpot_ms * (1 + p.jitter)) - 1e-9
             and max(tau, p.device_tpot_ms) <= c.tpot_max_ms + 1e-9
             and c.quality.get(rho, 0.0) >= c.min_quality
@@ -159,11 +164,11 @@ def feasible(p: Profiles, c: Constraints, n: int, out_len: int, rho: float, k: i
 def choose(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
     """The plan for a prompt of ``n`` tokens and an expected answer of ``out_len``."""
     hold = p.hold_ms(n, c.tpot_max_ms)
-    a1 = p.first_arrival_ms(n) + hold  # the first display time
+    a1 = p.first_arrival_ms(n)
     tau_lo = max(c.tau_min_ms, p.cloud_tpot_ms * (1 + p.jitter))
     tau_hi = c.tpot_max_ms
     best: tuple[float, float, float, Plan] | None = None
-    if a1 <= c.ttft_target_ms and tau_lo <= tau_hi and p.device_tpot_ms <= tau_hi:
+    if a1 + hold <= c.ttft_target_ms and tau_lo <= tau_hi and p.device_tpot_ms <= tau_hi:
         for rho in sorted(c.quality, reverse=True):
             if c.quality[rho] < c.min_quality:
                 continue
@@ -175,7 +180,7 @@ def choose(p: Profiles, c: Constraints, n: int, out_len: int) -> Plan:
                     tau = max(tau_lo, slack / k)
                     nb = k + p.margin(k)
                     occ = cloud_occupancy(p, n, nb)
-                    plan = Plan("pd_device", nb, rho, tau, k, occ, a1, hold_ms=hold)
+                    plan = Plan("pd_device", nb, rho, tau, k, occ, a1 + hold, hold_ms=hold)
                     key = (occ, tau, -rho, plan)
                     if best is None or key[:3] < best[:3]:
                         best = key

@@ -35,9 +35,9 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -149,6 +149,8 @@ class ChatRun:
             for t in self._tasks:  # a producer that crashed ends the chat with its error
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+            if self.produced_all:
+                self.ctl.end()  # a held first token need not wait for a second one
             out = self.ctl.pop_due(self.now_ms())
             if out:
                 now = self.now_ms()
@@ -322,7 +324,7 @@ class ChatRun:
                                                                      self.eos) \
             else common_pb2.FINISH_REASON_LENGTH
         return dpb.ChatSummary(
-            mode=mode, finish_reason=finish, ttft_ms=times[0] if times else 0.0,
+            mode=cast(Any, mode), finish_reason=finish, ttft_ms=times[0] if times else 0.0,
             mean_tpot_ms=sum(g) / len(g) if g else 0.0, p99_tpot_ms=percentile(g, 99),
             max_tpot_ms=max(g, default=0.0), handoff_index=self.handed_off or 0,
             handoff_ms=self.handoff_ms, cloud_tokens=len(self.cloud_tokens),
@@ -352,7 +354,7 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield x
 
 
-def default_stub_factory(channel: grpc.aio.Channel) -> Callable[..., Any]:
+def default_stub_factory(channel: grpc.aio.Channel) -> Any:
     from pdserve.v1 import generation_service_pb2_grpc
 
-    return generation_service_pb2_grpc.GenerationServiceStub(channel)  # type: ignore[no-any-return]
+    return generation_service_pb2_grpc.GenerationServiceStub(channel)

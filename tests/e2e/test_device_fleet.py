@@ -131,7 +131,6 @@ def test_fleet_sessions_finish_locally_when_the_cloud_dies(mock_cloud: UpProcess
     finally:
         stop(proc)
     for i, (shown, s) in enumerate(results):
-        print(i, s.handoff_index, s.handoff_ms, s.ttft_ms, s.fallback, s.cloud_tokens)
         assert s.device_index == i and len(shown) == 160, s  # complete
         assert s.fallback and "local prefill" in s.fallback
         src = [t.source for t in shown]

@@ -129,8 +129,19 @@ def test_first_token_hold_absorbs_the_clouds_handoff_gap() -> None:
     arrivals = [100.0, 210.0] + [210.0 + 15.0 * i for i in range(1, 30)]
     plain = gaps(simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45)))
     assert plain[0] == pytest.approx(110.0)  # shown on arrival: one long gap
-    held = simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45, first_hold_ms=70))
-    assert held[0] == pytest.approx(170.0)  # the hold is paid in TTFT ...
-    assert max(gaps(held)) <= 45.0 + 1e-9  # ... and no displayed gap exceeds the bound
+    held = simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45, first_hold_ms=300))
+    assert held[0] == pytest.approx(210.0)  # t1 waits for t2: TTFT pays the gap seen ...
+    assert 20.0 <= held[1] - held[0] <= 45.0  # ... t2 follows one pace later
+    assert max(gaps(held)) <= 45.0 + 1e-9  # no displayed gap exceeds the bound
+    capped = simulate(arrivals, ControllerConfig(tau_ms=20, tau_max_ms=45, first_hold_ms=80))
+    assert capped[0] == pytest.approx(180.0)  # the cap: t2 came later than planned
     with pytest.raises(ValueError):
         ControllerConfig(first_hold_ms=-1)
+
+
+def test_a_held_single_token_answer_is_shown_when_the_stream_ends() -> None:
+    ctl = SpeedController(ControllerConfig(first_hold_ms=500))
+    ctl.push(7, 100.0)
+    assert ctl.next_release() == 600.0  # waiting for a second token
+    ctl.end()
+    assert ctl.pop_due(101.0) == [(7, 100.0)]
