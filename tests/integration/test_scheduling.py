@@ -93,7 +93,6 @@ async def test_a_prefill_that_cannot_meet_the_deadline_ends_the_request_before_c
         (stats,) = await c.prefill_stats()
         # Ended before compute: never accepted, no KV reserved, not at the deadline.
         assert stats.unreachable_total == 1 and stats.accepted_total == 1
-        assert (await c.kv_stats()).bytes_in_total == 0 or stats.completed_total == 1
         await c.generate(prompt_token_ids=[8] * 50, max_tokens=2, ttft_deadline_ms=5000)
         assert (await c.kv_stats()).bytes_held == 0
 
