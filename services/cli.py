@@ -16,6 +16,55 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+GENERATE_EPILOG = """\
+The same request over the OpenAI-compatible HTTP door, with curl (-N: no buffering, so
+the server-sent events show as they come):
+
+  curl -N http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages":[{"role":"user","content":"What is the capital of France?"}],
+         "max_tokens":64,"temperature":0,"stream":true}'
+
+  (add -H 'Authorization: Bearer KEY' for a keyed gateway, --cacert CERT for TLS)
+"""
+
+
+def _grpc_channel(address: str, tls_ca: str) -> Any:
+    import grpc
+
+    if not tls_ca:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(
+        address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+
+
+class _Flags:
+    """Adds flags whose help shows their default and their environment variable
+    (PDSERVE_<COMMAND>_<FLAG> unless named); the variable sets the default."""
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str) -> None:
+        self.parser = parser
+        self.command = command
+
+    def add(self, flag: str, type_: type, default: Any, help_: str, env: str = "",
+            **kw: Any) -> None:
+        from services.common.config import ENV_PREFIX, env_str
+
+        env = env or f"{ENV_PREFIX}{self.command}_{flag.lstrip('-').replace('-', '_').upper()}"
+        raw = env_str(env.removeprefix(ENV_PREFIX), "")
+        if raw:
+            default = raw.lower() in ("1", "true", "yes", "on") if type_ is bool else \
+                ([raw] if kw.get("action") == "append" else type_(raw))
+        shown = "unset" if default is None else repr(default)
+        text = f"{help_} (default: {shown}; env {env})".replace("%", "%%")
+        if type_ is bool:
+            self.parser.add_argument(flag, action="store_true", default=default, help=text)
+        elif kw.get("action") == "append":
+            self.parser.add_argument(flag, type=type_, default=default, help=text, **kw)
+        else:
+            self.parser.add_argument(flag, type=type_, default=default, help=text, **kw)
 
 ROLES = ("gateway", "prefill", "decode", "kvstore", "device")
 
@@ -24,7 +73,10 @@ def _up(args: argparse.Namespace) -> int:
     from services.launcher import UpOptions, run_up
 
     model = f"mock:{args.profile}" if args.engine == "mock" else args.model
-    env = {"PDSERVE_SCHEDULER": args.scheduler}
+    env = {"PDSERVE_SCHEDULER": args.scheduler, "PDSERVE_HTTP_PORT": str(args.http_port),
+           "PDSERVE_TLS_CERT": args.tls_cert, "PDSERVE_TLS_KEY": args.tls_key,
+           "PDSERVE_TLS_CLIENT_CA": args.tls_client_ca, "PDSERVE_API_KEY": args.api_key,
+           "PDSERVE_REFLECTION": "0" if args.no_reflection else "1"}
     if args.scheduler == "reported-queue":
         env["PDSERVE_HEARTBEAT_S"] = "0.1"  # load reports every 100 ms, as in the paper
         env["PDSERVE_REGISTRY_POLL_S"] = "0.1"
@@ -43,6 +95,10 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
+    if args.http:
+        from services.httpclient import generate_http
+
+        return await asyncio.to_thread(generate_http, args)
     import grpc
 
     from pdserve.v1 import common_pb2, generation_service_pb2, generation_service_pb2_grpc
@@ -60,10 +116,11 @@ async def _generate(args: argparse.Namespace) -> int:
         req.seed = args.seed
     t0 = time.monotonic()
     first_at = None
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+    async with _grpc_channel(args.address, args.tls_ca) as channel:
         stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
         try:
-            async for msg in stub.Generate(req, timeout=args.timeout):
+            async for msg in stub.Generate(req, timeout=args.timeout, metadata=metadata):
                 if msg.token_ids and first_at is None:
                     first_at = time.monotonic()
                 sys.stdout.write(msg.text)
@@ -126,45 +183,65 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the whole cluster locally")
-    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    up.add_argument("--decode", type=int, default=1, help="decode workers")
-    up.add_argument("--groups", help="scenario groups, e.g. code:2p1d,conv:3p2d")
-    up.add_argument("--model", default="smollm2", help="smollm2, tiny, or a checkpoint dir")
-    up.add_argument("--engine", choices=("torch", "mock"), default="torch",
-                    help="mock: workers take the time a latency profile says (no torch)")
-    up.add_argument("--profile", default="smollm2-cpu",
-                    help="mock engine profile: built-in name or a .json path")
-    up.add_argument("--scheduler", default="forward",
-                    help="forward | rr-queue | los-queue | reported-queue")
-    up.add_argument("--slots", type=int, default=0, help="prefill batch slots b_p (0: default)")
-    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
-    up.add_argument("--port", type=int, default=50051, help="gateway port")
-    up.add_argument("--log-dir", default="", help="per-process logs (default: a temp dir)")
+    upf = _Flags(up, "UP")
+    upf.add("--prefill", int, 1, "prefill workers (default group)")
+    upf.add("--decode", int, 1, "decode workers (default group)")
+    upf.add("--groups", str, "", "scenario groups, e.g. code:2p1d,conv:3p2d (overrides "
+           "--prefill/--decode)")
+    upf.add("--model", str, "smollm2", "smollm2, tiny, or a checkpoint dir")
+    upf.add("--engine", str, "torch", "torch, or mock: workers take the time a latency profile "
+           "says (no torch)", choices=("torch", "mock"))
+    upf.add("--profile", str, "smollm2-cpu", "mock engine profile: built-in name or a .json path")
+    upf.add("--scheduler", str, "forward", "forward | rr-queue | los-queue | reported-queue")
+    upf.add("--slots", int, 0, "prefill batch slots b_p (0: the worker default)")
+    upf.add("--host", str, "127.0.0.1", "gateway bind address (gRPC and HTTP)")
+    upf.add("--port", int, 50051, "gateway gRPC port")
+    upf.add("--log-dir", str, "", "per-process logs and ready files (empty: a temp dir)")
+    upf.add("--http-port", int, 8000, "gateway OpenAI-compatible HTTP port (0: a free one, "
+           "-1: off)")
+    upf.add("--tls-cert", str, "", "PEM certificate: the gateway serves gRPC and HTTP over TLS")
+    upf.add("--tls-key", str, "", "PEM private key of --tls-cert")
+    upf.add("--tls-client-ca", str, "", "PEM CA: the gateway requires client certificates "
+           "(mutual TLS)")
+    upf.add("--api-key", str, "", "require 'Authorization: Bearer <key>' at the gateway "
+           "(comma-separated keys)", env="PDSERVE_API_KEY")
+    upf.add("--no-reflection", bool, False, "turn gRPC server reflection off at the gateway")
 
     serve = sub.add_parser("serve", help="run one service (flags: see --help of the role)",
                            add_help=False)
     serve.add_argument("role", choices=ROLES)
 
-    gen = sub.add_parser("generate", help="stream a completion from a gateway")
-    gen.add_argument("prompt")
-    gen.add_argument("--address", default="127.0.0.1:50051")
-    gen.add_argument("--max-tokens", type=int)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append")
-    gen.add_argument("--scenario", default="")
-    gen.add_argument("--ttft-deadline-ms", type=int, default=0)
-    gen.add_argument("--raw", action="store_true", help="no chat template")
-    gen.add_argument("--timeout", type=float, default=300.0, help="gRPC deadline, seconds")
+    gen_p = sub.add_parser(
+        "generate", help="stream a completion from a gateway (gRPC, or HTTP with --http)",
+        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen_p.add_argument("prompt", help="the prompt (one user turn unless --raw)")
+    gen = _Flags(gen_p, "GENERATE")
+    gen.add("--address", str, "127.0.0.1:50051", "gateway gRPC address host:port")
+    gen.add("--http", str, "", "use the OpenAI-compatible HTTP door at this base URL "
+            "instead of gRPC, e.g. http://127.0.0.1:8000")
+    gen.add("--max-tokens", int, None, "new tokens at most (unset: the gateway's default)")
+    gen.add("--temperature", float, 0.0, "sampling temperature; 0 is greedy")
+    gen.add("--top-p", float, None, "nucleus sampling (unset: off)")
+    gen.add("--seed", int, None, "sampling seed")
+    gen.add("--stop", str, None, "stop string (repeat the flag for several)", action="append")
+    gen.add("--scenario", str, "", "scenario group (empty: the default group)")
+    gen.add("--ttft-deadline-ms", int, 0, "time-to-first-token deadline in ms (0: none)")
+    gen.add("--raw", bool, False, "send the prompt as is, without the chat template")
+    gen.add("--timeout", float, 300.0, "deadline of the whole call, seconds")
+    gen.add("--api-key", str, "", "API key sent as 'Authorization: Bearer <key>'",
+            env="PDSERVE_API_KEY")
+    gen.add("--tls-ca", str, "", "PEM CA (or the self-signed certificate) to verify a TLS "
+            "gateway; set: gRPC uses TLS")
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="model_cmd", required=True)
     prep = msub.add_parser("prepare", help="convert and cache a built-in model")
-    prep.add_argument("--model", default="smollm2")
+    _Flags(prep, "MODEL").add("--model", str, "smollm2", "smollm2, tiny, or a checkpoint dir",
+                              env="PDSERVE_MODEL")
 
     st = sub.add_parser("status", help="list scenario groups and live instances")
-    st.add_argument("--redis-url", default="")
+    _Flags(st, "STATUS").add("--redis-url", str, "", "the cluster's Redis (pdserve up prints "
+                             "it)", env="PDSERVE_REDIS_URL")
 
     from services.device.cli import add_parser as add_device_parser
 

@@ -103,7 +103,7 @@ SCRAPED: dict[str, tuple[str, str]] = {
     PREFIX + "decode_batch_size": ("gauge", "Requests in the decode's continuous batch."),
     PREFIX + "decode_slots": ("gauge", "Decode batch slots (b_d)."),
     PREFIX + "paged_blocks_in_use": ("gauge", "Paged KV pool blocks held by requests."),
-    PREFIX + "paged_blocks_total": ("gauge", "Paged KV pool blocks."),
+    PREFIX + "paged_pool_blocks": ("gauge", "Blocks in the paged KV pool (its size)."),
     PREFIX + "paged_bytes_in_use": ("gauge", "Bytes of the paged KV pool held by requests."),
     PREFIX + "kv_staged_bytes": ("gauge", "KV bytes staged in the kvstore (reserved or "
                                  "written, not yet consumed or released)."),
@@ -201,7 +201,7 @@ _LOAD_NAMES: dict[str, dict[str, str]] = {
                 "prefix_hits": "prefix_cache_hits", "prefix_bytes": "prefix_cache_bytes",
                 "prefix_saved_tokens": "prefix_cache_saved_tokens"},
     "decode": {"active": "decode_batch_size", "slots": "decode_slots",
-               "kv_blocks_total": "paged_blocks_total", "kv_bytes_held": "paged_bytes_in_use"},
+               "kv_blocks_total": "paged_pool_blocks", "kv_bytes_held": "paged_bytes_in_use"},
     "kvstore": {"bytes_held": "kv_staged_bytes", "entries": "kv_staged_entries",
                 "capacity_bytes": "kv_capacity_bytes"},
 }

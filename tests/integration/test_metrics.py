@@ -69,7 +69,7 @@ async def test_metrics_move_with_traffic(redis_url: str) -> None:
                     assert {k for k, _ in labels} <= ALLOWED_LABELS, (name, labels)
         roles = {dict(lab).get("role") for (name, lab) in after if name.startswith(PREFIX)}
         assert {"gateway", "prefill", "decode", "kvstore"} <= roles
-        for name in ("decode_batch_size", "paged_blocks_in_use", "paged_blocks_total",
+        for name in ("decode_batch_size", "paged_blocks_in_use", "paged_pool_blocks",
                      "kv_staged_bytes", "prefill_busy_slots", "open_streams"):
             assert PREFIX + name in SCRAPED
             assert any(n == PREFIX + name for n, _ in after), name
