@@ -78,6 +78,8 @@ async def test_refined_prompt_is_used_and_stream_is_coherent(device, tiny) -> No
     assert s.refined_prompt_tokens == -(-len(ids) // 2) and s.refine_method == "attention"
     assert len(got) == 30
     c = s.handoff_index
+    # A hand-off inside the answer, or the test below proves nothing about either side.
+    assert 0 < c < len(got), c
     # The cloud part is the greedy answer to the full prompt; the device's follows P'.
     assert got[:c] == reference(model, ids, c)
 
