@@ -13,6 +13,16 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== compose file"
 PYTHON=$PY bash scripts/check_compose.sh
+# --- Kubernetes manifests (deploy/k8s): up to date, rendered by kubectl kustomize, valid ---
+echo "== kubernetes manifests"
+if ! command -v kubectl >/dev/null; then  # Debian/apt package "kubectl" (kustomize built in)
+  apt-get install -y -q kubectl >/dev/null 2>&1 || \
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q kubectl >/dev/null 2>&1; } || \
+    echo "test.sh: kubectl could not be installed; the k8s render tests will skip" >&2
+fi
+$PY scripts/gen_k8s.py --check
+if command -v kubectl >/dev/null; then bash scripts/check_k8s.sh; fi
+# --- end Kubernetes manifests ---
 echo "== model cache (tiny + SmolLM2, converted once)"
 .venv/bin/pdserve model prepare --model tiny
 .venv/bin/pdserve model prepare --model smollm2
