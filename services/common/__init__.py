@@ -1,5 +1,3 @@
-"""Shared building blocks of every pdserve service: config, errors, gRPC server
-plumbing, telemetry, the Redis registry, the KV layout and the KV transports.
-
-Nothing here imports torch; the model-facing code lives in ``services.engine``.
-"""
+"""What every pdserve process shares: config, errors, gRPC server plumbing (runtime), auth,
+metrics, telemetry, the Redis registry and key names, and task helpers. Nothing here
+imports torch; the KV transports are ``services.kv``, model facts ``services.model``."""
