@@ -210,6 +210,8 @@ class Simulator:
     def _add_decode(self, iid: str, g: Group) -> None:
         d = FluidDecode(iid, g, self.cfg.decode_slots, self.lat, self.cfg.time_scale)
         d.tv = self.now
+        if self.cfg.decode_pool_tokens:
+            d.pool_free = self.cfg.decode_pool_tokens // self.cfg.decode_block_tokens
         g.decodes[iid] = d
         self.inst[iid] = d
         if self.audit:
@@ -611,17 +613,32 @@ class Simulator:
         idx = g.idx_d[gw]
         tick = g.ticks[gw]
         g.ticks[gw] = tick + 1
+        need = self._blocks(r)
+        if self.cfg.decode_pool_tokens and need > self.cfg.decode_pool_tokens // \
+                self.cfg.decode_block_tokens:
+            self._end(r, REFUSED)  # can never fit a decode's pool: the live decode refuses
+            if self.audit:
+                self.audit.kv_free(self.now, r.idx, "store")
+            if self.lifetime and r.pobj is not None:
+                self._unstream(r, r.pobj)
+            return
         for did in pol.pick_decodes(idx.ranked(tick), idx, self._dslots, _NO_FALLBACK):
             d = g.decodes[did]
-            if d.B + d.reserved < d.slots:  # the decode admits; a full one refuses
+            # The decode admits with a free slot and room in its KV pool; else it refuses.
+            if d.B + d.reserved < d.slots and (d.pool_free < 0 or d.pool_free >= need):
                 self._fetch(r, d)
                 return
         r.state = DWAIT  # every decode is full: the KV waits in the kvstore
         g.dwait.append(r)
 
+    def _blocks(self, r: Req) -> int:
+        return -(-(r.n + r.out + 1) // self.cfg.decode_block_tokens)
+
     def _fetch(self, r: Req, d: FluidDecode) -> None:
         g = r.group
         d.reserved += 1
+        if d.pool_free >= 0:
+            d.pool_free -= self._blocks(r)
         g.idx_d[r.gw].add(d.iid, 1)
         r.dec = d
         r.state = FETCH
@@ -635,6 +652,8 @@ class Simulator:
         assert d is not None
         d.reserved -= 1
         if r.state == DONE:  # cancelled during the fetch
+            if d.pool_free >= 0:
+                d.pool_free += self._blocks(r)
             if self.audit:
                 self.audit.transfer(r.idx, "fetch", "abort")
                 self.audit.kv_free(self.now, r.idx, "store")
@@ -680,6 +699,8 @@ class Simulator:
     def _leave_decode(self, r: Req, d: FluidDecode) -> None:
         r.gone = True
         d.leave(self.now, r.ctx0, r.vjoin)
+        if d.pool_free >= 0:
+            d.pool_free += self._blocks(r)
         g = r.group
         g.darea += self.now - r.t_dstart
         if d.live:
@@ -696,9 +717,14 @@ class Simulator:
             self._maybe_switch(d)
             return
         while g.dwait and d.B + d.reserved < d.slots:
-            r = g.dwait.popleft()
-            if r.state == DWAIT:
-                self._fetch(r, d)
+            r = g.dwait[0]
+            if r.state != DWAIT:
+                g.dwait.popleft()
+                continue
+            if 0 <= d.pool_free < self._blocks(r):
+                break  # the head waits for room (the live gateway retries in order too)
+            g.dwait.popleft()
+            self._fetch(r, d)
 
     # -- ends -----------------------------------------------------------------------------
     def _deadline(self, r: Req) -> None:

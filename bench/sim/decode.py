@@ -20,7 +20,7 @@ from services.engine.mock import LatencyModel
 
 class FluidDecode:
     __slots__ = ("B", "V", "beta_unit", "busy_t", "d0", "d1", "drain", "group", "heap", "iid",
-                 "live", "reserved", "scale", "slots", "sumbase", "tv", "version")
+                 "live", "pool_free", "reserved", "scale", "slots", "sumbase", "tv", "version")
 
     def __init__(self, iid: str, group: object, slots: int, lat: LatencyModel,
                  scale: float) -> None:
@@ -38,6 +38,7 @@ class FluidDecode:
         self.sumbase = 0.0
         self.heap: list[tuple[float, int, object]] = []
         self.reserved = 0  # slots promised to fetches in flight
+        self.pool_free = -1  # free KV pool blocks; -1: no pool limit
         self.version = 0
 
     def _s0(self) -> float:

@@ -24,6 +24,10 @@ class SimConfig:
     decodes_per_group: int = 2
     slots: int = 1  # b_p
     decode_slots: int = 64  # b_d
+    # The decode's paged KV pool: a request needs prompt + output + 1 tokens of it, in
+    # blocks (the live decode's admission rule); 0 = no pool limit, slots only.
+    decode_pool_tokens: int = 0
+    decode_block_tokens: int = 16
     gateways: int = 2
     rtt_ms: float = 1.0  # one round trip gateway <-> worker (a TRY, a first token back)
     kv_bytes_per_token: int = 12 * 1024

@@ -62,6 +62,7 @@ def test_conservation_kv_clock_causality_and_pool_exclusivity(
         policy_name: str, closed: int, controlled: bool) -> None:
     cfg = SimConfig(policy_name, groups=3, prefills_per_group=3, decodes_per_group=2,
                     decode_slots=4, gateways=2, cancel_frac=0.15, seed=7,
+                    decode_pool_tokens=16384 if closed else 0,
                     control_period_ms=150.0 if controlled else 0.0, switch_ms=20.0)
     n = 700
     sim = Simulator(cfg, LAT, control=_mover(150.0) if controlled else None, audit=True)
@@ -85,6 +86,10 @@ def test_conservation_kv_clock_causality_and_pool_exclusivity(
         assert not g.queue and not g.dwait
         assert all(p.busy == 0 and not p.fifo for p in g.prefills.values())
         assert all(d.B == 0 and d.reserved == 0 for d in g.decodes.values())
+        # Every decode's KV pool blocks came back (none leaked, none freed twice).
+        full = cfg.decode_pool_tokens // cfg.decode_block_tokens if cfg.decode_pool_tokens \
+            else -1
+        assert all(d.pool_free == full for d in g.decodes.values())
     # Pool exclusivity: a request's instances belonged to its group in that role.
     log = audit.membership_log
     for r, spec in zip(res, _reqs(n, groups=3), strict=True):
