@@ -61,9 +61,12 @@ dc config --quiet
 echo "check_compose: $FILE, --profile groups"
 dc --profile groups config --quiet
 
+echo "check_compose: $FILE, --profile observability"
+dc --profile observability config --quiet
+
 if [[ -f "$ENV_EXAMPLE" && -z "${CHECK_COMPOSE_FILE:-}" ]]; then
     echo "check_compose: $FILE with --env-file $ENV_EXAMPLE"
-    dc --env-file "$ENV_EXAMPLE" --profile groups config --quiet
+    dc --env-file "$ENV_EXAMPLE" --profile groups --profile observability config --quiet
 fi
 
 # Structural rules the schema cannot express: the services exist per profile, only the
@@ -71,12 +74,19 @@ fi
 echo "check_compose: structure"
 default_json="$(dc config --format json)"
 groups_json="$(dc --profile groups config --format json)"
-DEFAULT_JSON="$default_json" GROUPS_JSON="$groups_json" "$PYTHON" - <<'PY'
+obs_json="$(dc --profile groups --profile observability config --format json)"
+DEFAULT_JSON="$default_json" GROUPS_JSON="$groups_json" OBS_JSON="$obs_json" "$PYTHON" - <<'PY'
 import json, os, sys
+from pathlib import Path
 
 default = json.loads(os.environ["DEFAULT_JSON"])["services"]
 groups = json.loads(os.environ["GROUPS_JSON"])["services"]
+obs = json.loads(os.environ["OBS_JSON"])["services"]
 errors = []
+observability = {"prometheus", "grafana", "jaeger"}
+if set(obs) != set(groups) | observability:
+    errors.append(f"observability profile services {sorted(obs)} != groups + "
+                  f"{sorted(observability)}")
 
 want_default = {"redis", "model-init", "kvstore", "gateway", "prefill", "decode"}
 want_groups = want_default | {"prefill-code", "decode-code"}
@@ -85,14 +95,33 @@ if set(default) != want_default:
 if set(groups) != want_groups:
     errors.append(f"groups profile services {sorted(groups)} != {sorted(want_groups)}")
 
-for name, svc in groups.items():
-    if name != "gateway" and svc.get("ports"):
-        errors.append(f"{name}: only the gateway may publish a port")
+for name, svc in obs.items():
+    if name not in {"gateway"} | observability and svc.get("ports"):
+        errors.append(f"{name}: only the gateway and the observability UIs may publish a port")
+    env = svc.get("environment") or {}
+    if name not in {"redis", "model-init"} | observability:
+        if env.get("PDSERVE_METRICS_PORT") != "9400":
+            errors.append(f"{name}: PDSERVE_METRICS_PORT must be 9400 (Prometheus scrapes it)")
+        if "@redis:" not in env.get("PDSERVE_REDIS_URL", ""):
+            errors.append(f"{name}: PDSERVE_REDIS_URL must carry the Redis password")
+redis_cmd = obs.get("redis", {}).get("command") or []
+if "--requirepass" not in redis_cmd:
+    errors.append("redis: must run with --requirepass")
+for name in ("prometheus", "grafana"):
+    for vol in obs.get(name, {}).get("volumes", []):
+        if vol.get("type") == "bind" and not Path(vol["source"]).exists():
+            errors.append(f"{name}: mounted {vol['source']} does not exist")
+for dash in Path("compose/observability/grafana/dashboards").glob("*.json"):
+    try:
+        json.loads(dash.read_text())
+    except ValueError as e:
+        errors.append(f"{dash}: not JSON: {e}")
     if name in {"prefill", "decode", "prefill-code", "decode-code"} and "container_name" in svc:
         errors.append(f"{name}: container_name breaks --scale")
 gw_ports = [p.get("target") for p in groups.get("gateway", {}).get("ports", [])]
-if gw_ports != [50051]:
-    errors.append(f"gateway must publish exactly container port 50051, got {gw_ports}")
+if gw_ports != [50051, 8000]:
+    errors.append(f"gateway must publish container ports 50051 (gRPC) and 8000 (HTTP), "
+                  f"got {gw_ports}")
 for name in ("prefill-code", "decode-code"):
     env = groups.get(name, {}).get("environment", {})
     if env.get("PDSERVE_GROUP") != "code":
@@ -102,5 +131,11 @@ for e in errors:
     print(f"check_compose: {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
+
+if command -v promtool >/dev/null; then
+    echo "check_compose: promtool check config compose/observability/prometheus.yml"
+    promtool check config compose/observability/prometheus.yml >/dev/null
+fi
+"$PYTHON" scripts/gen_dashboard.py --check
 
 echo "check_compose: OK"
