@@ -6,7 +6,9 @@ spare pool, a Deployment), so ``scale`` is not offered.
 
 Also here: ``mark_removed``, the substitution's first step (P/D-Serve §1.4: "mark the
 failed instance as logically removed so nothing more is forwarded or transferred to
-it"): the record goes at once instead of when its lease lapses.
+it"): the record goes at once instead of when its lease lapses, and a tombstone
+(``removed_key``, with a TTL) tells a zombie that still beats (its gRPC broken, its
+event loop alive) to stop re-registering: workers check it every heartbeat and leave.
 """
 
 from __future__ import annotations
@@ -40,11 +42,23 @@ _STATES = {
 _GRACE_S = 15.0  # on top of a step's own timeout: the worker answers after its drain
 
 
-async def mark_removed(client: Any, group: str, instance_id: str) -> None:
-    """Drop an instance's registry record now (one group's slot: Cluster-safe)."""
+TOMBSTONE_S = 600.0  # how long a removed instance's id stays barred from its group
+
+
+def removed_key(group: str, instance_id: str) -> str:
+    """Tombstone of an instance marked removed (same hash tag as the group's keys)."""
+    return f"pdserve:{{{group}}}:removed:{instance_id}"
+
+
+async def mark_removed(client: Any, group: str, instance_id: str,
+                       tombstone_s: float = TOMBSTONE_S) -> None:
+    """Drop an instance's registry record now and bar its id from the group for
+    ``tombstone_s`` (one group's slot: Cluster-safe)."""
     async with client.pipeline(transaction=True) as pipe:
         pipe.srem(members_key(group), instance_id)
         pipe.delete(instance_key(group, instance_id))
+        if tombstone_s > 0:
+            pipe.set(removed_key(group, instance_id), "1", px=int(tombstone_s * 1000))
         await pipe.execute()
 
 

@@ -172,6 +172,8 @@ class RoleHost:
         self.last = Switch()
         self.switches_total = 0
         self.aborted_on_drain_total = 0
+        self.removed = False  # marked removed by a substitution: never registers again
+        self.removal: asyncio.Task[None] | None = None
         self._calls: set[_Call] = set()
         self._empty = asyncio.Event()  # set while nothing is in flight
         self._empty.set()
@@ -210,16 +212,36 @@ class RoleHost:
 
     # -- lifecycle
     async def start(self) -> None:
+        from services.control.actuators_local import removed_key
+
+        # A fresh process is not the zombie an old tombstone of this id was meant for.
+        await self.runtime.redis.delete(removed_key(self.group, self.runtime.instance_id))
         await self.view.start()
         if self.cfg.role != IDLE or self.cfg.preload:
             await self._load_runner(self.cfg)
         if self.cfg.role == IDLE:
             self.state = State.IDLE
-            await self.runtime.serving(self._info(IDLE, self.cfg.group), self.load)
+            await self._register(IDLE, self.group)
         else:
             await self._become(self.cfg.role, self.cfg)
             self.state = State.SERVING
-            await self.runtime.serving(self._info(self.role, self.group), self.load)
+            await self._register(self.role, self.group)
+        await self.runtime.serving()  # health SERVING and the ready file
+        await self._health()
+
+    async def _on_removed(self) -> None:
+        """Leave the registry for good: a substitution replaced this instance while its
+        heartbeat still ran (its gRPC broken, its loop alive); beating again would put
+        it back into routing."""
+        if self.removed:
+            return
+        self.removed = True
+        log.error("worker %s was marked removed from %s; leaving the registry",
+                  self.runtime.instance_id, self.group)
+        reg, self.runtime.registration = self.runtime.registration, None
+        if reg is not None:
+            await reg.close()
+        self.state = State.DRAINED
         await self._health()
 
     async def close(self) -> None:
@@ -245,6 +267,9 @@ class RoleHost:
                      timeout_s: float, fence: int = 0) -> None:
         if role not in ROLES:
             raise InvalidArgument(f"role must be prefill or decode, got {role!r}")
+        if self.removed:
+            raise FailedPrecondition(f"{self.runtime.instance_id} was marked removed; "
+                                     "restart the process", reason="INSTANCE_REMOVED")
         self._check_fence(fence)
         async with self._lock:
             cfg = self.cfg.with_settings(settings, group=group or self.cfg.group)
@@ -357,13 +382,14 @@ class RoleHost:
 
     async def _register(self, role: str, group: str) -> None:
         """Re-register under the new role (a new record; the old one is removed)."""
+        if self.removed:
+            return
         old = self.runtime.registration
         if old is not None:
             await old.close()
-            reg = Registration(self.runtime.redis, self._info(role, group),
-                               self.cfg.registry_ttl_s, self.cfg.heartbeat_s, self.load)
-            await reg.start()
-            self.runtime.registration = reg
+        reg = _Registration(self, self._info(role, group))
+        await reg.start()
+        self.runtime.registration = reg
         await self._health()
 
     async def _health(self) -> None:
@@ -383,6 +409,24 @@ class RoleHost:
             weights_kept=self.last.weights_kept, pool_kept=self.last.pool_kept,
             aborted_on_drain_total=self.aborted_on_drain_total,
             switches_total=self.switches_total, address=self.runtime.address)
+
+
+class _Registration(Registration):
+    """The worker's lease: no beat once its id is tombstoned (``mark_removed``)."""
+
+    def __init__(self, host: RoleHost, info: InstanceInfo) -> None:
+        super().__init__(host.runtime.redis, info, host.cfg.registry_ttl_s,
+                         host.cfg.heartbeat_s, host.load)
+        self.host = host
+
+    async def beat(self) -> None:
+        from services.control.actuators_local import removed_key
+
+        info = self.info
+        if await self.host.runtime.redis.exists(removed_key(info.group, info.instance_id)):
+            self.host.removal = asyncio.get_running_loop().create_task(self.host._on_removed())
+            return
+        await super().beat()
 
 
 @dataclass
