@@ -12,6 +12,7 @@ from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 def _raise(message: str) -> None:
@@ -70,25 +71,39 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
+    @property
+    def raw(self) -> Tokenizer:
+        """The ``tokenizers`` tokenizer (for ``DecodeStream``)."""
+        return self._tok
+
 
 class Detokenizer:
     """Turns a growing token list into text deltas, holding back incomplete UTF-8
-    and any tail that could still become a stop string."""
+    and any tail that could still become a stop string.
+
+    Incremental: ``tokenizers``' ``DecodeStream`` decodes each token against a short
+    window of the ones before it (it returns nothing while a character is still
+    half-written), so a token costs the same at position 10 and at 10,000; decoding
+    the whole list at every token made the gateway's relay quadratic in the answer."""
 
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()) -> None:
         self._tok = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.ids: list[int] = []
+        self._text = ""  # what the stream has decoded so far (complete characters only)
         self._emitted = 0
         self.stopped = False
 
     def add(self, new_ids: Sequence[int]) -> str:
         """Append tokens; return newly final text. Sets ``stopped`` on a stop string."""
         self.ids.extend(new_ids)
-        text = self._tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character
-            text = text[: len(text) - 1]
+        if new_ids:
+            chunk = self._stream.step(self._tok.raw, list(new_ids))
+            if chunk:
+                self._text += chunk
+        text = self._text
         hits = [at for s in self._stop
                 if (at := text.find(s, max(0, self._emitted - len(s) + 1))) != -1]
         if hits:  # cut at the earliest match, whichever stop string it is
@@ -100,7 +115,8 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
-        """Text still held back at the end of the stream."""
+        """Text still held back at the end of the stream. One whole decode per request,
+        so a trailing half-written character ends as U+FFFD, as ``decode`` gives it."""
         if self.stopped:
             return ""
         text = self._tok.decode(self.ids)
