@@ -16,7 +16,22 @@ from __future__ import annotations
 import asyncio
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+
+class Reservation(Protocol):
+    """Where a reserved KV buffer is staged (the kvstore's ``ReserveKvResponse``): the
+    handle the data channel names it by and the endpoints that can move its bytes."""
+
+    @property
+    def handle(self) -> str: ...
+
+    @property
+    def data_address(self) -> str: ...
+
+    @property
+    def endpoints(self) -> Sequence[Any]: ...
 
 
 class Status(enum.IntEnum):

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import numpy as np
 
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.kv.base import TransferError
+from services.kv.base import Reservation, TransferError
 from services.kv.config import KvTransferConfig
 from services.kv.layout import HEADER_BYTES
 from services.kv.negotiate import (
@@ -63,10 +63,10 @@ log = logging.getLogger(__name__)
 class LayerPush:
     """One request's KV pushed layer by layer into its reservation (see module doc)."""
 
-    def __init__(self, cfg: KvTransferConfig, reservation: object, request_id: str,
+    def __init__(self, cfg: KvTransferConfig, reservation: Reservation, request_id: str,
                  buf: np.ndarray, num_layers: int, checksum: bool) -> None:
         self.cfg = cfg
-        self.handle: str = reservation.handle  # type: ignore[attr-defined]
+        self.handle: str = reservation.handle
         self.request_id = request_id
         self.buf = buf
         self.num_layers = num_layers
@@ -83,12 +83,12 @@ class LayerPush:
         self._t0 = time.monotonic()
 
     @classmethod
-    async def open(cls, cfg: KvTransferConfig, reservation: object, request_id: str,
+    async def open(cls, cfg: KvTransferConfig, reservation: Reservation, request_id: str,
                    buf: np.ndarray, num_layers: int, checksum: bool,
                    this_host: str) -> LayerPush | None:
         """Start a layered push, or None when the planned path is not tcp."""
-        eps = endpoints_of(list(reservation.endpoints),  # type: ignore[attr-defined]
-                           reservation.data_address)  # type: ignore[attr-defined]
+        eps = endpoints_of(list(reservation.endpoints),
+                           reservation.data_address)
         best, _ = plan(cfg, eps, this_host)
         if best.transport != "tcp" or len(buf) <= HEADER_BYTES or num_layers <= 0:
             return None

@@ -34,7 +34,7 @@ from opentelemetry import trace
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
-from services.kv.base import KvLease, KvTransport, TransferError
+from services.kv.base import KvLease, KvTransport, Reservation, TransferError
 from services.kv.config import KvTransferConfig
 from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header
 from services.kv.rdma import (
@@ -227,13 +227,13 @@ async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], h
     raise AssertionError("unreachable")
 
 
-async def push_kv(cfg: KvTransferConfig, reservation: object, request_id: str,
+async def push_kv(cfg: KvTransferConfig, reservation: Reservation, request_id: str,
                   data: memoryview, num_tokens: int,
                   timeout_s: float | None = None) -> TransferResult:
     """Push a packed KV buffer into its reservation (a ``ReserveKvResponse``)."""
-    eps = endpoints_of(list(reservation.endpoints),  # type: ignore[attr-defined]
-                       reservation.data_address)  # type: ignore[attr-defined]
-    _, result = await _move(cfg, eps, reservation.handle,  # type: ignore[attr-defined]
+    eps = endpoints_of(list(reservation.endpoints),
+                       reservation.data_address)
+    _, result = await _move(cfg, eps, reservation.handle,
                             request_id, memoryview(data),
                             block_bytes(cfg, memoryview(data), num_tokens), timeout_s,
                             push=True)
