@@ -152,7 +152,7 @@ def field_docs(cls: type) -> dict[str, str]:
                 continue
             doc = comments.get(no, "")
             if not doc or not line.lstrip().startswith(m.group(1)):
-                above = []
+                above: list[str] = []
                 prev = no - 1
                 while prev in comments and lines[prev - 1].lstrip().startswith("#"):
                     above.insert(0, comments[prev])

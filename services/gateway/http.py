@@ -24,7 +24,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 DONE = b"data: [DONE]\n\n"
-Produce = Callable[[Send], Awaitable[None]]
+Produce = Callable[[Send], Coroutine[Any, Any, None]]
 
 
 def _dumps(obj: Any) -> bytes:

@@ -158,7 +158,7 @@ def build_request(r: _Common, headers: Mapping[str, str], chat_ids: list[int] | 
             raise _unsupported("echo" if r.echo else "suffix", "not supported")
         prompt = r.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            req.prompt_token_ids.extend(prompt)  # type: ignore[arg-type]
+            req.prompt_token_ids.extend(prompt)
         elif isinstance(prompt, list):
             if len(prompt) != 1:
                 raise _unsupported("prompt", f"one prompt per request, got {len(prompt)}")

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -192,7 +192,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def stream(
         self, request: pb.GenerateRequest, time_remaining: float | None
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One request's path, shared by gRPC ``Generate`` and the HTTP door (http.py).
         Raises ``PdserveError``; cancelling or closing it early (the client went away)
         cancels the downstream calls and releases the KV, as a gRPC cancel does."""
