@@ -24,7 +24,11 @@ Signals (§1.3): mean E2E and the TTFT share T_p / E2E of the group.
   while the model (if any) still points there (hill climbing); one that made E2E worse
   by ``e2e_up`` is reverted, and the group then holds (``hold`` periods ignore triggers
   weaker than twice ``e2e_up``); anything between is the new normal. This is the
-  hysteresis: no change without a clear rise, no reversal without a clear loss.
+  hysteresis: no change without a clear rise, no reversal without a clear loss. A loss
+  is not reverted when Eq. 1 says the change added capacity: right after an overload the
+  E2E still carries the backlog that triggered the change.
+- The first ``warmup`` periods with evidence only take the reference (a group filling up
+  has a low E2E that is no norm).
 
 Where instances come from:
 - fixed total: switch one of the group's other role, if that role keeps >= 2 and (with a
@@ -66,6 +70,7 @@ class ControllerConfig:
     release_after: int = 3  # calm periods before a borrowed instance is released
     headroom: float = 1.2  # capacity over traffic a donor or a release must keep
     cross_group: bool = True  # fixed total: move instances between groups
+    warmup: int = 2  # periods of evidence before the reference is trusted (fill-up)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Pending:
 class GroupState:
     ref_e2e: float = 0.0
     ref_share: float = 0.0
+    seen: int = 0  # periods with evidence
     cooldown: int = 0
     hold: int = 0
     calm: int = 0
@@ -233,6 +239,9 @@ class RatioController:
         e2e, share = o.mean_e2e_ms, o.ttft_share
         fail_rate = o.failed / o.requests
         prof = gv.profile
+        st.seen += 1
+        if st.seen <= cfg.warmup:  # the group is still filling up: its E2E is not a norm
+            st.ref_e2e = 0.0
         if st.ref_e2e <= 0:
             st.ref_e2e, st.ref_share = e2e, share
             if prof is not None and e2e > prof.e2e_ms * (1 + cfg.e2e_up):
@@ -248,6 +257,12 @@ class RatioController:
                 st.last = f"helped {100 * gain:.0f}%: continue"
                 return self._want(gv, p.direction, "continue", e2e, continue_=True)
             if not p.revert and gain <= -cfg.e2e_up:
+                if self._model_backs(gv, p.direction):
+                    # Eq. 1 says the change added capacity: the rise is the backlog of
+                    # the overload that triggered it, still draining. Keep the change.
+                    st.ref_e2e, st.ref_share = e2e, share
+                    st.last = f"E2E {-100 * gain:.0f}% worse, model backs the change: keep"
+                    return None
                 st.last = f"hurt {-100 * gain:.0f}%: revert"
                 return self._want(gv, -p.direction, "revert", e2e, revert=True)
             st.ref_e2e, st.ref_share = e2e, share  # the new normal
@@ -292,6 +307,16 @@ class RatioController:
         if gv.profile is None:
             return True
         return (best_split(gv.profile, gv.n_p + gv.n_d).n_p - gv.n_p) * direction > 0
+
+    def _model_backs(self, gv: GroupView, direction: int) -> bool:
+        """The last change (one step of ``direction`` to reach the current split) raised
+        Eq. 1's capacity."""
+        if gv.profile is None:
+            return False
+        n_p, n_d = gv.n_p - direction, gv.n_d + direction
+        if n_p < 1 or n_d < 1:
+            return True
+        return gv.profile.capacity(gv.n_p, gv.n_d) >= gv.profile.capacity(n_p, n_d)
 
     def _want(self, gv: GroupView, direction: int, reason: str, e2e: float,
               continue_: bool = False, revert: bool = False) -> _Want:

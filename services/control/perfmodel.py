@@ -62,6 +62,10 @@ class GroupProfile:
     r_pre: float = 1.0  # prefix-cache speed-up factor, (0, 1]
     xi_ms: float = 0.0  # ξ: KV transfer time (the slowest sub-transfer)
     hold_ms: float = 0.0  # a prefill slot's extra hold after compute (KV handoff)
+    # The prefill utilisation the TTFT SLO allows (1: the paper's Eq. 1). Waiting at a
+    # prefill costs TTFT, which the SLO bounds tightly; waiting for a decode slot only
+    # stretches E2E. A scheduler that collapses near saturation needs headroom.
+    u_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.ttft_bs_ms <= 0 or self.tpot_bs_ms <= 0:
@@ -72,6 +76,8 @@ class GroupProfile:
             raise ValueError("r_pre must be in (0, 1]")
         if self.g < 0 or self.xi_ms < 0 or self.hold_ms < 0:
             raise ValueError("G, ξ and the hold time cannot be negative")
+        if not 0 < self.u_p <= 1:
+            raise ValueError("the prefill utilisation target u_p must be in (0, 1]")
 
     @property
     def t_p_ms(self) -> float:
@@ -100,7 +106,8 @@ class GroupProfile:
         return n_d * self.b_d * 1000.0 / max(self.t_d_ms, 1e-9)
 
     def capacity(self, n_p: int, n_d: int) -> float:
-        return min(self.prefill_rate(n_p), self.decode_rate(n_d))
+        """min(u_p x prefill rate, decode rate): what the split carries within its SLO."""
+        return min(self.u_p * self.prefill_rate(n_p), self.decode_rate(n_d))
 
     def phi(self, n_p: int, n_d: int, traffic: float = math.inf) -> float:
         """Φ: throughput per instance (requests/s per instance)."""
@@ -110,18 +117,22 @@ class GroupProfile:
 
     def bottleneck(self, n_p: int, n_d: int, traffic: float = math.inf) -> str:
         """``traffic`` when the group keeps up (no waiting), else the weaker role."""
-        pr, dr = self.prefill_rate(n_p), self.decode_rate(n_d)
+        pr, dr = self.u_p * self.prefill_rate(n_p), self.decode_rate(n_d)
         if traffic <= min(pr, dr):
             return TRAFFIC
         return PREFILL if pr <= dr else DECODE
 
     def eq1_ratio(self) -> float:
-        """The continuous optimum n_p / n_d = b_d·(T_p + hold) / (b_p·T_d)."""
-        return self.b_d * (self.t_p_ms + self.hold_ms) / (self.b_p * max(self.t_d_ms, 1e-9))
+        """The continuous optimum n_p / n_d = b_d·(T_p + hold) / (u_p·b_p·T_d)."""
+        return self.b_d * (self.t_p_ms + self.hold_ms) / (
+            self.u_p * self.b_p * max(self.t_d_ms, 1e-9))
 
     def with_workload(self, g: float | None = None, r_pre: float | None = None) -> GroupProfile:
         return replace(self, g=self.g if g is None else g,
                        r_pre=self.r_pre if r_pre is None else r_pre)
+
+    def with_prefill_util(self, u_p: float) -> GroupProfile:
+        return replace(self, u_p=u_p)
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,8 @@ def best_split(profile: GroupProfile, total: int, traffic: float = math.inf,
     best: tuple[float, float, int] | None = None
     for n_p in range(lo, total - lo + 1):
         cap = profile.capacity(n_p, total - n_p)
-        key = (cap, -abs(profile.prefill_rate(n_p) - profile.decode_rate(total - n_p)), -n_p)
+        mismatch = abs(profile.u_p * profile.prefill_rate(n_p) - profile.decode_rate(total - n_p))
+        key = (cap, -mismatch, -n_p)
         if best is None or key > best:
             best = key
     assert best is not None
@@ -172,7 +184,7 @@ def required(profile: GroupProfile, traffic: float, headroom: float = 1.0,
     least ``floor``): what a group with a spare pool should hold."""
     need = traffic * headroom
     n_p = max(floor, math.ceil(need * (profile.t_p_ms + profile.hold_ms)
-                               / (1000.0 * profile.b_p) - 1e-9))
+                               / (1000.0 * profile.b_p * profile.u_p) - 1e-9))
     n_d = max(floor, math.ceil(need * profile.t_d_ms / (1000.0 * profile.b_d) - 1e-9))
     return split_at(profile, n_p, n_d, traffic)
 
@@ -195,7 +207,8 @@ def allocate(groups: Mapping[str, tuple[GroupProfile, float]], total: int,
     for _ in range(total - 2 * floor * len(groups)):
         worst = min(groups, key=lambda g: (served(g, *alloc[g]), g))
         n_p, n_d = alloc[worst]
-        if groups[worst][0].prefill_rate(n_p) <= groups[worst][0].decode_rate(n_d):
+        prof = groups[worst][0]
+        if prof.u_p * prof.prefill_rate(n_p) <= prof.decode_rate(n_d):
             alloc[worst][0] += 1
         else:
             alloc[worst][1] += 1
@@ -255,6 +268,7 @@ class Deployment:
     # as long and only overlap the KV handoff.
     prefill_parallel: bool = True
     tpot_slo_ms: float = 0.0  # cap b_d so a step stays within it (0: no cap)
+    prefill_util: float = 1.0  # u_p: the prefill utilisation the TTFT SLO allows
 
 
 def effective_b_d(latency: Latency, wl: Workload, dep: Deployment) -> int:
@@ -280,7 +294,8 @@ def from_latency(latency: Latency, wl: Workload, dep: Deployment) -> GroupProfil
     r_pre = min(1.0, max(1e-6, wl.prefill_ms / wl.prefill_ms_uncached))
     tpot_bs = latency.step_ms([max(1, round(wl.decode_ctx))] * b_d)
     return GroupProfile(ttft_bs_ms=ttft_bs, tpot_bs_ms=tpot_bs, b_p=b_p, b_d=b_d,
-                        g=max(wl.output_len - 1, 0.0), r_pre=r_pre, xi_ms=xi, hold_ms=xi)
+                        g=max(wl.output_len - 1, 0.0), r_pre=r_pre, xi_ms=xi, hold_ms=xi,
+                        u_p=dep.prefill_util)
 
 
 @dataclass

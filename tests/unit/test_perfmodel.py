@@ -142,8 +142,16 @@ def test_live_estimate_fits_tpot_against_batch() -> None:
     assert p.t_d_ms == pytest.approx(2.0 + 18.0 * 49)
 
 
+def test_prefill_headroom_moves_the_optimum_toward_prefill() -> None:
+    p = prof()
+    tight = p.with_prefill_util(0.7)
+    assert tight.capacity(4, 4) == pytest.approx(min(0.7 * p.prefill_rate(4), p.decode_rate(4)))
+    assert best_split(tight, 16).n_p >= best_split(p, 16).n_p
+    assert tight.eq1_ratio() == pytest.approx(p.eq1_ratio() / 0.7)
+
+
 def test_bad_profiles_are_refused() -> None:
-    for kw in ({"ttft_bs_ms": 0.0}, {"b_d": 0}, {"r_pre": 1.5}, {"g": -1.0}):
+    for kw in ({"ttft_bs_ms": 0.0}, {"b_d": 0}, {"r_pre": 1.5}, {"g": -1.0}, {"u_p": 0.0}):
         with pytest.raises(ValueError):
             prof(**kw)
     with pytest.raises(ValueError):

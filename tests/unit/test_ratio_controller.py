@@ -46,13 +46,13 @@ def run(c: RatioController, *groups: GroupView, spares: tuple[str, ...] = ()) ->
 
 
 def test_calm_group_gets_no_change() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     for e2e in (1000, 1050, 980, 1100, 1020):
         assert run(c, group("g", 4, 4, e2e, 0.3)) == []
 
 
 def test_e2e_up_with_share_up_adds_prefill_from_decode() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     out = run(c, group("g", 4, 4, 1500, 0.50))
     assert len(out) == 1 and out[0].kind is Kind.SWITCH
@@ -61,28 +61,46 @@ def test_e2e_up_with_share_up_adds_prefill_from_decode() -> None:
 
 
 def test_e2e_up_with_share_down_adds_decode() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     out = run(c, group("g", 4, 4, 1500, 0.15))
     assert [(d.role, d.from_role) for d in out] == [("decode", "prefill")]
 
 
+def test_the_first_periods_only_take_the_reference() -> None:
+    c = RatioController(ControllerConfig(warmup=2))
+    assert run(c, group("g", 4, 4, 500, 0.30)) == []  # an empty group filling up
+    assert run(c, group("g", 4, 4, 1000, 0.30)) == []  # still warming up: no trigger
+    assert run(c, group("g", 4, 4, 1050, 0.30)) == []  # the reference is 1000 now
+    assert run(c, group("g", 4, 4, 1500, 0.50))
+
+
+def test_a_loss_the_model_backs_is_kept() -> None:
+    prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
+    c = RatioController(ControllerConfig(cooldown=0, warmup=0))
+    run(c, group("g", 13, 3, 1000, 0.3, profile=prof))
+    assert run(c, group("g", 13, 3, 2000, 0.1, profile=prof))  # +4 decode (capped)
+    # E2E still rising (the overload's backlog), but Eq. 1 says 9:7 beats 10:6: keep.
+    assert run(c, group("g", 9, 7, 3000, 0.1, profile=prof)) == []
+    assert "model backs" in c.state["g"].last
+
+
 def test_small_rises_and_too_few_requests_are_not_evidence() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     assert run(c, group("g", 4, 4, 1100, 0.50)) == []  # +10% < e2e_up
     assert run(c, group("g", 4, 4, 3000, 0.90, requests=5)) == []
 
 
 def test_failures_count_as_prefill_pressure() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     out = run(c, group("g", 4, 4, 1000, 0.30, failed=20))
     assert [d.role for d in out] == ["prefill"]
 
 
 def test_no_action_while_a_change_is_under_way_or_cooling_down() -> None:
-    c = RatioController(ControllerConfig(cooldown=2))
+    c = RatioController(ControllerConfig(cooldown=2, warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     assert run(c, group("g", 4, 4, 1500, 0.50))
     assert run(c, group("g", 5, 3, 1500, 0.50, changing=1)) == []
@@ -91,10 +109,10 @@ def test_no_action_while_a_change_is_under_way_or_cooling_down() -> None:
 
 
 def test_a_role_never_drops_below_two() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 6, 2, 1000, 0.30))
     assert run(c, group("g", 6, 2, 3000, 0.60)) == []  # wants prefill; decode is at 2
-    c2 = RatioController()
+    c2 = RatioController(ControllerConfig(warmup=0))
     run(c2, group("s", 2, 1, 1000, 0.30))
     assert run(c2, group("s", 2, 1, 3000, 0.10)) == []  # prefill at 2, decode at 1
 
@@ -102,7 +120,7 @@ def test_a_role_never_drops_below_two() -> None:
 def test_model_sizes_the_step_and_caps_it() -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
     best = best_split(prof, 16)
-    c = RatioController(ControllerConfig(max_step_frac=0.25))
+    c = RatioController(ControllerConfig(max_step_frac=0.25, warmup=0))
     start = group("g", 13, 3, 1000, 0.5, profile=prof)
     run(c, start)
     out = run(c, group("g", 13, 3, 2000, 0.2, profile=prof))
@@ -111,7 +129,7 @@ def test_model_sizes_the_step_and_caps_it() -> None:
 
 
 def test_hill_climb_continues_while_it_helps_and_reverts_a_loss() -> None:
-    c = RatioController(ControllerConfig(cooldown=0))
+    c = RatioController(ControllerConfig(cooldown=0, warmup=0))
     run(c, group("g", 4, 6, 1000, 0.3))
     assert [d.role for d in run(c, group("g", 4, 6, 1600, 0.5))] == ["prefill"]
     # It helped (-25%): one more prefill.
@@ -123,7 +141,7 @@ def test_hill_climb_continues_while_it_helps_and_reverts_a_loss() -> None:
 
 
 def test_fixed_total_moves_from_a_calm_donor_when_the_group_cannot_switch() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("hot", 2, 2, 1000, 0.3), group("cold", 4, 4, 800, 0.3))
     out = run(c, group("hot", 2, 2, 2000, 0.1), group("cold", 4, 4, 800, 0.3))
     assert len(out) == 1 and out[0].kind is Kind.MOVE
@@ -132,7 +150,7 @@ def test_fixed_total_moves_from_a_calm_donor_when_the_group_cannot_switch() -> N
 
 def test_a_donor_keeps_headroom_over_its_traffic() -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     busy = prof.capacity(3, 4)  # the donor's traffic equals its capacity minus one
     run(c, group("hot", 2, 2, 1000, 0.3), group("cold", 4, 4, 800, 0.3, profile=prof,
                                                   rps=busy))
@@ -142,7 +160,7 @@ def test_a_donor_keeps_headroom_over_its_traffic() -> None:
 
 
 def test_spare_pool_borrows_then_releases_when_calm() -> None:
-    cfg = ControllerConfig(spare=True, release_after=2, cooldown=0)
+    cfg = ControllerConfig(spare=True, release_after=2, cooldown=0, warmup=0)
     c = RatioController(cfg)
     run(c, group("g", 2, 2, 1000, 0.3), spares=("s1", "s2"))
     out = run(c, group("g", 2, 2, 2000, 0.6), spares=("s1", "s2"))
@@ -157,10 +175,10 @@ def test_spare_pool_borrows_then_releases_when_calm() -> None:
 
 
 def test_state_survives_a_leader_change() -> None:
-    c = RatioController()
+    c = RatioController(ControllerConfig(warmup=0))
     run(c, group("g", 4, 4, 1000, 0.30))
     run(c, group("g", 4, 4, 1500, 0.50))
-    c2 = RatioController()
+    c2 = RatioController(ControllerConfig(warmup=0))
     c2.restore(c.snapshot())
     assert c2.snapshot() == c.snapshot()
 
@@ -184,7 +202,7 @@ class Plant:
 def test_converges_next_to_the_best_split_and_follows_a_shift(model: bool) -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=60, xi_ms=2)
     total, users = 16, 400
-    c = RatioController(ControllerConfig(cooldown=0))
+    c = RatioController(ControllerConfig(cooldown=0, warmup=0))
     # Without a profile only changes are seen: start that run balanced.
     n_p = 13 if model else best_split(prof, total).n_p
     history = []
