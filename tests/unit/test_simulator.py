@@ -181,7 +181,10 @@ def test_the_simulator_names_the_live_policy_functions() -> None:
         mod, _, attr = name.partition(".")
         assert callable(getattr(mods[mod], attr)), name
     # The simulator reaches them through the modules, not copies bound at import time.
-    assert core.sched is scheduling and core.pol is policy and core.est is estimator
+    from bench.sim import sides, state
+
+    assert core.sched is scheduling and sides.pol is policy and state.pol is policy
+    assert state.est is estimator and state.sched is scheduling
 
 
 def _forward_run() -> list[tuple[str, str]]:
