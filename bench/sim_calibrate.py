@@ -9,10 +9,11 @@ simulator, calibrate, and report the per-request error.
 2. **Replay**: the simulator gets the same requests at the same send times, with the live
    cluster's shape, b_p, b_d, decode KV pool, SLO rule and time scale.
 3. **Calibrate**: two fixed costs the model does not derive (the gateway's own
-   per-request cost before the first TRY, and the per-hop fixed cost of a KV transfer) are
-   fitted on the *lowest* load of each trace (median live - simulated TTFT, and median
-   live - simulated decode phase), then held for every other load. The table says which
-   points were fitted.
+   per-request cost before the first TRY, and the per-hop fixed cost of a KV transfer)
+   and the KV hops' byte rate are fitted on the *lowest* load of each trace (a line
+   through the live - simulated decode phase against KV bytes; the median live -
+   simulated TTFT), then held for every other load. The table says which points were
+   fitted.
 
 Reported per (trace, load): requests ok in both, per-request MAPE and bias (mean signed
 relative error) of TTFT and E2E, and the error of the p50 and p99 TTFT/E2E. Target (issue
@@ -57,6 +58,7 @@ class Observed:
     status: str
     ttft_ms: float
     e2e_ms: float
+    hash_ids: tuple[int, ...] = ()  # shared-prefix blocks (Mooncake): the mock caches them
 
 
 async def _one(stub, ids: list[int], out_len: int, group: int,  # type: ignore[no-untyped-def]
@@ -101,7 +103,7 @@ async def observe_one(address: str, reqs: list[TraceRequest], load: float, scale
                                                   slo[i], t0)))
         outs = await asyncio.gather(*tasks)
     return [Observed(name, load, s, i % 2, reqs[i].prompt_len, reqs[i].output_len, slo[i],
-                     ok, st, ttft, e2e)
+                     ok, st, ttft, e2e, reqs[i].hash_ids)
             for i, (s, ok, st, ttft, e2e) in enumerate(outs)]
 
 
@@ -166,7 +168,7 @@ def observe(args: argparse.Namespace, traces: list[str]) -> list[Observed]:
 
 
 def replay(obs: list[Observed], args: argparse.Namespace, gateway_ms: float,
-           kv_fixed_ms: float) -> list[tuple[Observed, float, float, bool]]:
+           kv_fixed_ms: float, kv_gbps: float) -> list[tuple[Observed, float, float, bool]]:
     """(observation, simulated TTFT, simulated E2E, simulated ok) per request."""
     from services.engine.mock import LatencyModel
     from services.model.profile import profile_path
@@ -176,10 +178,9 @@ def replay(obs: list[Observed], args: argparse.Namespace, gateway_ms: float,
                     decodes_per_group=max(1, args.decode // 2), slots=1, decode_slots=16,
                     decode_pool_tokens=32768, gateways=1, slo_factor=args.slo_factor,
                     slo_floor_ms=args.slo_floor_ms, time_scale=args.time_scale,
-                    kv_gbps=args.kv_gbps, gateway_ms=gateway_ms, kv_fixed_ms=kv_fixed_ms,
-                    prefix_cache=False)
-    res = Simulator(cfg, lat).run([SimRequest(o.send_ms, o.prompt_len, o.output_len, o.group)
-                                   for o in obs])
+                    kv_gbps=kv_gbps, gateway_ms=gateway_ms, kv_fixed_ms=kv_fixed_ms)
+    res = Simulator(cfg, lat).run([SimRequest(o.send_ms, o.prompt_len, o.output_len, o.group,
+                                              tuple(o.hash_ids)) for o in obs])
     return [(o, r.ttft_ms, r.e2e_ms, r.ok) for o, r in zip(obs, res, strict=True)]
 
 
@@ -201,17 +202,26 @@ def errors(pairs: list[tuple[Observed, float, float, bool]]) -> dict[str, float]
     return out
 
 
-def fit(obs: list[Observed], args: argparse.Namespace) -> tuple[float, float]:
-    """The gateway's fixed per-request cost and the KV hop's fixed cost, from the median
-    live - simulated gap at the lowest load (nothing queues there)."""
-    pairs = replay(obs, args, 0.0, 0.0)
+def fit(obs: list[Observed], args: argparse.Namespace) -> tuple[float, float, float]:
+    """At the lowest load (little queueing): the KV hop's fixed cost and byte rate, from a
+    least-squares line through (KV bytes, live - simulated decode phase) with the hops
+    free in the simulation (the decode phase holds two hops: the push's tail and the
+    fetch); then the gateway's fixed per-request cost, the median live - simulated TTFT."""
+    import numpy as np
+
+    pairs = replay(obs, args, 0.0, 0.0, 1e9)
     both = [(o, t, e) for o, t, e, ok in pairs if o.ok and ok]
-    if not both:
-        return 0.0, 0.0
+    if len(both) < 4:
+        return 0.0, 0.0, args.kv_gbps
+    x = np.array([o.prompt_len * 12 * 1024 for o, _, _ in both], dtype=float)
+    y = np.array([((o.e2e_ms - o.ttft_ms) - (e - t)) / 2 for o, t, e in both])
+    slope, fixed = np.polyfit(x, y, 1)  # ms per byte, ms
+    gbps = 1.0 / (slope * 1e6) if slope > 0 else args.kv_gbps
+    fixed = max(0.0, float(fixed))
+    pairs = replay(obs, args, 0.0, fixed, gbps)
+    both = [(o, t, e) for o, t, e, ok in pairs if o.ok and ok]
     gw = max(0.0, statistics.median(o.ttft_ms - t for o, t, _ in both))
-    # The decode phase (E2E - TTFT) holds two KV hops (push tail, fetch) beyond the steps.
-    dec = statistics.median((o.e2e_ms - o.ttft_ms) - (e - t) for o, t, e in both)
-    return gw, max(0.0, dec / 2)
+    return gw, fixed, gbps
 
 
 def main() -> int:
@@ -229,7 +239,7 @@ def main() -> int:
     ap.add_argument("--max-prompt", type=int, default=16384)
     ap.add_argument("--time-scale", type=float, default=3.0)
     ap.add_argument("--kv-gbps", type=float, default=2.0,
-                    help="the KV hops' byte rate on this machine (shm copies on shared cores)")
+                    help="KV byte rate if the fit finds none (shm copies on shared cores)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replay-only", action="store_true")
     ap.add_argument("--observed", default="", help="observations JSON (written or read)")
@@ -252,12 +262,13 @@ def main() -> int:
     scatter = []
     for trace in sorted({o.trace for o in obs}):
         tl = sorted({o.load for o in obs if o.trace == trace})
-        gw, kvf = fit([o for o in obs if o.trace == trace and o.load == tl[0]], args)
+        gw, kvf, gbps = fit([o for o in obs if o.trace == trace and o.load == tl[0]], args)
         for load in tl:
-            pts = replay([o for o in obs if o.trace == trace and o.load == load], args, gw, kvf)
+            pts = replay([o for o in obs if o.trace == trace and o.load == load], args, gw, kvf,
+                         gbps)
             e = errors(pts)
             rows.append({"trace": trace, "load": load, "fitted": load == tl[0],
-                         "gateway_ms": gw, "kv_fixed_ms": kvf, **e})
+                         "gateway_ms": gw, "kv_fixed_ms": kvf, "kv_gbps": gbps, **e})
             scatter.extend((trace, load, o.ttft_ms, t, o.e2e_ms, s) for o, t, s, ok in pts
                            if o.ok and ok)
     print("| trace | load | fitted here | live ok / sim ok / both | TTFT MAPE | TTFT bias | "
@@ -276,7 +287,7 @@ def main() -> int:
         r = next(x for x in rows if x["trace"] == trace)
         low = min(x["load"] for x in rows if x["trace"] == trace)
         print(f"{trace}: fitted gateway_ms {r['gateway_ms']:.1f}, kv_fixed_ms "
-              f"{r['kv_fixed_ms']:.1f} (at load {low:g})")
+              f"{r['kv_fixed_ms']:.1f}, kv_gbps {r['kv_gbps']:.2f} (at load {low:g})")
     path = out_dir / "sim-calibration.png"
     plot(scatter, path)
     print(f"plot: {path}")
