@@ -129,9 +129,19 @@ async def test_ttft_deadline_is_deadline_exceeded(cluster: Cluster) -> None:
 
 
 async def test_grpc_deadline_is_honoured(cluster: Cluster) -> None:
-    call = cluster.stub.Generate(
-        generation_service_pb2.GenerateRequest(prompt="slow " * 50, max_tokens=700), timeout=0.3)
-    with pytest.raises(grpc.aio.AioRpcError) as exc:
-        async for _ in call:
-            pass
+    from services.common import faultpoints
+
+    # Hold the request between prefill and decode for longer than its deadline: the tiny
+    # model can otherwise finish a whole answer inside any short deadline on a quiet day.
+    faultpoints.install("gateway.before_decode=2")
+    try:
+        call = cluster.stub.Generate(generation_service_pb2.GenerateRequest(
+            prompt="slow " * 50, max_tokens=700), timeout=0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in call:
+                pass
+    finally:
+        faultpoints.install("")
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0.3)
+    assert (await cluster.kv_stats()).bytes_held == 0  # the deadline freed the staged KV
