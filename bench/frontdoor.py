@@ -16,7 +16,7 @@ Baselines measured in the same run:
 Ratios printed are this tree over the baseline.
 
   python bench/frontdoor.py [--quick] [--runs 3] [--slots 4] [--cells 1x1,8x64]
-         [--baseline-tree DIR] [--trace PATH] [--json FILE]
+         [--baseline-tree DIR] [--trace PATH] [--json FILE] [--py-spy DIR]
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class Cluster:
         if slots:
             args += ["--slots", str(slots)]
         pypath = os.pathsep.join([str(tree), str(tree / "gen")])
+        if "--http-port" in (tree / "services" / "cli.py").read_text():
+            args += ["--http-port", "0"]  # the HTTP door on any free port
         self.proc = subprocess.Popen(args, cwd=tree, stdout=self.out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **env, "PYTHONPATH": pypath})
         self.address = f"127.0.0.1:{self.port}"
@@ -81,10 +83,22 @@ class Cluster:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pdserve up exited: {self.log()}")
-            if b"gateway listening" in (self.dir / "up.out").read_bytes():
+            if b"gateway listening" in (self.dir / "up.out").read_bytes() and self._serving():
                 return
             time.sleep(0.2)
         raise TimeoutError(f"cluster not up: {self.log()}")
+
+    def _serving(self) -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as ch:
+            try:
+                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=2)
+            except grpc.RpcError:
+                return False
+        return bool(st.status == health_pb2.HealthCheckResponse.SERVING)
 
     def log(self) -> str:
         return (self.dir / "up.out").read_text(errors="replace")[-3000:]
@@ -152,11 +166,15 @@ async def drive(address: str, c: int, n: int, prompts: list[list[int]],
                         if msg.token_ids and first is None:
                             first = time.perf_counter() - t0
                         got += len(msg.token_ids)
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as e:
                     errors += 1
+                    if errors == 1:
+                        print(f"  first error: {e.code().name} {e.details()}", flush=True)
                     continue
                 if first is None or got != new_tokens:
                     errors += 1
+                    if errors == 1:
+                        print(f"  first error: {got} of {new_tokens} tokens", flush=True)
                     continue
                 ttfts.append(first * 1e3)
 
@@ -172,10 +190,40 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def start_py_spy(procs: dict[str, int], out_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """py-spy (dev extra) on every pdserve process, collapsed stacks, until SIGINT."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [subprocess.Popen([spy, "record", "--format", "raw", "--rate", "250", "--idle",
+                              "-o", str(out_dir / f"{name}.txt"), "-p", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in procs.items() if name not in ("redis-server", "client")]
+
+
+def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
+    for p in spies:
+        p.send_signal(signal.SIGINT)
+    for p in spies:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_cells(cluster: Cluster, cells: list[tuple[int, int]], n_of: dict[int, int],
-              prompts: list[list[int]]) -> list[Cell]:
+              prompts: list[list[int]], py_spy: str = "") -> list[Cell]:
     asyncio.run(drive(cluster.address, 4, 40, prompts, 8))  # warm channels, caches, JIT-free
     procs = {**cluster.processes(), "client": os.getpid()}
+    spies = start_py_spy(procs, Path(py_spy)) if py_spy else []
+    try:
+        return _cells(cluster, procs, cells, n_of, prompts)
+    finally:
+        stop_py_spy(spies)
+
+
+def _cells(cluster: Cluster, procs: dict[str, int], cells: list[tuple[int, int]],
+           n_of: dict[int, int], prompts: list[list[int]]) -> list[Cell]:
     out = []
     for c, k in cells:
         n = n_of[c]
@@ -241,7 +289,8 @@ def measure(trees: dict[str, Path], args: argparse.Namespace, cells: list[tuple[
             cluster = Cluster(tree, args.slots, {})
             try:
                 cluster.wait()
-                runs[label].append(run_cells(cluster, cells, n_of, prompts))
+                spy = f"{args.py_spy}/{label}-run{r + 1}" if args.py_spy else ""
+                runs[label].append(run_cells(cluster, cells, n_of, prompts, spy))
             finally:
                 cluster.stop()
     return runs
@@ -257,6 +306,8 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default="", help="another source tree to compare")
     ap.add_argument("--trace", default="", help="take prompt lengths from this trace")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--py-spy", default="", help="record each process's stacks into this dir "
+                    "(collapsed; needs py-spy from the dev extra, and ptrace rights)")
     args = ap.parse_args()
     if args.quick:
         args.runs = min(args.runs, 1)
