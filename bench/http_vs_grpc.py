@@ -15,7 +15,10 @@ worker on asyncio streams, POSTing a streaming /v1/completions and reading the S
 chunks. Also checked: both doors return the same tokens' text.
 
 Target (issue 14): HTTP adds <= 1 ms TTFT p50 over gRPC. A run reports the added p50 at
-c=1 and c=8 and the req/s ratio at c=8; ``--runs`` runs give min/median/max.
+c=1 (median of request pairs, one through each door) and at c=8 (median over interleaved
+rounds), the req/s ratio at c=8, and the gateway process's CPU per request through each
+door (from /proc: the door's own cost, which the shared machine's load does not move);
+``--runs`` runs give min/median/max.
 
   python bench/http_vs_grpc.py [--quick] [--runs 3] [--engines instant,smollm2]
          [--requests N] [--json FILE] [--trace PATH]
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +47,7 @@ from pdserve.v1 import generation_service_pb2_grpc as gen_grpc  # noqa: E402
 
 INSTANT = ROOT / "bench" / "profiles" / "instant.json"
 VOCAB = 49152
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -155,55 +160,96 @@ async def _drive(door: str, address: str, http_port: int, prompts: list[list[int
     return ttfts, len(prompts) / elapsed, texts
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def _pct(xs: list[float], q: float) -> float:
     return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
 
 
 async def measure(engine: str, runs: int, n: int, max_tokens: int, prompt_len: int,
                   rounds: int) -> EngineResult:
+    """Per run: c=1 as request pairs (one through each door, order alternating, each a
+    fresh prompt), the added TTFT being the median of the paired differences (robust to
+    the drift of a shared machine); c=8 as ``rounds`` interleaved batches, the added TTFT
+    p50 and the req/s ratio being medians over rounds."""
     model_args = (["--engine", "mock", "--profile", str(INSTANT)] if engine == "instant"
                   else ["--model", "smollm2"])
     http_port = free_port()
     res = EngineResult(engine)
+    seeds = iter(range(10**6))
+
+    def fresh(count: int) -> list[list[int]]:  # no door ever gets a prefix-cache hit
+        return [prompt_ids(prompt_len, VOCAB, seed=next(seeds)) for _ in range(count)]
+
     with UpCluster("smollm2", extra=[*model_args, "--http-port", str(http_port)]) as up:
-        prompts = [prompt_ids(prompt_len, VOCAB, seed=s) for s in range(n)]
-        # Warm both doors (connections, code paths, prefix caches stay cold: fresh seeds).
-        for door in ("grpc", "http"):
-            await _drive(door, up.address, http_port, prompts[:4], max_tokens, 2)
+        same = fresh(4)  # the same prompts through both doors: the same text
+        outs = [(await _drive(d, up.address, http_port, same, max_tokens, 2))[2]
+                for d in ("grpc", "http")]
+        res.same_text = outs[0] == outs[1]
+        gw_pid = int(json.loads((up.log_dir / "gateway.ready.json").read_text())["pid"])
         for run in range(runs):
-            per: dict[tuple[str, int], list[tuple[list[float], float]]] = {}
+            pairs: list[float] = []
+            c1: dict[str, list[float]] = {"grpc": [], "http": []}
+            for i in range(max(8, n // 2)):
+                order = ("grpc", "http") if i % 2 == 0 else ("http", "grpc")
+                got = {}
+                for door in order:
+                    ttfts, _, _ = await _drive(door, up.address, http_port, fresh(1),
+                                               max_tokens, 1)
+                    got[door] = ttfts[0]
+                    c1[door].append(ttfts[0])
+                pairs.append(got["http"] - got["grpc"])
+            c8_added: list[float] = []
+            c8_ratio: list[float] = []
+            c8: dict[str, list[tuple[float, float]]] = {"grpc": [], "http": []}
+            cpu: dict[str, float] = {"grpc": 0.0, "http": 0.0}
             for r in range(rounds):
-                for c in (1, 8):
-                    # Fresh prompts per run and round so no door gets a prefix-cache hit.
-                    batch = [prompt_ids(prompt_len, VOCAB, seed=1000 * (run + 1) + 100 * r + s)
-                             for s in range(n if c == 8 else max(4, n // 4))]
-                    outs = {}
-                    for door in (("grpc", "http") if r % 2 == 0 else ("http", "grpc")):
-                        ttfts, rps, texts = await _drive(door, up.address, http_port, batch,
-                                                         max_tokens, c)
-                        per.setdefault((door, c), []).append((ttfts, rps))
-                        outs[door] = texts
-                    res.same_text &= outs["grpc"] == outs["http"]
-            summary: dict[str, float] = {}
-            for (door, c), samples in per.items():
-                ttfts = [t for s, _ in samples for t in s]
-                rps = statistics.median(x for _, x in samples)
-                res.cells.append(Cell(door, c, _pct(ttfts, 0.5), _pct(ttfts, 0.99), rps))
-                summary[f"{door}_c{c}_ttft_p50_ms"] = _pct(ttfts, 0.5)
-                summary[f"{door}_c{c}_req_per_s"] = rps
-            for c in (1, 8):
-                summary[f"added_ttft_p50_ms_c{c}"] = (summary[f"http_c{c}_ttft_p50_ms"]
-                                                      - summary[f"grpc_c{c}_ttft_p50_ms"])
-            summary["req_per_s_ratio_c8"] = summary["http_c8_req_per_s"] / \
-                summary["grpc_c8_req_per_s"]
+                p50 = {}
+                rps = {}
+                for door in (("grpc", "http") if r % 2 == 0 else ("http", "grpc")):
+                    before = _cpu_s(gw_pid)
+                    ttfts, rps[door], _ = await _drive(door, up.address, http_port, fresh(n),
+                                                       max_tokens, 8)
+                    cpu[door] += _cpu_s(gw_pid) - before
+                    p50[door] = _pct(ttfts, 0.5)
+                    c8[door].append((p50[door], rps[door]))
+                c8_added.append(p50["http"] - p50["grpc"])
+                c8_ratio.append(rps["http"] / rps["grpc"])
+            summary = {
+                "added_ttft_p50_ms_c1": 1e3 * statistics.median(pairs),
+                "grpc_c1_ttft_p50_ms": _pct(c1["grpc"], 0.5),
+                "http_c1_ttft_p50_ms": _pct(c1["http"], 0.5),
+                "added_ttft_p50_ms_c8": statistics.median(c8_added),
+                "grpc_c8_ttft_p50_ms": statistics.median(x for x, _ in c8["grpc"]),
+                "http_c8_ttft_p50_ms": statistics.median(x for x, _ in c8["http"]),
+                "grpc_c8_req_per_s": statistics.median(y for _, y in c8["grpc"]),
+                "http_c8_req_per_s": statistics.median(y for _, y in c8["http"]),
+                "req_per_s_ratio_c8": statistics.median(c8_ratio),
+                # The gateway process's CPU per request: what each door costs, whatever
+                # else the shared machine runs (10 ms ticks, summed over all rounds).
+                "grpc_gateway_cpu_ms_per_req": 1e3 * cpu["grpc"] / (rounds * n),
+                "http_gateway_cpu_ms_per_req": 1e3 * cpu["http"] / (rounds * n),
+            }
+            for door in ("grpc", "http"):
+                res.cells.append(Cell(door, 1, _pct(c1[door], 0.5), _pct(c1[door], 0.99), 0.0))
+                res.cells.append(Cell(door, 8, summary[f"{door}_c8_ttft_p50_ms"], 0.0,
+                                      summary[f"{door}_c8_req_per_s"]))
             res.runs.append(summary)
             print(f"  {engine} run {run + 1}: added TTFT p50 c=1 "
-                  f"{summary['added_ttft_p50_ms_c1']:+.2f} ms "
-                  f"(gRPC {summary['grpc_c1_ttft_p50_ms']:.2f} ms), c=8 "
-                  f"{summary['added_ttft_p50_ms_c8']:+.2f} ms; req/s c=8 HTTP "
+                  f"{summary['added_ttft_p50_ms_c1']:+.2f} ms (paired; gRPC p50 "
+                  f"{summary['grpc_c1_ttft_p50_ms']:.2f} ms, HTTP "
+                  f"{summary['http_c1_ttft_p50_ms']:.2f} ms), c=8 "
+                  f"{summary['added_ttft_p50_ms_c8']:+.2f} ms (gRPC p50 "
+                  f"{summary['grpc_c8_ttft_p50_ms']:.1f} ms); req/s c=8 HTTP "
                   f"{summary['http_c8_req_per_s']:.1f} vs gRPC "
                   f"{summary['grpc_c8_req_per_s']:.1f} "
-                  f"(x{summary['req_per_s_ratio_c8']:.3f})", flush=True)
+                  f"(x{summary['req_per_s_ratio_c8']:.3f}); gateway CPU/request HTTP "
+                  f"{summary['http_gateway_cpu_ms_per_req']:.2f} ms vs gRPC "
+                  f"{summary['grpc_gateway_cpu_ms_per_req']:.2f} ms", flush=True)
     return res
 
 
@@ -219,7 +265,7 @@ def main() -> int:
     ap.add_argument("--engines", default="instant,smollm2")
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per door per c=8 round (0: per engine default)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per run")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved c=8 rounds per run")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--trace", default="", help="unused: the requests are synthetic "
                     "(fixed prompt and output lengths), accepted for bench uniformity")
@@ -229,7 +275,7 @@ def main() -> int:
     target_ms = 1.0
     out: list[EngineResult] = []
     for engine in engines:
-        n = args.requests or (64 if engine == "instant" else 16)
+        n = args.requests or (48 if engine == "instant" else 16)
         max_tokens = 16 if engine == "instant" else 8
         prompt_len = 64 if engine == "instant" else 128
         print(f"{engine}: {runs} run(s), {n} requests per door per c=8 round, prompt "
@@ -246,6 +292,9 @@ def main() -> int:
         print(f"{engine}: req/s at c=8, HTTP/gRPC: min {min(ratios):.3f} / median "
               f"{statistics.median(ratios):.3f} / max {max(ratios):.3f}; same text on both "
               f"doors: {res.same_text}")
+        extra = [r["http_gateway_cpu_ms_per_req"] - r["grpc_gateway_cpu_ms_per_req"]
+                 for r in res.runs]
+        print(f"{engine}: gateway CPU per request, HTTP minus gRPC: {_spread(extra)} ms")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in out], indent=2))
     return 0 if all(r.same_text for r in out) else 1
