@@ -8,6 +8,11 @@ the measured utilisation is printed. Groups run in ``--workers`` processes.
   python bench/sim_fleet.py --instances 10000 --duration-s 3600          # the 1 h run
   python bench/sim_fleet.py --scaling 100,1000,2500,5000,10000 --duration-s 60
   python bench/sim_fleet.py --quick                                      # CI-sized
+  python bench/sim_fleet.py --instances 1000 --duration-s 120 --policies forward,los-queue \
+      --utilisations 0.6,0.9,1.2                  # the forwarding-vs-queue gap at scale
+  python bench/sim_fleet.py --trace bench/data/mooncake_synthetic_trace.jsonl --instances 1000 \
+      --hot-every 8 --hot-factor 3 --control bench.sim_fleet:ratio_controller --workers 1
+                                                  # hot groups, with the ratio controller
 
 Every modelled knob is a flag: --shape (per group, e.g. 12p4d), --gateways, --slots (b_p),
 --decode-slots (b_d), --rtt-ms, --kv-gbps, --policy, --profile, --slo-factor.
@@ -41,9 +46,11 @@ def spec_from(args: argparse.Namespace) -> FleetSpec:
     cfg = SimConfig(args.policy, groups=groups_for(args.instances, n_p, n_d),
                     prefills_per_group=n_p, decodes_per_group=n_d, slots=args.slots,
                     decode_slots=args.decode_slots, gateways=args.gateways, rtt_ms=args.rtt_ms,
-                    kv_gbps=args.kv_gbps, slo_factor=args.slo_factor, seed=args.seed)
+                    kv_gbps=args.kv_gbps, slo_factor=args.slo_factor, seed=args.seed,
+                    control_period_ms=args.control_period_s * 1e3 if args.control else 0.0)
     return FleetSpec(cfg, args.trace, args.duration_s * 1e3, args.compress, args.utilisation,
-                     args.max_prompt, args.profile, args.workers, args.control)
+                     args.max_prompt, args.profile, args.workers, args.control,
+                     args.hot_every, args.hot_factor)
 
 
 def line(r: FleetResult, base: FleetResult | None) -> str:
@@ -55,13 +62,14 @@ def line(r: FleetResult, base: FleetResult | None) -> str:
         if base else "1.00x"
     return (f"| {inst:,} | {int(s['requests']):,} | {s['sim_s']:.0f} | {r.wall_s:.1f} | "
             f"{r.requests_per_s:,.0f} | {r.events_per_s:,.0f} | {us:.1f} ({ratio}) | "
+            f"{1e6 * r.cpu_s / max(float(s['requests']), 1):.1f} | "
             f"{100 * s['prefill_utilisation']:.0f}% | {100 * s['slo_success']:.1f}% | "
             f"{s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | {r.max_rss_mb:.0f} |")
 
 
 HEADER = ("| instances | requests | simulated s | wall s | requests/s | events/s | "
-          "us/request (vs smallest) | prefill util | TTFT-SLO | TTFT p50/p99 ms | "
-          "peak RSS/worker MB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "wall us/request (vs smallest) | CPU us/request | prefill util | TTFT-SLO | "
+          "TTFT p50/p99 ms | peak RSS/worker MB |\n" + "|---" * 12 + "|")
 
 
 def plot(results: list[FleetResult], path: Path) -> None:
@@ -93,6 +101,57 @@ def plot(results: list[FleetResult], path: Path) -> None:
     plt.close(fig)
 
 
+def ratio_controller() -> object:
+    """``--control bench.sim_fleet:ratio_controller``: ``services.control``'s pure ratio
+    controller (fixed total, moves within and between the groups it sees) through the
+    adapter the control benches use, on the §1.3 signals only (no Eq. 1 profile)."""
+    from bench.ratio_common import SimControl
+    from bench.sim.fleet import latency_of
+    from services.control.perfmodel import Deployment
+
+    return SimControl(latency_of("scaled-gpu"), Deployment(decode_slots=64), use_model=False)
+
+
+def sweep(args: argparse.Namespace, base: FleetSpec) -> int:
+    """Policies x utilisations at one fleet size: TTFT-SLO success and TTFT percentiles."""
+    policies = args.policies.split(",")
+    utils = [float(x) for x in args.utilisations.split(",")]
+    rows = []
+    print("| policy | target util | measured prefill util | requests | TTFT-SLO | "
+          "TTFT p50 / p99 ms | wall s |\n|---|---|---|---|---|---|---|")
+    for u in utils:
+        for pol in policies:
+            spec = replace(base, utilisation=u, cfg=replace(base.cfg, policy=pol))
+            r = run_fleet(spec)
+            s = r.stats
+            rows.append((pol, u, s))
+            print(f"| {pol} | {u:g} | {100 * s['prefill_utilisation']:.0f}% | "
+                  f"{int(s['requests']):,} | {100 * s['slo_success']:.1f}% | "
+                  f"{s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | {r.wall_s:.0f} |",
+                  flush=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pol in policies:
+        pts = [(u, s["slo_success"]) for p, u, s in rows if p == pol]
+        ax.plot([u for u, _ in pts], [100 * v for _, v in pts], marker="o", label=pol)
+    ax.set_xlabel("offered prefill load (share of capacity)")
+    ax.set_ylabel("TTFT-SLO success (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{base.instances:,} instances, {Path(base.trace).stem}")
+    out = Path(args.out_dir) / f"sim-fleet-policies-{Path(base.trace).stem}.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"plot: {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +176,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", default="", help="MODULE:FACTORY of a control callback")
+    ap.add_argument("--control-period-s", type=float, default=10.0)
+    ap.add_argument("--hot-every", type=int, default=0,
+                    help="every Nth group is hot (gets --hot-factor times the rate)")
+    ap.add_argument("--hot-factor", type=float, default=1.0)
+    ap.add_argument("--policies", default="", help="sweep: comma list of policies")
+    ap.add_argument("--utilisations", default="0.6,0.9,1.2", help="sweep: target loads")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 100 and 400 instances, 20 s")
     ap.add_argument("--out-dir", default="bench/out")
     ap.add_argument("--json", help="write the results here")
@@ -125,6 +190,10 @@ def main() -> int:
         args.scaling = args.scaling or "100,400"
         args.duration_s = min(args.duration_s, 20.0)
     base_spec = spec_from(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.policies:
+        return sweep(args, base_spec)
     n_p, n_d = shape(args.shape)
     counts = [int(x) for x in args.scaling.split(",")] if args.scaling else [args.instances]
     results: list[FleetResult] = []
@@ -138,8 +207,6 @@ def main() -> int:
         print(line(r, results[0]), flush=True)
     print(f"trace compression x{results[0].compress:.1f} (each group sees {results[0].compress:.1f}"
           f" times the trace's rate)")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if len(results) > 1:
         path = out / "sim-fleet-scaling.png"
         plot(results, path)

@@ -358,6 +358,9 @@ class Simulator(DecodeSide, ControlSide):
         r.qkey = (k[0], k[1], r.idx)
         insort(g.queue, (*r.qkey, r))
         self.at(r.deadline, self._deadline, r)
+        if not g.poll_armed and self.cfg.queue_poll_ms > 0:
+            g.poll_armed = True
+            self.at(self.now + self.cfg.queue_poll_ms, self._poll, g)
         # ENTER claims a slot that freed, unoffered, within FREE_TTL_MS.
         while g.free and g.free[0][1] < self.now - slotoffer.FREE_TTL_MS:
             g.free.popleft()
@@ -394,7 +397,8 @@ class Simulator(DecodeSide, ControlSide):
 
     def _offered(self, arg: object) -> None:
         r, freed = arg  # type: ignore[misc]
-        if r.state == DONE:
+        if r.state == DONE:  # it left after the offer was made: the gateway passes it on
+            self._wake(r.group, freed)
             return
         r.offer = freed
         if r.state == WAITING:
@@ -431,8 +435,30 @@ class Simulator(DecodeSide, ControlSide):
             self.at(r.deadline, self._deadline, r)
 
     # -- prefill ------------------------------------------------------------------------
+    def _pass_on(self, r: Req) -> None:
+        """An offer the request no longer needs (admitted elsewhere, ended) goes to the
+        next waiter, as the live gateway passes unused offers on."""
+        if r.offer is not None:
+            freed, r.offer = r.offer, None
+            self._wake(r.group, freed)
+
+    def _poll(self, g: Group) -> None:
+        """The gateways' safety-net poll: the head of a non-empty queue retries without an
+        offer (``may_retry(rank, 1)``); it recovers a slot no offer reached."""
+        g.poll_armed = False
+        if not g.queue:
+            return
+        r = g.queue[0][3]
+        if r.state == WAITING and sched.may_retry(0, 1):
+            self._try_round(r)
+        g.poll_armed = True
+        self.at(self.now + self.cfg.queue_poll_ms, self._poll, g)
+
     def _start_prefill(self, r: Req, p: Prefill) -> None:
         self._leave_queue(r)
+        if r.offer is not None and r.offer != p.iid:
+            self._pass_on(r)
+        r.offer = None
         g = p.group
         cfg = self.cfg
         r.pobj = p
@@ -578,6 +604,7 @@ class Simulator(DecodeSide, ControlSide):
         was = r.state
         r.state = DONE
         self._leave_queue(r)
+        self._pass_on(r)
         self.inflight -= 1
         now = self.now
         ok = status == OK

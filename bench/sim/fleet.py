@@ -39,6 +39,9 @@ class FleetSpec:
     profile: str = "scaled-gpu"
     workers: int = 2
     control: str = ""  # MODULE:FACTORY of a hook.Control, built in each worker
+    # Hot groups: every ``hot_every``-th group (0: none) gets ``hot_factor`` times the rate.
+    hot_every: int = 0
+    hot_factor: float = 1.0
 
     @property
     def instances(self) -> int:
@@ -86,7 +89,9 @@ def run_groups(spec: FleetSpec, group_ids: list[int], compress: float,
     sim = Simulator(spec.cfg, lat, group_ids=group_ids, control=control, keep_results=False,
                     audit=audit)
     for g in group_ids:
-        sim.add_source(group_stream(trace, g, compress, spec.duration_ms, spec.max_prompt))
+        hot = spec.hot_every > 0 and g % spec.hot_every == 0
+        sim.add_source(group_stream(trace, g, compress * (spec.hot_factor if hot else 1.0),
+                                    spec.duration_ms, spec.max_prompt))
     sim.window(spec.duration_ms)
     t0, c0 = time.perf_counter(), time.process_time()
     sim.loop()

@@ -35,6 +35,7 @@ class SimConfig:
     kv_fixed_ms: float = 0.0  # per-hop fixed cost of a KV transfer (RPC, allocation)
     fetch: bool = True  # the decode fetches the KV (a second hop) before it joins its batch
     offer_ms: float = 0.7  # a freed slot's offer, prefill -> Redis -> waiting gateway
+    queue_poll_ms: float = 1000.0  # the gateways' safety-net poll of a non-empty queue
     gateway_ms: float = 0.0  # per-request gateway cost before the first TRY (tokenize etc.)
     report_ms: float = 100.0  # reported-queue's load reports
     slo_factor: float = 4.0

@@ -68,6 +68,7 @@ class Group:
         self.ticks = [0] * gateways
         self.queue: list[tuple[float, str, int, Req]] = []  # sorted by queue_key
         self.free: deque[tuple[str, float]] = deque()  # slots freed with no one waiting
+        self.poll_armed = False
         self.dwait: deque[Req] = deque()
         self.loads: dict[str, sched.Load] = {}
         self.rng = random.Random(gi)
