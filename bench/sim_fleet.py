@@ -207,6 +207,9 @@ def main() -> int:
         print(line(r, results[0]), flush=True)
     print(f"trace compression x{results[0].compress:.1f} (each group sees {results[0].compress:.1f}"
           f" times the trace's rate)")
+    if args.control:
+        print(f"controller moves (role/group switches): "
+              f"{', '.join(str(int(r.stats['moves'])) for r in results)}")
     if len(results) > 1:
         path = out / "sim-fleet-scaling.png"
         plot(results, path)

@@ -111,6 +111,7 @@ class Stats:
     slo_met: int = 0
     queued: int = 0
     events: int = 0
+    moves: int = 0  # reassignments applied (role or group switches started)
     sim_ms: float = 0.0
     prefill_busy_ms: float = 0.0  # slot-ms busy (compute + KV push), all prefills
     prefill_slot_ms: float = 0.0  # slot-ms available
@@ -138,7 +139,7 @@ class Stats:
 
     def merge(self, o: Stats) -> None:
         for name in ("requests", "ok", "deadline", "cancelled", "refused", "slo_met", "queued",
-                     "events", "prefill_busy_ms", "prefill_slot_ms", "ttft_sum", "e2e_sum"):
+                     "events", "moves", "prefill_busy_ms", "prefill_slot_ms", "ttft_sum", "e2e_sum"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.sim_ms = max(self.sim_ms, o.sim_ms)
         self.ttft_hist = [a + b for a, b in zip(self.ttft_hist, o.ttft_hist, strict=True)]
@@ -171,7 +172,7 @@ class Stats:
                 "ttft_p99_ms": self.percentile(self.ttft_hist, 0.99),
                 "e2e_p50_ms": self.percentile(self.e2e_hist, 0.5),
                 "e2e_p99_ms": self.percentile(self.e2e_hist, 0.99),
-                "events": self.events, "sim_s": self.sim_ms / 1e3,
+                "events": self.events, "moves": self.moves, "sim_s": self.sim_ms / 1e3,
                 "prefill_utilisation": self.prefill_utilisation}
 
 

@@ -184,6 +184,7 @@ class ControlSide(_Base):
         if a.role == role and to_group == g.name:
             return
         o.drain = (a.role, to_group)
+        self.stats.moves += 1
         o.live = False  # out of routing now; in-flight work finishes
         g.account(self.now)
         g.reindex()
