@@ -1,7 +1,8 @@
 """The ``Actuator`` for Kubernetes: one Deployment per (group, role), scaled through its
 Scale subresource with lightkube (pinned in pyproject).
 
-Naming: ``deployment_name`` (default ``pdserve-<group>-<role>``), in ``namespace``.
+Naming: ``deployment_name`` (default ``<group>-<role>``, as deploy/k8s names them), in
+``namespace``.
 Kubernetes cannot switch a pod's role in place (the role is in the pod spec), so this
 actuator is scale-only (``Capabilities(assign=False, scale=True)``): the controller's
 plans become absolute replica targets ("group g has 5 decode replicas"), which are
@@ -48,7 +49,7 @@ FENCE_ANNOTATION = "pdserve.io/fence"
 
 
 def default_name(group: str, role: str) -> str:
-    return f"pdserve-{group}-{role}"
+    return f"{group}-{role}"  # deploy/k8s (scripts/gen_k8s.py): namePrefix "<group>-"
 
 
 class KubernetesActuator:

@@ -10,7 +10,8 @@ over the kept weights and paged pool (``host.RoleHost``). On SIGTERM it drains
 (within ``grace_s``), deregisters and stops.
 
 Design note (the service boundary): services never import each other, with one
-stated exception enforced by tests/unit/test_import_contract.py: ``services.worker``
+stated exception, in the import-linter contract (pyproject.toml, checked by
+tests/unit/test_import_contracts.py): ``services.worker``
 hosts the prefill and decode roles, so it imports their servicer modules
 (``services.prefill.{main,servicer,handoff}``, ``services.decode.{main,steploop}``).
 The dependency is one-way (prefill and decode never import worker) and nothing else

@@ -113,8 +113,8 @@ def _status(code: int, message: str) -> dict[str, Any]:
 @pytest.fixture()
 def api() -> Iterator[FakeApiServer]:
     server = FakeApiServer()
-    server.add("pdserve-code-prefill", 2)
-    server.add("pdserve-code-decode", 3)
+    server.add("code-prefill", 2)
+    server.add("code-decode", 3)
     yield server
     server.close()
 
@@ -137,7 +137,7 @@ async def test_scale_sends_a_merge_patch_to_the_scale_subresource(
     api.requests.clear()
     await act.scale("code", "decode", 4, fence=7, timeout_s=5)
     verbs = [(m, p) for m, p, _, _ in api.requests]
-    name = BASE + "pdserve-code-decode"
+    name = BASE + "code-decode"
     assert verbs[:3] == [("GET", name), ("PATCH", name), ("PATCH", name + "/scale")]
     assert verbs[3:] == [("GET", name + "/scale")]  # until status.replicas == 4
     _, _, ctype, body = api.requests[1]
@@ -146,7 +146,7 @@ async def test_scale_sends_a_merge_patch_to_the_scale_subresource(
     assert body["metadata"]["resourceVersion"] == "1"
     _, _, ctype, body = api.requests[2]
     assert ctype == "application/merge-patch+json" and body == {"spec": {"replicas": 4}}
-    assert api.deployments["pdserve-code-decode"]["spec"]["replicas"] == 4
+    assert api.deployments["code-decode"]["spec"]["replicas"] == 4
     assert await act.replicas("code", "decode") == 4
     assert api.auth == {"Bearer t0k"}
 
@@ -158,7 +158,7 @@ async def test_a_stale_fence_changes_nothing(api: FakeApiServer,
     with pytest.raises(StaleFence):
         await act.scale("code", "prefill", 1, fence=8, timeout_s=5)
     assert [m for m, _, _, _ in api.requests] == ["GET"]  # read, refused, nothing written
-    assert api.deployments["pdserve-code-prefill"]["spec"]["replicas"] == 3
+    assert api.deployments["code-prefill"]["spec"]["replicas"] == 3
     # the same token again is idempotent (no annotation write, same target)
     api.requests.clear()
     await act.scale("code", "prefill", 3, fence=9, timeout_s=5)
@@ -166,11 +166,11 @@ async def test_a_stale_fence_changes_nothing(api: FakeApiServer,
 
 
 async def test_errors_are_clear(api: FakeApiServer, act: KubernetesActuator) -> None:
-    with pytest.raises(ActuatorError, match="no Deployment serving/pdserve-chat-decode") as ei:
+    with pytest.raises(ActuatorError, match="no Deployment serving/chat-decode") as ei:
         await act.scale("chat", "decode", 1, fence=1, timeout_s=1)
     assert not ei.value.retryable
     assert await act.replicas("chat", "decode") == 0
-    api.stuck.add("pdserve-code-decode")
+    api.stuck.add("code-decode")
     with pytest.raises(ActuatorError, match="not 5") as ei:
         await act.scale("code", "decode", 5, fence=2, timeout_s=0.1)
     assert ei.value.retryable  # pods pending: the plan resumes next period
@@ -189,5 +189,5 @@ async def test_a_controller_plan_runs_as_absolute_scale_targets(
         await act.scale(step.group, step.role, step.replicas, fence=plan.fence, timeout_s=5)
     for step in plan.steps:  # a successor re-running the plan converges to the same
         await act.scale(step.group, step.role, step.replicas, fence=plan.fence, timeout_s=5)
-    assert api.deployments["pdserve-code-prefill"]["spec"]["replicas"] == 1
-    assert api.deployments["pdserve-code-decode"]["spec"]["replicas"] == 4
+    assert api.deployments["code-prefill"]["spec"]["replicas"] == 1
+    assert api.deployments["code-decode"]["spec"]["replicas"] == 4
