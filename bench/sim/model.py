@@ -139,7 +139,8 @@ class Stats:
 
     def merge(self, o: Stats) -> None:
         for name in ("requests", "ok", "deadline", "cancelled", "refused", "slo_met", "queued",
-                     "events", "moves", "prefill_busy_ms", "prefill_slot_ms", "ttft_sum", "e2e_sum"):
+                     "events", "moves", "prefill_busy_ms", "prefill_slot_ms", "ttft_sum",
+                     "e2e_sum"):
             setattr(self, name, getattr(self, name) + getattr(o, name))
         self.sim_ms = max(self.sim_ms, o.sim_ms)
         self.ttft_hist = [a + b for a, b in zip(self.ttft_hist, o.ttft_hist, strict=True)]
