@@ -5,8 +5,6 @@ every process (names, bounded labels, counts moving with the traffic, promtool).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -28,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdserve.v1 import generation_service_pb2 as gen_pb
 from pdserve.v1 import generation_service_pb2_grpc as gen_grpc
 from services.common.metrics import PREFIX
+from tests.certs import make_ca
 from tests.e2e.conftest import UpProcess, start_up
 
 pytestmark = pytest.mark.e2e
@@ -37,30 +36,9 @@ PROMPT = "What is the capital of France?"
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost/127.0.0.1 (also its own CA)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pdserve-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return cert_path, key_path
+    """A self-signed certificate for localhost/127.0.0.1 (its own CA), made here."""
+    pem, _, _ = make_ca(directory, "pdserve-door")
+    return pem.cert, pem.key
 
 
 class Door:
