@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
@@ -38,7 +38,7 @@ from services.control.actuators_local import IDLE, WorkerActuator, mark_removed
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
-Events = AsyncIterator[apb.OpEvent]
+Events = AsyncGenerator[apb.OpEvent, None]
 
 
 class Op:

@@ -124,7 +124,8 @@ class WorkerActuator:
             out: apb.WorkerStatus = await method(request, timeout=timeout_s + _GRACE_S)
             return out
         except grpc.aio.AioRpcError as e:
-            reason = (error_info(e).reason if error_info(e) else e.code().name)
+            info = error_info(e)
+            reason = info.reason if info is not None else e.code().name
             if reason == "STALE_FENCE":
                 raise StaleFence(f"{instance_id}: {e.details()}") from e
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:

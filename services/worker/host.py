@@ -89,6 +89,13 @@ class HostConfig(DecodeConfig, PrefillConfig):
         if self.prefill_slots < 0 or self.drain_timeout_s <= 0:
             raise ConfigError("need prefill_slots >= 0 and drain_timeout_s > 0")
 
+    @staticmethod
+    def of(cfg: WorkerConfig) -> HostConfig:
+        """A plain worker config as a host config (role settings at their defaults)."""
+        if isinstance(cfg, HostConfig):
+            return cfg
+        return HostConfig(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
     def prefill(self) -> PrefillConfig:
         kw = {f.name: getattr(self, f.name) for f in fields(PrefillConfig)}
         kw["slots"] = self.prefill_slots or _WORKER_SLOTS_DEFAULT
@@ -401,7 +408,8 @@ class RoleHost:
 
     def status(self) -> apb.WorkerStatus:
         return apb.WorkerStatus(
-            instance_id=self.runtime.instance_id, state=int(self.state), role=self.role,
+            instance_id=self.runtime.instance_id, state=apb.WorkerState.Name(self.state),
+            role=self.role,
             group=self.group, in_flight=self.in_flight, model=self.cfg.model,
             model_fingerprint=self.runner.fingerprint if self.runner else "", fence=self.fence,
             last_drain_ms=self.last.drain_ms, last_load_ms=self.last.load_ms,
