@@ -194,7 +194,7 @@ def start_py_spy(procs: dict[str, int], out_dir: Path) -> list[subprocess.Popen[
     """py-spy (dev extra) on every pdserve process, collapsed stacks, until SIGINT."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spy = str(Path(sys.executable).with_name("py-spy"))
-    return [subprocess.Popen([spy, "record", "--format", "raw", "--rate", "250", "--idle",
+    return [subprocess.Popen([spy, "record", "--format", "raw", "--rate", "100", "--idle", "--nonblocking",
                               "-o", str(out_dir / f"{name}.txt"), "-p", str(pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, pid in procs.items() if name not in ("redis-server", "client")]

@@ -59,5 +59,13 @@ def wake_pattern(gateway_id: str) -> str:
     return f"pdserve:{{*}}:wake:{escaped}"
 
 
+def queue_state_channel(group: str) -> str:
+    """Pub/sub: "1" when the group's forwarding queue turns non-empty, "0" when empty."""
+    return f"{_tag(group)}:qstate"
+
+
+QUEUE_STATE_PATTERN = "pdserve:{*}:qstate"
+
+
 def group_of_channel(channel: str) -> str:
     return channel[channel.index("{") + 1 : channel.index("}")]

@@ -13,6 +13,8 @@ gateway (ENTER, LEAVE, RESYNC):
   ENTER  a gateway queues a request: ZADD, refresh the gateway's liveness, and claim a
          remembered free slot (it freed after the request's last rejection).
   LEAVE  ZREM the entry and its offer mark.
+  Each step that turns the queue empty or non-empty publishes "0" / "1" on the group's
+  queue-state channel, so gateways know an empty queue without asking on every request.
   RESYNC after a Redis outage: the gateway's entries become exactly its live waiters.
 
 Offers are conservative hints: the waiter still asks the prefill, which accepts or
@@ -25,7 +27,14 @@ import time
 import weakref
 from typing import Any
 
-from services.common.keys import free_key, gateways_key, offered_key, queue_key, wake_channel_prefix
+from services.common.keys import (
+    free_key,
+    gateways_key,
+    offered_key,
+    queue_key,
+    queue_state_channel,
+    wake_channel_prefix,
+)
 
 OFFER_TTL_MS = 2000  # an offered entry is skipped by other offers this long (its try)
 FREE_TTL_MS = 250  # an untaken free slot is remembered this long (covers enter races)
@@ -34,7 +43,7 @@ SEP = "|"  # member = "<request>|<gateway>"; gateway ids never contain it
 _OFFER = """
 local q, offered, free, gws = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
+local pruned = redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
 local start = 0
 while true do
   local batch = redis.call('ZRANGE', q, start, start + 31)
@@ -47,6 +56,7 @@ while true do
       redis.call('ZREM', q, m)
       redis.call('HDEL', offered, m)
       removed = removed + 1
+      pruned = pruned + 1
     elseif tonumber(redis.call('HGET', offered, m) or '0') <= now then
       redis.call('HSET', offered, m, now + tonumber(ARGV[3]))
       redis.call('PUBLISH', ARGV[5] .. gw, m .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
@@ -55,6 +65,7 @@ while true do
   end
   start = start + #batch - removed
 end
+if pruned > 0 and redis.call('ZCARD', q) == 0 then redis.call('PUBLISH', ARGV[6], '0') end
 redis.call('ZADD', free, now, ARGV[2])
 redis.call('PEXPIRE', free, tonumber(ARGV[4]))
 return false
@@ -64,6 +75,7 @@ _ENTER = """
 local q, offered, free, gws = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[4])
 redis.call('ZADD', q, ARGV[2], ARGV[1])
+if redis.call('ZCARD', q) == 1 then redis.call('PUBLISH', ARGV[8], '1') end
 redis.call('HSET', gws, ARGV[3], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', free, '-inf', now - tonumber(ARGV[6]))
 local got = redis.call('ZPOPMIN', free)
@@ -73,7 +85,9 @@ return got[1]
 """
 
 _LEAVE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('PUBLISH', ARGV[2], '0')
+end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
@@ -88,9 +102,10 @@ for _, m in ipairs(redis.call('ZRANGE', q, 0, -1)) do
   end
 end
 redis.call('HSET', gws, ARGV[1], ARGV[2])
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   redis.call('ZADD', q, ARGV[i + 1], ARGV[i])
 end
+redis.call('PUBLISH', ARGV[3], redis.call('ZCARD', q) > 0 and '1' or '0')
 return 1
 """
 
@@ -123,7 +138,8 @@ async def offer_slot(client: Any, group: str, prefill_id: str) -> str | None:
     the member it went to, or None (remembered as free for ``FREE_TTL_MS``)."""
     got = await _script(client, "offer", _OFFER)(
         keys=[queue_key(group), offered_key(group), free_key(group), gateways_key(group)],
-        args=[now_ms(), prefill_id, OFFER_TTL_MS, FREE_TTL_MS, wake_channel_prefix(group)])
+        args=[now_ms(), prefill_id, OFFER_TTL_MS, FREE_TTL_MS, wake_channel_prefix(group),
+              queue_state_channel(group)])
     return got.decode() if isinstance(got, bytes) else got or None
 
 
@@ -133,19 +149,20 @@ async def enter(client: Any, group: str, m: str, deadline_ms: float, gateway_id:
     now = now_ms()
     got = await _script(client, "enter", _ENTER)(
         keys=[queue_key(group), offered_key(group), free_key(group), gateways_key(group)],
-        args=[m, deadline_ms, gateway_id, now, alive_until_ms, FREE_TTL_MS, OFFER_TTL_MS])
+        args=[m, deadline_ms, gateway_id, now, alive_until_ms, FREE_TTL_MS, OFFER_TTL_MS,
+              queue_state_channel(group)])
     return got.decode() if isinstance(got, bytes) else got or None
 
 
 async def leave(client: Any, group: str, m: str) -> None:
     await _script(client, "leave", _LEAVE)(keys=[queue_key(group), offered_key(group)],
-                                           args=[m])
+                                           args=[m, queue_state_channel(group)])
 
 
 async def resync(client: Any, group: str, gateway_id: str, alive_until_ms: int,
                  entries: dict[str, float]) -> None:
     """Make the gateway's entries in ``group`` exactly ``entries`` (member -> deadline)."""
-    args: list[Any] = [gateway_id, alive_until_ms]
+    args: list[Any] = [gateway_id, alive_until_ms, queue_state_channel(group)]
     for m, deadline in entries.items():
         args += [m, deadline]
     await _script(client, "resync", _RESYNC)(

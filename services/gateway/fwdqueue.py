@@ -5,6 +5,7 @@
   pdserve:{<group>}:free        ZSET prefills whose freed slot no waiter took (briefly)
   pdserve:{<group>}:gateways    HASH gateway -> until when its entries count as alive
   pdserve:{<group>}:wake:<gw>   channel: a slot offered to one of that gateway's entries
+  pdserve:{<group>}:qstate      channel: "1" when the queue turns non-empty, "0" empty
 
 A request that every prefill rejected enters the ZSET; its own gateway keeps the client
 stream. A prefill that frees a slot runs the OFFER script (``services.common.slotoffer``):
@@ -38,6 +39,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from services.common import slotoffer
 from services.common.keys import (
+    QUEUE_STATE_PATTERN,
     gateways_key,
     group_of_channel,
     offered_key,
@@ -53,6 +55,10 @@ DEGRADED_POLL_S = 0.05  # without Redis, other gateways' freed slots are seen on
 RECOVERY_PROBE_S = 0.25
 ALIVE_TTL_S = 5.0  # a gateway's queue entries outlive its last liveness refresh this long
 ALIVE_PERIOD_S = 1.0
+# An "empty" from the queue-state channel is trusted this long before Redis is asked again
+# (bounds the effect of a lost event: newcomers skip a non-empty queue at most this long).
+EMPTY_TRUST_S = 1.0
+QUEUE_STATE_SUFFIX = ":qstate"
 
 
 @dataclass
@@ -88,6 +94,8 @@ class ForwardingQueue:
         self._waiters: dict[str, _Waiter] = {}
         self._groups: set[str] = set()  # groups this gateway ever queued in (for RESYNC)
         self._local_free: dict[str, deque[tuple[str, float]]] = {}
+        # group -> (queue non-empty?, monotonic time learned), from the queue-state channel
+        self._nonempty: dict[str, tuple[bool, float]] = {}
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -117,7 +125,8 @@ class ForwardingQueue:
             # subscription sees every group's offers; the client must know the nodes first.
             await self._client.initialize()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.psubscribe(wake_pattern(self._gateway_id))
+        self._nonempty.clear()  # events may have been missed: ask Redis again
+        await self._pubsub.psubscribe(wake_pattern(self._gateway_id), QUEUE_STATE_PATTERN)
         self._listener = asyncio.create_task(self._listen(self._pubsub), name="fwdq-offers")
 
     async def close(self) -> None:
@@ -139,8 +148,13 @@ class ForwardingQueue:
                 return
             if msg is None:
                 continue
+            channel = msg["channel"].decode()
+            if channel.endswith(QUEUE_STATE_SUFFIX):
+                self._nonempty[group_of_channel(channel)] = (msg["data"] == b"1",
+                                                            time.monotonic())
+                continue
             try:
-                group = group_of_channel(msg["channel"].decode())
+                group = group_of_channel(channel)
                 m, prefill, sent = msg["data"].decode().split("\n")
             except ValueError:
                 log.warning("ignoring a malformed offer on %r", msg["channel"])
@@ -283,14 +297,23 @@ class ForwardingQueue:
         return len(live)
 
     async def depth(self, group: str) -> int:
+        """How many wait in ``group`` (callers only ask whether any do). No round trip
+        when this gateway has waiters there, in degraded mode, or when the queue-state
+        channel said "empty" less than ``EMPTY_TRUST_S`` ago (the common case)."""
         local = sum(1 for w in self._waiters.values() if w.group == group)
         if local or self.degraded:
-            return local  # > 0 is all the caller asks, and it needs no round trip
+            return local
+        nonempty, seen_at = self._nonempty.get(group, (True, 0.0))
+        now = time.monotonic()
+        if not nonempty and now - seen_at < EMPTY_TRUST_S:
+            return 0
         try:
-            return int(await self._client.zcard(queue_key(group)))
+            n = int(await self._client.zcard(queue_key(group)))
         except REDIS_ERRORS as e:
             self._down(e)
             return 0
+        self._nonempty[group] = (n > 0, now)
+        return n
 
     def waiting(self) -> int:
         return len(self._waiters)

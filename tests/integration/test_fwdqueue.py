@@ -179,3 +179,37 @@ async def test_the_offer_script_runs_the_policy_cores_offer_to_rule(redis_url: s
             assert got == (slotoffer.member(want.request_id, gw) if want else None)
     finally:
         await client.aclose()
+
+
+async def test_an_empty_queue_costs_no_round_trip_and_other_gateways_waiters_are_seen(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue-state channel: a newcomer at a gateway learns "empty" without asking
+    Redis, and still joins (not jumps) a queue another gateway's request waits in."""
+    client, a, b = gateways
+    g = _group()
+    assert await a.depth(g) == 0  # first ask: one ZCARD, then "empty" is known
+    asked = 0
+    zcard = client.zcard  # type: ignore[attr-defined]
+
+    async def counting(*args: object) -> int:
+        nonlocal asked
+        asked += 1
+        return int(await zcard(*args))
+
+    monkeypatch.setattr(client, "zcard", counting)
+    assert [await a.depth(g) for _ in range(20)] == [0] * 20
+    assert asked == 0
+    await b.enter(g, "r0", time.time() * 1000 + 10_000)
+    for _ in range(200):  # the "1" event arrives over pub/sub
+        if await a.depth(g) > 0:
+            break
+        await asyncio.sleep(0.005)
+    assert await a.depth(g) == 1
+    await b.leave(g, "r0")
+    for _ in range(200):
+        if a._nonempty.get(g, (True, 0))[0] is False:
+            break
+        await asyncio.sleep(0.005)
+    before = asked
+    assert await a.depth(g) == 0 and asked == before
