@@ -51,6 +51,9 @@ MODES = {"device_only": pb.DEVICE_MODE_DEVICE_ONLY, "cloud_only": pb.DEVICE_MODE
          "pd_device": pb.DEVICE_MODE_PD_DEVICE}
 CHAT_SIGMA, CHAT_RANGE = 0.6, (32, 1024)
 VOCAB = 256  # the mock cloud's token ids stay in the tiny tokenizer's range
+# Time scale of the run (set by pd_device.main): every modelled time runs SCALE x slower
+# in wall time; results are reported in model time (wall / SCALE).
+SCALE = [1.0]
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,11 @@ def run_chat(stub: pb_grpc.DeviceServiceStub, chat: Chat, mode: str, device: int
                           f"{e.code().name}: {e.details()}", 0.0, device)
     assert summary is not None
     planned = pb.DeviceMode.Name(summary.mode).removeprefix("DEVICE_MODE_").lower()
-    return ChatResult(chat, mode, planned, t0, time.monotonic(), times[0] if times else math.inf,
-                      [b - a for a, b in itertools.pairwise(times)], len(times),
-                      summary.fallback, summary.cloud_busy_ms, device)
+    k = SCALE[0]
+    return ChatResult(chat, mode, planned, t0, time.monotonic(),
+                      times[0] / k if times else math.inf,
+                      [(b - a) / k for a, b in itertools.pairwise(times)], len(times),
+                      summary.fallback, summary.cloud_busy_ms / k, device)
 
 
 def hash_seed(s: str) -> int:
@@ -158,8 +163,8 @@ def drive(address: str, mode: str, devices: int, chats: Sequence[Chat], per_devi
     probe = Probe(mode, devices)
     lock = threading.Lock()
     rng = random.Random(hash_seed(salt))
-    delays = [[rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in range(per_device)]
-              for _ in range(devices)]
+    delays = [[rng.expovariate(1 / think_s) * SCALE[0] if think_s > 0 else 0.0
+               for _ in range(per_device)] for _ in range(devices)]
     t0 = time.monotonic()
 
     def device(i: int) -> None:
@@ -179,7 +184,7 @@ def drive(address: str, mode: str, devices: int, chats: Sequence[Chat], per_devi
         on_start(t0)
     for t in threads:
         t.join()
-    probe.wall_s = max(r.end_s for r in probe.results) - t0
+    probe.wall_s = (max(r.end_s for r in probe.results) - t0) / SCALE[0]  # model time
     ok = [r.meets(ttft_target_ms, tpot_max_ms) for r in probe.results]
     probe.attainment = sum(ok) / len(ok)
     return probe
@@ -294,7 +299,7 @@ def kill_gateway_at(log_dir: str, after_s: float) -> Callable[[float], None]:
 
     def start(t0: float) -> None:
         def kill() -> None:
-            time.sleep(max(0.0, t0 + after_s - time.monotonic()))
+            time.sleep(max(0.0, t0 + after_s * SCALE[0] - time.monotonic()))
             killed.append(time.monotonic())
             os.kill(pid, signal.SIGKILL)
 
@@ -344,7 +349,8 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
         for mode in ("cloud_only", "pd_device"):
             def one(n: int, mode: str = mode, chats: Sequence[Chat] = chats,
                     name: str = name) -> Probe:
-                return drive(address, mode, n, chats, args.per_device, args.think_s,
+                per = max(args.per_device, math.ceil(args.min_chats / n))
+                return drive(address, mode, n, chats, per, args.think_s,
                              f"{name}/{mode}/{n}", ttft_target_ms, tpot_max_ms)
 
             best, probes = capacity(one, args.fleet_size, args.attainment, log=show)
@@ -366,7 +372,7 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
     with grpc.insecure_channel(address) as ch:
         out["gain_vs_length"] = gain_vs_length(
             pb_grpc.DeviceServiceStub(ch), args.length_prompt,
-            [int(x) for x in args.lengths.split(",")], 1 if quick else 2, "lengths")
+            [int(x) for x in args.lengths.split(",")], 1, "lengths")
     for r in out["gain_vs_length"]:
         print(f"  answer {r['answer_tokens']:5}: cloud busy cloud_only "
               f"{r['cloud_only_busy_ms']:7.0f} ms, pd_device {r['pd_device_busy_ms']:6.0f} ms"

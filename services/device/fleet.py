@@ -80,7 +80,7 @@ def _engine(cfg: Any, info: ModelInfo, speed: float) -> Any:
     if cfg.engine == "mock":
         from services.device.engine import MockDevice
 
-        return MockDevice(cfg.device_profile, info.vocab_size, speed)
+        return MockDevice(cfg.device_profile, info.vocab_size, speed * cfg.time_scale)
     from services.device.engine import TorchDevice
 
     return TorchDevice(cfg.model, cfg.cache_dir, cfg.torch_threads, cfg.speed_factor)

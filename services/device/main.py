@@ -71,6 +71,11 @@ class DeviceConfig(ServiceConfig, ModelConfig):
     cloud_stall_s: float = 10.0  # no further cloud message by then: local prefill
     fleet_size: int = 1  # emulated devices in this process (> 1: the mock engine only)
     fleet_spread: float = 0.0  # device i is 1 + spread * i / (n - 1) times slower (and RTT)
+    # Mock engine: the profile's times x time_scale. A bench on a shared host stretches all
+    # modelled time (cloud, device, link, and the pacing figures it passes) by the same
+    # factor, so the host's own scheduling stalls stay small against it.
+    time_scale: float = 1.0
+    pace_step_ms: float = 5.0  # speed controller: max change of the pace per token
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,8 +89,10 @@ class DeviceConfig(ServiceConfig, ModelConfig):
             raise ConfigError("need 0 < tau_min_ms <= tpot_max_ms - display_margin_ms")
         if self.display_margin_ms < 0:
             raise ConfigError("need display_margin_ms >= 0")
-        if self.fleet_size < 1 or self.fleet_spread < 0 or self.cloud_stall_s <= 0:
-            raise ConfigError("need fleet_size >= 1, fleet_spread >= 0, cloud_stall_s > 0")
+        if self.fleet_size < 1 or self.fleet_spread < 0 or self.cloud_stall_s <= 0 \
+                or self.time_scale <= 0 or self.pace_step_ms <= 0:
+            raise ConfigError("need fleet_size >= 1, fleet_spread >= 0, cloud_stall_s > 0, "
+                              "time_scale > 0, pace_step_ms > 0")
         if self.fleet_size > 1 and self.engine != "mock":
             raise ConfigError("fleet_size > 1 needs engine mock: torch devices in one "
                               "process would share this host's cores, which phones do not")
@@ -170,7 +177,8 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         ctl = ControllerConfig(tau_ms=tau, tau_min_ms=cfg.tau_min_ms,
                                tau_max_ms=max(tau, c.tpot_max_ms),
                                gain=0.0 if mode == pb.DEVICE_MODE_DEVICE_ONLY
-                               else ControllerConfig.gain, first_hold_ms=hold)
+                               else ControllerConfig.gain, first_hold_ms=hold,
+                               step_ms=cfg.pace_step_ms)
         local = min(max(planner.profiles.device_tpot_ms, cfg.tau_min_ms), c.tpot_max_ms)
         budget = request.token_budget or (plan.n_budget if plan.mode == "pd_device"
                                           else max_tokens)
