@@ -194,8 +194,8 @@ def start_py_spy(procs: dict[str, int], out_dir: Path) -> list[subprocess.Popen[
     """py-spy (dev extra) on every pdserve process, collapsed stacks, until SIGINT."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spy = str(Path(sys.executable).with_name("py-spy"))
-    return [subprocess.Popen([spy, "record", "--format", "raw", "--rate", "100", "--idle", "--nonblocking",
-                              "-o", str(out_dir / f"{name}.txt"), "-p", str(pid)],
+    return [subprocess.Popen([spy, "record", "--format", "raw", "--rate", "100", "--idle",
+                              "--nonblocking", "-o", str(out_dir / f"{name}.txt"), "-p", str(pid)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, pid in procs.items() if name not in ("redis-server", "client")]
 
@@ -296,6 +296,32 @@ def measure(trees: dict[str, Path], args: argparse.Namespace, cells: list[tuple[
     return runs
 
 
+def plot_cdfs(result: dict[str, object], path: str, slots: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(result["this_ttft_ms"])  # type: ignore[call-overload]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4), squeeze=False)
+    for ax, cell in zip(axes[0], cells, strict=True):
+        for label, style in (("baseline", "--"), ("this", "-")):
+            runs = result.get(f"{label}_ttft_ms", {}).get(cell)  # type: ignore[attr-defined]
+            if not runs:
+                continue
+            xs = sorted(t for run in runs for t in run)
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], style, label=label)
+        c, k = cell.split("x")
+        ax.set_title(f"c={c}, {k} token(s), {slots} slots")
+        ax.set_xscale("log")
+        ax.set_xlabel("client TTFT (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="c=1x1 and c=8x64, fewer requests")
@@ -306,6 +332,8 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default="", help="another source tree to compare")
     ap.add_argument("--trace", default="", help="take prompt lengths from this trace")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--plot", default="", help="PNG: client TTFT CDF per cell, this tree "
+                    "against the baseline (all runs pooled)")
     ap.add_argument("--py-spy", default="", help="record each process's stacks into this dir "
                     "(collapsed; needs py-spy from the dev extra, and ptrace rights)")
     args = ap.parse_args()
@@ -350,6 +378,8 @@ def main() -> int:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=asdict))
+    if args.plot:
+        plot_cdfs(result, args.plot, args.slots)
     return 0
 
 
