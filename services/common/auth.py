@@ -127,8 +127,7 @@ def token_ok(value: str | None, tokens: Sequence[str]) -> bool:
     return any([hmac.compare_digest(raw, t.encode()) for t in tokens])
 
 
-class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor,
-                     grpc.aio.UnaryStreamClientInterceptor):
+class _TokenMetadata:
     """Adds the cluster token to every call of a channel."""
 
     def __init__(self, token: str) -> None:
@@ -139,10 +138,16 @@ class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor,
         return grpc.aio.ClientCallDetails(details.method, details.timeout, md,
                                           details.credentials, details.wait_for_ready)
 
+
+# grpc.aio files each interceptor under ONE call type (the first isinstance that matches),
+# so the unary-unary and unary-stream halves must be separate objects.
+class _UnaryToken(_TokenMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any,
                                     request: Any) -> Any:
         return await continuation(self._with_token(details), request)
 
+
+class _StreamToken(_TokenMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any,
                                      request: Any) -> Any:
         return await continuation(self._with_token(details), request)
@@ -150,7 +155,7 @@ class _TokenMetadata(grpc.aio.UnaryUnaryClientInterceptor,
 
 def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that send ``token`` on every call (none without a token)."""
-    return [_TokenMetadata(token)] if token else []
+    return [_UnaryToken(token), _StreamToken(token)] if token else []
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
