@@ -133,6 +133,7 @@ class SimControl:
     controller: RatioController = field(init=False)
     log: list[tuple[float, str, int, int, str]] = field(default_factory=list)
     moves: int = 0
+    _last: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.controller = RatioController(self.cfg)
@@ -177,27 +178,29 @@ class SimControl:
         for s in snaps:
             if s.group != self.pool:
                 st = self.controller.state.get(s.group)
-                self.log.append((s.now_ms, s.group, s.n_p, s.n_d, st.last if st else ""))
+                last = st.last if st else ""
+                prev = self._last.get(s.group)
+                self._last[s.group] = last
+                self.log.append((s.now_ms, s.group, s.n_p, s.n_d, last if last != prev else ""))
         return out
 
 
-class EndedLengths:
-    """``lengths_of`` for ``SimControl``: the (prompt, output) lengths of the requests that
-    ended in a window, per group, read from the simulator's results as they come."""
+class ArrivedLengths:
+    """``lengths_of`` for ``SimControl``: the (prompt, output) lengths of the requests
+    that arrived in a window, per group (what the gateway knows at admission: the prompt
+    and ``max_tokens``; the mock engine's answers are exactly ``max_tokens`` long).
+    Open loop only: arrival times come from the requests."""
 
     def __init__(self, reqs: Sequence[SimRequest], names: dict[int, str]) -> None:
-        self.reqs = reqs
-        self.names = names
-        self.sim: object | None = None
-        self._seen = 0
-        self._ended: list[tuple[float, str, int, int]] = []
+        self.by_group: dict[str, list[tuple[float, int, int]]] = {}
+        for q in sorted(reqs, key=lambda q: q.arrival_ms):
+            self.by_group.setdefault(names[q.group], []).append(
+                (q.arrival_ms, q.prompt_len, q.output_len))
+        self.times = {g: [t for t, _, _ in v] for g, v in self.by_group.items()}
 
     def __call__(self, group: str, lo: float, hi: float) -> list[tuple[int, int]]:
-        results: dict[int, Result] = getattr(self.sim, "results", {})
-        if len(results) > self._seen:
-            items = list(results.items())[self._seen:]
-            self._seen = len(results)
-            for i, r in items:
-                q = self.reqs[i]
-                self._ended.append((r.end_ms, self.names[q.group], q.prompt_len, q.output_len))
-        return [(p, o) for t, g, p, o in self._ended if g == group and lo <= t <= hi]
+        from bisect import bisect_left
+
+        ts = self.times.get(group, [])
+        a, b = bisect_left(ts, lo), bisect_left(ts, hi)
+        return [(p, o) for _, p, o in self.by_group[group][a:b]]

@@ -62,13 +62,17 @@ class Summary:
     predicted_goodput_share: float  # predicted split's goodput / best goodput
     users: int  # live closed loop (0 in the simulator: open-loop bisection)
     b_d: int
+    predicted_u: str = ""  # Eq. 1 with the prefill utilisation target u_p
+    u_p: float = 1.0
+    predicted_u_adjacent: bool = False
 
 
 def deployment(lat: LatencyModel, items: list[Item], args: argparse.Namespace) -> Deployment:
     dep = Deployment(prefill_slots=1, decode_slots=args.decode_slots,
                      kv_pool_tokens=args.kv_pool_tokens, prefill_parallel=True)
     wl = Workload.from_requests(lat, [(i.prompt_len, i.output_len) for i in items])
-    # The simulator has no KV pool: give it the batch the pool allows (the model's b_d).
+    # Eq. 1's b_d: what the pool holds of the mean sequence (the simulator admits by each
+    # request's own prompt + output, as the live decode does).
     return Deployment(prefill_slots=1, decode_slots=effective_b_d(lat, wl, dep),
                       prefill_parallel=True)
 
@@ -109,21 +113,24 @@ def sim_sweep(name: str, run: int, items: list[Item], lat: LatencyModel,
     prof = predicted(lat, items, dep, cached)
     n = args.instances
     pred = best_split(prof, n, floor=1)
+    pred_u = best_split(prof.with_prefill_util(args.prefill_util), n, floor=1)
     caps = {s.n_p: s.capacity for s in sweep(prof, n, floor=1)}
     points = []
     for n_p in range(1, n):
         cfg = SimConfig(policy=args.policy, groups=1, prefills_per_group=n_p,
-                        decodes_per_group=n - n_p, decode_slots=dep.decode_slots,
+                        decodes_per_group=n - n_p, decode_slots=args.decode_slots,
+                        decode_pool_tokens=args.kv_pool_tokens,
                         slo_factor=slo.factor, slo_floor_ms=slo.floor_ms, seed=run,
                         prefix_cache=prefix)
         rate, share = capacity_at_slo(cfg, lat, items, slo, 2.0 * pred.capacity, prof.e2e_ms,
                                       args.success, args.iters, run)
         points.append(Point(name, run, n_p, n - n_p, rate, share, caps[n_p]))
-    return points, summarise(name, run, points, pred.n_p, 0, dep.decode_slots)
+    return points, summarise(name, run, points, pred.n_p, 0, dep.decode_slots, pred_u.n_p,
+                             args.prefill_util)
 
 
 def summarise(name: str, run: int, points: list[Point], pred_n_p: int, users: int,
-              b_d: int) -> Summary:
+              b_d: int, pred_u_n_p: int = 0, u_p: float = 1.0) -> Summary:
     ranked = sorted(points, key=lambda p: -p.goodput_rps)
     best, worst = ranked[0], ranked[-1]
     two = [p for p in ranked if p.n_p >= 2 and p.n_d >= 2]
@@ -134,7 +141,9 @@ def summarise(name: str, run: int, points: list[Point], pred_n_p: int, users: in
                    best.goodput_rps / max(worst.goodput_rps, 1e-9),
                    two[0].goodput_rps / max(two[-1].goodput_rps, 1e-9) if two else 0.0,
                    f"P{pred_n_p}/D{by_np[pred_n_p].n_d}", rank, adjacent,
-                   by_np[pred_n_p].goodput_rps / max(best.goodput_rps, 1e-9), users, b_d)
+                   by_np[pred_n_p].goodput_rps / max(best.goodput_rps, 1e-9), users, b_d,
+                   f"P{pred_u_n_p}/D{by_np[pred_u_n_p].n_d}" if pred_u_n_p else "", u_p,
+                   bool(pred_u_n_p) and abs(pred_u_n_p - best.n_p) <= 1)
 
 
 def plot(points: list[Point], sums: list[Summary], out: Path, title: str) -> Path:
@@ -162,6 +171,10 @@ def plot(points: list[Point], sums: list[Summary], out: Path, title: str) -> Pat
         s0 = next(s for s in sums if s.workload == name and s.run == runs[0])
         pn = int(s0.predicted.split("/")[0][1:])
         ax.axvline(pn, color="red", ls=":", label=f"Eq. 1 best {s0.predicted}")
+        if s0.predicted_u and s0.predicted_u != s0.predicted:
+            pu = int(s0.predicted_u.split("/")[0][1:])
+            ax.axvline(pu, color="purple", ls="-.",
+                       label=f"Eq. 1, u_p {s0.u_p:g}: {s0.predicted_u}")
         n = pts0[0].n_p + pts0[0].n_d
         ax.set_xticks(range(1, n))
         ax.set_xticklabels([f"{k}:{n - k}" for k in range(1, n)], rotation=60, fontsize=7)
@@ -191,7 +204,10 @@ def report(sums: list[Summary]) -> None:
               f"/{len(mine)}) | best {', '.join(s.best for s in mine)} | Eq. 1 "
               f"{', '.join(s.predicted for s in mine)}: measured best or next to it in "
               f"{sum(s.predicted_adjacent for s in mine)}/{len(mine)}, goodput "
-              f"{100 * min(share):.0f}-{100 * max(share):.0f}% of the best")
+              f"{100 * min(share):.0f}-{100 * max(share):.0f}% of the best"
+              + (f" | Eq. 1 with u_p {mine[0].u_p:g}: {', '.join(s.predicted_u for s in mine)}"
+                 f", best or next in {sum(s.predicted_u_adjacent for s in mine)}/{len(mine)}"
+                 if mine[0].predicted_u else ""))
 
 
 def main() -> int:
@@ -211,6 +227,9 @@ def main() -> int:
     ap.add_argument("--success", type=float, default=0.95,
                     help="sim: goodput = the highest rate with this share meeting both SLOs")
     ap.add_argument("--iters", type=int, default=7, help="sim: bisection steps per split")
+    ap.add_argument("--prefill-util", type=float, default=0.7,
+                    help="u_p for the second Eq. 1 prediction (prefill headroom the TTFT SLO "
+                         "and the scheduler need)")
     ap.add_argument("--slo-factor", type=float, default=8.0)
     ap.add_argument("--slo-floor-ms", type=float, default=300.0)
     ap.add_argument("--tpot-slo-ms", type=float, default=60.0)

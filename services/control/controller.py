@@ -16,6 +16,8 @@ Signals (§1.3): mean E2E and the TTFT share T_p / E2E of the group.
 - Without a profile the controller only reacts to change: a group that starts out of
   balance has no reference to be "up" from. With one, a first look that already queues
   (E2E above Eq. 1's no-wait E2E) is judged against the model.
+- With a profile and the group's arrival rate, a rise is ignored while Eq. 1 says the
+  split carries the traffic with ``headroom`` (a longer workload has a longer E2E).
 - Size (gradual): with a profile, move toward Eq. 1's best split for the group's size,
   at most ``max_step_frac`` of the group per period (at least 1); without one, 1.
   Where the signal and the model disagree, the measurement wins, one instance at a time.
@@ -33,7 +35,9 @@ Signals (§1.3): mean E2E and the TTFT share T_p / E2E of the group.
 Where instances come from:
 - fixed total: switch one of the group's other role, if that role keeps >= 2 and (with a
   profile) the switch raises the group's capacity; otherwise move one from a donor group
-  that is calm, not changing, and keeps ``headroom`` over its traffic without it.
+  that is calm, not changing, and keeps ``headroom`` over its traffic without it. A group
+  whose traffic exceeds what any split of its size carries (Eq. 1) is short of
+  instances: donors first, as many as its deficit in the role (within the step cap).
 - spare pool (``spare=True``): borrow idle instances first (up to ``max_borrow`` per
   group); release a borrowed one after ``release_after`` calm periods when (with a
   profile) the group keeps ``headroom`` without it.
@@ -48,7 +52,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from services.control.actuator import Decision, Kind
-from services.control.perfmodel import DECODE, PREFILL, GroupProfile, best_split
+from services.control.perfmodel import DECODE, PREFILL, GroupProfile, best_split, required
 
 FLOOR = 2  # instances a role keeps (no single point of failure)
 
@@ -125,6 +129,7 @@ class Pending:
     direction: int  # +1: prefill was added, -1: decode was added
     pre_e2e: float
     revert: bool = False
+    model: bool = False  # sized by Eq. 1 for a short group: not judged on E2E
 
 
 @dataclass
@@ -177,7 +182,9 @@ class RatioController:
         for gv in sorted(view.groups, key=lambda g: g.group):
             st = self.state.setdefault(gv.group, GroupState())
             want = self._judge(gv, st)
-            if isinstance(want, _Want):
+            if isinstance(want, tuple):
+                wants.extend(want)
+            elif isinstance(want, _Want):
                 wants.append(want)
             elif isinstance(want, Decision):
                 releases.append(want)
@@ -186,7 +193,8 @@ class RatioController:
         by_name = {g.group: g for g in view.groups}
         spares = list(view.spares)
         anonymous = view.anonymous_spares
-        touched: set[str] = {w.group for w in wants}
+        touched: set[str] = {w.group for w in wants}  # receivers never give
+        given: set[str] = set()  # instances moved this period
         out: list[Decision] = list(releases)
         for w in wants:
             gv, st = by_name[w.group], self.state[w.group]
@@ -203,24 +211,30 @@ class RatioController:
                         got.append(Decision(Kind.BORROW, w.group, w.role, reason=w.reason))
                 for _ in got:
                     st.borrowed[w.role] = st.borrowed.get(w.role, 0) + 1
-            need = w.count - len(got)
-            if need > 0:
-                got += self._switch(gv, w, need)
-            need = w.count - len(got)
-            if need > 0 and self.cfg.cross_group and not self.cfg.spare:
-                for donor in self._donors(view, by_name, calm - touched, w):
-                    if need <= 0:
-                        break
-                    got.append(donor)
-                    touched.add(donor.from_group)
-                    self.state[donor.from_group].cooldown = self.cfg.cooldown
-                    self.state[donor.from_group].last = f"gave {donor.instance_id}"
-                    need -= 1
+            # A group whose traffic exceeds what its best split carries (Eq. 1) is short
+            # of instances, not of balance: take from calm groups first (§1.3: "rebuild
+            # some groups by moving instances between groups"), then rebalance.
+            short = self._deficit(gv, w.role) > 0
+            for source in ("donors", "switch") if short else ("switch", "donors"):
+                need = w.count - len(got)
+                if need <= 0:
+                    break
+                if source == "switch":
+                    got += self._switch(gv, w, need)
+                elif self.cfg.cross_group and not self.cfg.spare:
+                    for donor in self._donors(by_name, calm - touched, w, need, given):
+                        got.append(donor)
+                        given.add(donor.instance_id)
+                        self.state[donor.from_group].cooldown = self.cfg.cooldown
+                        self.state[donor.from_group].ref_e2e = 0.0  # re-taken after
+                        self.state[donor.from_group].last = f"gave {donor.instance_id}"
             if got:
                 st.pending = w.pending
                 st.cooldown = self.cfg.cooldown
                 st.calm = 0
-                st.last = f"{w.reason}: +{len(got)} {w.role}"
+                gained = f"+{len(got)} {w.role}"
+                st.last = f"{st.last}, {gained}" if w.pending.model and st.last.startswith(
+                    w.reason) else f"{w.reason}: {gained}"
                 if w.pending.revert:
                     st.hold = self.cfg.hold
             else:
@@ -229,7 +243,8 @@ class RatioController:
         return out
 
     # -- one group's judgement ---------------------------------------------------------
-    def _judge(self, gv: GroupView, st: GroupState) -> _Want | Decision | None:
+    def _judge(self, gv: GroupView, st: GroupState
+               ) -> _Want | tuple[_Want, ...] | Decision | None:
         cfg, o = self.cfg, gv.obs
         if gv.changing:
             return None  # the last change is still under way: judge nothing yet
@@ -247,9 +262,14 @@ class RatioController:
             if prof is not None and e2e > prof.e2e_ms * (1 + cfg.e2e_up):
                 # Already queueing at the first look: judge against the no-wait model.
                 st.ref_e2e, st.ref_share = prof.e2e_ms, prof.ttft_share
+        if st.seen <= cfg.warmup:
+            return None
         if st.cooldown > 0:
             st.cooldown -= 1
             return None
+        if st.pending is not None and st.pending.model:
+            st.pending = None
+            st.ref_e2e, st.ref_share = e2e, share  # sized by the model: the new normal
         if st.pending is not None:
             p, st.pending = st.pending, None
             gain = 1.0 - e2e / max(p.pre_e2e, 1e-9)
@@ -268,6 +288,9 @@ class RatioController:
             st.ref_e2e, st.ref_share = e2e, share  # the new normal
             st.last = f"settled ({100 * gain:+.0f}%)"
             return None
+        short = self._short(gv)
+        if short:
+            return short
         up = e2e > st.ref_e2e * (1 + cfg.e2e_up) or fail_rate > cfg.fail_up
         if not up:
             st.ref_e2e += cfg.ewma * (e2e - st.ref_e2e)
@@ -275,6 +298,14 @@ class RatioController:
             st.calm += 1
             st.hold = max(0, st.hold - 1)
             return self._maybe_release(gv, st)
+        if prof is not None and o.arrival_rps > 0 and fail_rate <= cfg.fail_up and \
+                prof.capacity(gv.n_p, gv.n_d) >= cfg.headroom * o.arrival_rps:
+            # Eq. 1 says this split carries the traffic with headroom: the rise is the
+            # workload's own (longer answers take longer), not a mismatch.
+            st.ref_e2e += cfg.ewma * (e2e - st.ref_e2e)
+            st.ref_share += cfg.ewma * (share - st.ref_share)
+            st.last = "E2E up, Eq. 1 has headroom: hold"
+            return None
         st.calm = 0
         if st.hold > 0 and e2e <= st.ref_e2e * (1 + 2 * cfg.e2e_up) and fail_rate <= cfg.fail_up:
             st.hold -= 1
@@ -294,9 +325,40 @@ class RatioController:
                f"({d_share:+.2f}){', failures' if fail_rate > cfg.fail_up else ''}")
         return self._want(gv, direction, why, e2e)
 
+    def _short(self, gv: GroupView) -> tuple[_Want, ...]:
+        """Eq. 1's trigger (the paper's "from profiling"): the group's traffic exceeds
+        what any split of its size carries, and instances can come from elsewhere (spare
+        pool or calm groups). Wants each role's deficit, within the step cap. Judged by
+        the model, not by E2E: no hill-climb follows."""
+        if not (self.cfg.spare or self.cfg.cross_group):
+            return ()
+        cap = max(1, int(self.cfg.max_step_frac * (gv.n_p + gv.n_d)))
+        out = []
+        for role in (PREFILL, DECODE):
+            k = min(cap, self._deficit(gv, role))
+            if k > 0:
+                d = +1 if role == PREFILL else -1
+                out.append(_Want(gv.group, role, k, f"traffic {gv.obs.arrival_rps:.1f}/s > "
+                                 f"Eq. 1 capacity of {gv.n_p + gv.n_d}",
+                                 Pending(d, gv.obs.mean_e2e_ms, model=True)))
+        return tuple(out)
+
+    def _deficit(self, gv: GroupView, role: str) -> int:
+        """Instances of ``role`` the group lacks to carry its traffic at any split of its
+        size (Eq. 1; 0 without a profile or when some split of its size suffices)."""
+        prof, rate = gv.profile, gv.obs.arrival_rps
+        total = gv.n_p + gv.n_d
+        if prof is None or rate <= 0 or total < 2 or best_split(prof, total).capacity >= rate:
+            return 0
+        need = required(prof, rate, floor=FLOOR)
+        return max(0, (need.n_p - gv.n_p) if role == PREFILL else (need.n_d - gv.n_d))
+
     def _step_size(self, gv: GroupView, direction: int) -> int:
         total = gv.n_p + gv.n_d
         cap = max(1, int(self.cfg.max_step_frac * total))
+        deficit = self._deficit(gv, _role_of(direction))
+        if deficit > 0:
+            return min(cap, deficit)
         if gv.profile is None or total < 2:
             return 1
         gap = best_split(gv.profile, total).n_p - gv.n_p
@@ -330,6 +392,8 @@ class RatioController:
         (with a profile) only while each switch raises the group's capacity."""
         src = _other(w.role)
         give = max(0, len(gv.members(src)) - FLOOR)
+        if self._deficit(gv, src) > 0:
+            give = 0  # the other role is short as well: switching only moves the gap
         k = min(need, give)
         if gv.profile is not None and not w.pending.revert:
             # The first switch may cost up to 10% of modelled capacity (the model is at
@@ -347,25 +411,31 @@ class RatioController:
         return [Decision(Kind.SWITCH, gv.group, w.role, m.instance_id, gv.group, src, w.reason)
                 for m in _quietest(gv.members(src), k)]
 
-    def _donors(self, view: FleetView, by_name: dict[str, GroupView], calm: set[str],
-                w: _Want) -> list[Decision]:
-        """Instances other groups can give: calm groups, their slackest role above the
-        floor, only while (with a profile) they keep ``headroom`` over their traffic."""
+    def _donors(self, by_name: dict[str, GroupView], calm: set[str], w: _Want, need: int,
+                given: set[str]) -> list[Decision]:
+        """Up to ``need`` instances other groups can give: calm groups (calmest first),
+        each its slackest role above the floor, while (with a profile) it keeps
+        ``headroom`` over its traffic."""
         out: list[Decision] = []
-        ranked = sorted(calm, key=lambda g: (self._pressure(by_name[g]), g))
-        for name in ranked:
+        for name in sorted(calm, key=lambda g: (self._pressure(by_name[g]), g)):
             gv = by_name[name]
-            role = self._slack_role(gv)
-            if role is None:
-                continue
-            prof = gv.profile
-            n_p, n_d = gv.n_p - (role == PREFILL), gv.n_d - (role == DECODE)
-            if prof is not None and gv.obs.arrival_rps > 0 and \
-                    prof.capacity(n_p, n_d) < self.cfg.headroom * gv.obs.arrival_rps:
-                continue
-            m = _quietest(gv.members(role), 1)[0]
-            out.append(Decision(Kind.MOVE, w.group, w.role, m.instance_id, name, role,
-                                f"{w.reason}; donor {name}"))
+            left = {r: [m for m in _quietest(gv.members(r), len(gv.members(r)))
+                        if m.instance_id not in given] for r in (PREFILL, DECODE)}
+            while len(out) < need:
+                role = self._slack_role(gv, len(left[PREFILL]), len(left[DECODE]))
+                if role is None:
+                    break
+                n_p = len(left[PREFILL]) - (role == PREFILL)
+                n_d = len(left[DECODE]) - (role == DECODE)
+                prof = gv.profile
+                if prof is not None and gv.obs.arrival_rps > 0 and \
+                        prof.capacity(n_p, n_d) < self.cfg.headroom * gv.obs.arrival_rps:
+                    break
+                m = left[role].pop(0)
+                out.append(Decision(Kind.MOVE, w.group, w.role, m.instance_id, name, role,
+                                    f"{w.reason}; donor {name}"))
+            if len(out) >= need:
+                break
         return out
 
     def _pressure(self, gv: GroupView) -> float:
@@ -376,18 +446,19 @@ class RatioController:
             return 1.0
         return gv.obs.mean_e2e_ms / st.ref_e2e
 
-    def _slack_role(self, gv: GroupView) -> str | None:
-        """The role a group can best spare, if it has one above the floor."""
-        can = [r for r in (PREFILL, DECODE) if len(gv.members(r)) > FLOOR]
+    def _slack_role(self, gv: GroupView, n_p: int, n_d: int) -> str | None:
+        """The role a group of ``n_p`` + ``n_d`` can best spare, if one is above the floor."""
+        can = [r for r, n in ((PREFILL, n_p), (DECODE, n_d)) if n > FLOOR]
         if len(can) <= 1:
             return can[0] if can else None
         if gv.profile is not None:
-            pr, dr = gv.profile.prefill_rate(gv.n_p - 1), gv.profile.decode_rate(gv.n_d - 1)
+            pr = gv.profile.u_p * gv.profile.prefill_rate(n_p - 1)
+            dr = gv.profile.decode_rate(n_d - 1)
             return PREFILL if pr >= dr else DECODE
         pb, db = gv.obs.prefill_busy, gv.obs.decode_busy
         if math.isfinite(pb) and math.isfinite(db):
             return PREFILL if pb <= db else DECODE
-        return PREFILL if gv.n_p >= gv.n_d else DECODE
+        return PREFILL if n_p >= n_d else DECODE
 
     def _maybe_release(self, gv: GroupView, st: GroupState) -> Decision | None:
         if not self.cfg.spare or st.calm < self.cfg.release_after:

@@ -123,16 +123,17 @@ async def test_only_the_leader_acts_and_the_switch_reaches_the_registry(
     async def period(e2e: float, ttft: float) -> list[list[str]]:
         p = period_of(now["t"], PERIOD_S)
         await client.delete(obs_key(p))
-        for k in range(40):  # both gateways serve half of the requests
+        for k in range(300):  # both gateways serve half of the requests (30/s)
             loops[k % 2].window.record(GROUP, True, e2e, ttft, 800, 200, 60.0, 2.0, 15.0)
         for lp in loops:
             await lp.flush(p)
         now["t"] += PERIOD_S
         return [await other.tick(), await leader.tick()]
 
-    assert await period(3000.0, 900.0) == [[], []]  # calm: the reference is taken
+    assert await period(3000.0, 900.0) == [[], []]  # warm-up: the reference is taken
     assert await period(3100.0, 950.0) == [[], []]
-    follower, decided = await period(6000.0, 600.0)  # E2E up, TTFT share down: decode
+    # E2E up with the TTFT share down, and 30 req/s over Eq. 1's capacity of 4:4: decode
+    follower, decided = await period(6000.0, 600.0)
     assert follower == []
     # The live profile (60 ms prefills, 200-token answers at 15 ms TPOT, b_d 16) puts
     # Eq. 1's best split of 8 at P2/D6: two switches, the step cap (25% of 8).

@@ -27,7 +27,7 @@ from services.control.controller import (
     Obs,
     RatioController,
 )
-from services.control.perfmodel import GroupProfile, best_split
+from services.control.perfmodel import GroupProfile, best_split, required
 
 pytestmark = pytest.mark.unit
 
@@ -78,10 +78,11 @@ def test_the_first_periods_only_take_the_reference() -> None:
 def test_a_loss_the_model_backs_is_kept() -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
     c = RatioController(ControllerConfig(cooldown=0, warmup=0))
-    run(c, group("g", 13, 3, 1000, 0.3, profile=prof))
-    assert run(c, group("g", 13, 3, 2000, 0.1, profile=prof))  # +4 decode (capped)
+    rps = prof.capacity(13, 3)  # saturated: no headroom
+    run(c, group("g", 13, 3, 1000, 0.3, profile=prof, rps=rps))
+    assert run(c, group("g", 13, 3, 2000, 0.1, profile=prof, rps=rps))  # +4 decode (capped)
     # E2E still rising (the overload's backlog), but Eq. 1 says 9:7 beats 10:6: keep.
-    assert run(c, group("g", 9, 7, 3000, 0.1, profile=prof)) == []
+    assert run(c, group("g", 9, 7, 3000, 0.1, profile=prof, rps=rps)) == []
     assert "model backs" in c.state["g"].last
 
 
@@ -121,9 +122,10 @@ def test_model_sizes_the_step_and_caps_it() -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
     best = best_split(prof, 16)
     c = RatioController(ControllerConfig(max_step_frac=0.25, warmup=0))
-    start = group("g", 13, 3, 1000, 0.5, profile=prof)
+    rps = prof.capacity(13, 3)
+    start = group("g", 13, 3, 1000, 0.5, profile=prof, rps=rps)
     run(c, start)
-    out = run(c, group("g", 13, 3, 2000, 0.2, profile=prof))
+    out = run(c, group("g", 13, 3, 2000, 0.2, profile=prof, rps=rps))
     assert best.n_p < 13 - 4  # far away: the step is capped at 25% of 16
     assert len(out) == 4 and all(d.role == "decode" for d in out)
 
@@ -146,6 +148,30 @@ def test_fixed_total_moves_from_a_calm_donor_when_the_group_cannot_switch() -> N
     out = run(c, group("hot", 2, 2, 2000, 0.1), group("cold", 4, 4, 800, 0.3))
     assert len(out) == 1 and out[0].kind is Kind.MOVE
     assert out[0].group == "hot" and out[0].role == "decode" and out[0].from_group == "cold"
+
+
+def test_a_group_short_of_instances_takes_donors_before_rebalancing() -> None:
+    prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
+    c = RatioController(ControllerConfig(warmup=0))
+    hot_rate = 1.5 * best_split(prof, 8).capacity  # no split of 8 carries it
+    hot = dict(profile=prof, rps=hot_rate)
+    cold = dict(profile=prof, rps=1.0)
+    # Eq. 1's own trigger: no E2E rise needed, each role's deficit, donors first.
+    out = run(c, group("hot", 4, 4, 1000, 0.3, **hot), group("cold", 4, 6, 800, 0.3, **cold))
+    assert out and all(d.kind is Kind.MOVE and d.from_group == "cold" for d in out)
+    need = required(prof, hot_rate)
+    short = {r for r, n, have in (("prefill", need.n_p, 4), ("decode", need.n_d, 4)) if n > have}
+    assert {d.role for d in out} == short
+    assert len(out) <= 2 * max(1, int(0.25 * 8))
+
+
+def test_a_rise_with_modelled_headroom_is_the_workloads_own() -> None:
+    prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
+    c = RatioController(ControllerConfig(warmup=0))
+    light = prof.capacity(4, 4) / 2
+    run(c, group("g", 4, 4, 1000, 0.3, profile=prof, rps=light))
+    assert run(c, group("g", 4, 4, 2000, 0.1, profile=prof, rps=light)) == []
+    assert "headroom" in c.state["g"].last
 
 
 def test_a_donor_keeps_headroom_over_its_traffic() -> None:
