@@ -64,6 +64,9 @@ dc --profile groups config --quiet
 echo "check_compose: $FILE, --profile observability"
 dc --profile observability config --quiet
 
+echo "check_compose: $FILE, --profile device"
+dc --profile device config --quiet
+
 if [[ -f "$ENV_EXAMPLE" && -z "${CHECK_COMPOSE_FILE:-}" ]]; then
     echo "check_compose: $FILE with --env-file $ENV_EXAMPLE"
     dc --env-file "$ENV_EXAMPLE" --profile groups --profile observability config --quiet
