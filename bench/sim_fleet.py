@@ -50,7 +50,7 @@ def spec_from(args: argparse.Namespace) -> FleetSpec:
                     control_period_ms=args.control_period_s * 1e3 if args.control else 0.0)
     return FleetSpec(cfg, args.trace, args.duration_s * 1e3, args.compress, args.utilisation,
                      args.max_prompt, args.profile, args.workers, args.control,
-                     args.hot_every, args.hot_factor)
+                     args.hot_every, args.hot_factor, args.chunk_groups)
 
 
 def line(r: FleetResult, base: FleetResult | None) -> str:
@@ -174,6 +174,9 @@ def main() -> int:
     ap.add_argument("--compress", type=float, default=0.0, help="explicit compression")
     ap.add_argument("--max-prompt", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunk-groups", type=int, default=16,
+                    help="groups a worker simulates at once (0: all; a controller moving "
+                         "instances between groups sees one chunk)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", default="", help="MODULE:FACTORY of a control callback")
     ap.add_argument("--control-period-s", type=float, default=10.0)

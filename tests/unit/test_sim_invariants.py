@@ -140,7 +140,7 @@ def test_fleet_runner_gives_the_same_figures_on_one_and_two_workers(trace: str) 
                     cancel_frac=0.05, seed=1)
     spec = FleetSpec(cfg, trace, duration_ms=8_000.0, utilisation=0.7, workers=1)
     one = run_fleet(spec).stats
-    two = run_fleet(replace(spec, workers=2)).stats
+    two = run_fleet(replace(spec, workers=2, chunk_groups=2)).stats
     # Counts and histograms (percentiles) are identical; sums differ only in the order
     # the shards' floats were added.
     assert one == pytest.approx(two, rel=1e-12)
