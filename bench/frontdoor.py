@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from bench.common import free_port  # noqa: E402
 
 PROFILE = ROOT / "bench" / "profiles" / "instant.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DYNAMO_8X64_REQ_S = 255.2  # disagg, this box (shared/reference/baselines.md §5)
 FULL_CELLS = "1x1,8x1,32x1,1x64,8x64,32x64"
 QUICK_CELLS = "1x1,8x64"
 
@@ -211,24 +213,27 @@ def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def run_cells(cluster: Cluster, cells: list[tuple[int, int]], n_of: dict[int, int],
-              prompts: list[list[int]], py_spy: str = "") -> list[Cell]:
-    asyncio.run(drive(cluster.address, 4, 40, prompts, 8))  # warm channels, caches, JIT-free
-    procs = {**cluster.processes(), "client": os.getpid()}
+Driver = Callable[[int, int, int], tuple[float, list[float], int]]  # c, n, tokens
+
+
+def run_cells(drive_fn: Driver, procs: dict[str, int], cells: list[tuple[int, int]],
+              n_of: dict[int, int], py_spy: str = "") -> list[Cell]:
+    drive_fn(4, 40, 8)  # warm channels and caches
+    procs = {**procs, "client": os.getpid()}
     spies = start_py_spy(procs, Path(py_spy)) if py_spy else []
     try:
-        return _cells(cluster, procs, cells, n_of, prompts)
+        return _cells(drive_fn, procs, cells, n_of)
     finally:
         stop_py_spy(spies)
 
 
-def _cells(cluster: Cluster, procs: dict[str, int], cells: list[tuple[int, int]],
-           n_of: dict[int, int], prompts: list[list[int]]) -> list[Cell]:
+def _cells(drive_fn: Driver, procs: dict[str, int], cells: list[tuple[int, int]],
+           n_of: dict[int, int]) -> list[Cell]:
     out = []
     for c, k in cells:
         n = n_of[c]
         before = {name: cpu_s(pid) for name, pid in procs.items()}
-        wall, ttfts, errors = asyncio.run(drive(cluster.address, c, n, prompts, k))
+        wall, ttfts, errors = drive_fn(c, n, k)
         cell = Cell(c, k, n, req_s=(n - errors) / wall, ttft_p50_ms=pct(ttfts, 0.5),
                     ttft_p99_ms=pct(ttfts, 0.99), ttft_max_ms=max(ttfts, default=float("nan")),
                     errors=errors, ttft_ms=[round(t, 3) for t in ttfts])
@@ -281,8 +286,13 @@ def ttft_lists(runs: list[list[Cell]]) -> dict[str, list[list[float]]]:
 
 def measure(trees: dict[str, Path], args: argparse.Namespace, cells: list[tuple[int, int]],
             n_of: dict[int, int], prompts: list[list[int]]) -> dict[str, list[list[Cell]]]:
-    """Runs alternate between the trees, so machine noise hits each of them alike."""
+    """Runs alternate between the systems, so machine noise hits each of them alike."""
     runs: dict[str, list[list[Cell]]] = {label: [] for label in trees}
+    if args.dynamo_python:
+        from bench.frontdoor_dynamo import text_prompts
+
+        runs["dynamo"] = []
+        texts = text_prompts(args.prompt_tokens)
     for r in range(args.runs):
         for label, tree in trees.items():
             print(f"[{label}] run {r + 1}/{args.runs}", flush=True)
@@ -290,9 +300,30 @@ def measure(trees: dict[str, Path], args: argparse.Namespace, cells: list[tuple[
             try:
                 cluster.wait()
                 spy = f"{args.py_spy}/{label}-run{r + 1}" if args.py_spy else ""
-                runs[label].append(run_cells(cluster, cells, n_of, prompts, spy))
+
+                def grpc_drive(c: int, n: int, k: int, addr: str = cluster.address
+                               ) -> tuple[float, list[float], int]:
+                    return asyncio.run(drive(addr, c, n, prompts, k))
+
+                runs[label].append(run_cells(grpc_drive, cluster.processes(), cells, n_of,
+                                             spy))
             finally:
                 cluster.stop()
+        if args.dynamo_python:
+            from bench.frontdoor_dynamo import Dynamo, drive_http
+
+            print(f"[dynamo] run {r + 1}/{args.runs}", flush=True)
+            dyn = Dynamo(args.dynamo_python)
+            try:
+                dyn.wait()
+
+                def http_drive(c: int, n: int, k: int, url: str = dyn.url
+                               ) -> tuple[float, list[float], int]:
+                    return asyncio.run(drive_http(url, c, n, texts, k))
+
+                runs["dynamo"].append(run_cells(http_drive, dyn.pids(), cells, n_of))
+            finally:
+                dyn.stop()
     return runs
 
 
@@ -305,7 +336,7 @@ def plot_cdfs(result: dict[str, object], path: str, slots: int) -> None:
     cells = list(result["this_ttft_ms"])  # type: ignore[call-overload]
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4), squeeze=False)
     for ax, cell in zip(axes[0], cells, strict=True):
-        for label, style in (("baseline", "--"), ("this", "-")):
+        for label, style in (("baseline", "--"), ("dynamo", ":"), ("this", "-")):
             runs = result.get(f"{label}_ttft_ms", {}).get(cell)  # type: ignore[attr-defined]
             if not runs:
                 continue
@@ -322,6 +353,35 @@ def plot_cdfs(result: dict[str, object], path: str, slots: int) -> None:
     fig.savefig(path, dpi=110)
 
 
+def print_table(label: str, rows: object, procs: tuple[str, ...]) -> None:
+    print(f"\n[{label}]\n| c x tokens | req/s | TTFT p50 ms | TTFT p99 ms | cpu ms/req "
+          f"({'/'.join(procs)}) |\n|---|---|---|---|---|")
+    for row in rows:  # type: ignore[attr-defined]
+        cpu = row["cpu_ms_per_req"]
+        print(f"| {row['c']}x{row['tokens']} | {row['req_s']:.0f} "
+              f"[{row['req_s_spread'][0]:.0f}-{row['req_s_spread'][1]:.0f}] | "
+              f"{row['ttft_p50_ms']:.1f} [{row['ttft_p50_ms_spread'][0]:.1f}-"
+              f"{row['ttft_p50_ms_spread'][1]:.1f}] | {row['ttft_p99_ms']:.1f} "
+              f"[{row['ttft_p99_ms_spread'][0]:.1f}-{row['ttft_p99_ms_spread'][1]:.1f}] | "
+              + "/".join(f"{cpu.get(k, 0):.2f}" for k in procs) + " |")
+
+
+def targets(result: dict[str, object]) -> None:
+    """Issue 15's targets: Dynamo's req/s at c=8 x 64 tokens (same run when measured, else
+    baselines.md's figure) and TTFT p50 <= 3 ms at c=1 (1 token)."""
+    rows = {(r["c"], r["tokens"]): r for r in result["this"]}  # type: ignore[attr-defined]
+    dyn = {(r["c"], r["tokens"]): r for r in result.get("dynamo", [])}  # type: ignore[attr-defined]
+    if (8, 64) in rows:
+        ref, src = ((dyn[(8, 64)]["req_s"], "same run") if (8, 64) in dyn
+                    else (DYNAMO_8X64_REQ_S, "baselines.md §5, not this run"))
+        got = rows[(8, 64)]["req_s"]
+        print(f"target c=8x64 req/s >= Dynamo's: {got:.0f} vs {ref:.0f} ({src}): "
+              f"{'met' if got >= ref else 'NOT met'} ({got / ref:.2f}x)")
+    if (1, 1) in rows:
+        got = rows[(1, 1)]["ttft_p50_ms"]
+        print(f"target c=1 TTFT p50 <= 3 ms: {got:.1f} ms: {'met' if got <= 3 else 'NOT met'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="c=1x1 and c=8x64, fewer requests")
@@ -332,6 +392,8 @@ def main() -> int:
     ap.add_argument("--baseline-tree", default="", help="another source tree to compare")
     ap.add_argument("--trace", default="", help="take prompt lengths from this trace")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--dynamo-python", default="", help="python of a venv with Dynamo 1.6.1 "
+                    "(baselines.md §5): measure its disagg frontend + mockers too")
     ap.add_argument("--plot", default="", help="PNG: client TTFT CDF per cell, this tree "
                     "against the baseline (all runs pooled)")
     ap.add_argument("--py-spy", default="", help="record each process's stacks into this dir "
@@ -357,25 +419,20 @@ def main() -> int:
 
     print(f"\nFront door, instant mock profile, 1 prefill ({args.slots} slots) + 1 decode, "
           f"{args.prompt_tokens}-token prompts, {args.runs} run(s); median [min-max]")
-    print("| c x tokens | req/s | TTFT p50 ms | TTFT p99 ms | cpu ms/req (gw/prefill/decode/"
-          "kvstore/redis/client) |" + (" req/s vs baseline | p50 vs baseline |"
-                                        if args.baseline_tree else ""))
-    for i, row in enumerate(result["this"]):  # type: ignore[arg-type]
-        cpu = row["cpu_ms_per_req"]
-        cpu_s_ = "/".join(f"{cpu.get(k, 0):.2f}" for k in
-                          ("gateway", "prefill", "decode", "kvstore", "redis-server", "client"))
-        line = (f"| {row['c']}x{row['tokens']} | {row['req_s']:.0f} "
-                f"[{row['req_s_spread'][0]:.0f}-{row['req_s_spread'][1]:.0f}] | "
-                f"{row['ttft_p50_ms']:.1f} [{row['ttft_p50_ms_spread'][0]:.1f}-"
-                f"{row['ttft_p50_ms_spread'][1]:.1f}] | {row['ttft_p99_ms']:.1f} "
-                f"[{row['ttft_p99_ms_spread'][0]:.1f}-{row['ttft_p99_ms_spread'][1]:.1f}] | "
-                f"{cpu_s_} |")
-        if args.baseline_tree:
-            b = result["baseline"][i]  # type: ignore[index]
-            line += (f" {row['req_s'] / b['req_s']:.2f}x (base {b['req_s']:.0f}) | "
-                     f"{row['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x "
-                     f"(base {b['ttft_p50_ms']:.1f}, p99 {b['ttft_p99_ms']:.1f}) |")
-        print(line)
+    for label in runs:
+        print_table(label, result[label], ("gateway", "prefill", "decode", "kvstore",
+                                           "redis-server", "client")
+                    if label != "dynamo" else ("dynamo-frontend", "dynamo-prefill",
+                                               "dynamo-decode", "client"))
+    for other in ("baseline", "dynamo"):
+        if other in runs:
+            print(f"\nthis / {other}: req/s ratio, TTFT p50 ratio")
+            for row, b in zip(result["this"], result[other], strict=True):  # type: ignore[call-overload]
+                print(f"  {row['c']}x{row['tokens']}: req/s {row['req_s'] / b['req_s']:.2f}x "
+                      f"({row['req_s']:.0f} vs {b['req_s']:.0f}), TTFT p50 "
+                      f"{row['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x "
+                      f"({row['ttft_p50_ms']:.1f} vs {b['ttft_p50_ms']:.1f} ms)")
+    targets(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=asdict))
     if args.plot:

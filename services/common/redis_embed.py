@@ -9,6 +9,7 @@ same binary, on loopback ports, for tests.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -100,6 +101,10 @@ class EmbeddedRedis:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _pings(client: redis.Redis) -> bool:
+    return bool(client.ping())
+
+
 def _cluster_ok(client: redis.Redis) -> bool:
     info = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
     return bool(info.get("cluster_state") == "ok")
@@ -159,7 +164,7 @@ class EmbeddedRedisCluster:
         clients = [redis.Redis(host="127.0.0.1", port=p) for p in self.ports]
         try:
             for c in clients:
-                self._until(deadline, lambda c=c: bool(c.ping()))
+                self._until(deadline, functools.partial(_pings, c))
             per = 16384 // self.masters
             for i, c in enumerate(clients):
                 hi = 16383 if i == self.masters - 1 else (i + 1) * per - 1
@@ -167,7 +172,7 @@ class EmbeddedRedisCluster:
             for p in self.ports[1:]:
                 clients[0].execute_command("CLUSTER MEET", "127.0.0.1", p)
             for c in clients:
-                self._until(deadline, lambda c=c: _cluster_ok(c))
+                self._until(deadline, functools.partial(_cluster_ok, c))
         except BaseException:
             self.stop()
             raise

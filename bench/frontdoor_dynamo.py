@@ -1,0 +1,153 @@
+"""bench/frontdoor.py's peer: NVIDIA Dynamo 1.6.1 disaggregated (Rust frontend with the KV
+router, one prefill mocker, one decode mocker) on the same box, started and stopped by PID.
+
+Install it as shared/reference/baselines.md §5 says, into its own venv, and pass that
+venv's python with ``--dynamo-python``. No etcd or NATS: file discovery, TCP request
+plane, ZMQ events, all on loopback. The mockers run at ``--speedup-ratio 100`` (engine time
+about 0; "0" behaved like 1 here). Dynamo has only an HTTP door, so its client is an
+httpx SSE stream of ``/v1/completions`` (pdserve's is grpc.aio); both clients run in the
+bench process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import free_port
+
+MODEL_DIR = Path.home() / ".cache" / "pdserve" / "models" / "smollm2-135m-instruct-v1"
+MODEL = "smollm2"
+
+
+class Dynamo:
+    def __init__(self, python: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pdserve-dynamo-"))
+        self.port = free_port()
+        env = {**os.environ, "DYN_FILE_KV": str(self.dir / "kv"), "HF_HUB_OFFLINE": "1",
+               "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+               "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_SYSTEM_HOST": "127.0.0.1"}
+        env.pop("PYTHONPATH", None)
+        common = ["--discovery-backend", "file", "--request-plane", "tcp",
+                  "--event-plane", "zmq"]
+        mocker = [python, "-m", "dynamo.mocker", "--model-path", str(MODEL_DIR),
+                  "--model-name", MODEL, *common, "--speedup-ratio", "100"]
+        cmds = {
+            "frontend": [python, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
+                         "--http-port", str(self.port), *common, "--router-mode", "kv",
+                         "--enforce-disagg"],
+            "prefill": [*mocker, "--disaggregation-mode", "prefill"],
+            "decode": [*mocker, "--disaggregation-mode", "decode"],
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, cmd in cmds.items():
+            with open(self.dir / f"{name}.log", "wb") as log:
+                self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log,
+                                                    stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL,
+                                                    start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait(self, timeout_s: float = 300) -> None:
+        """Until a completion streams back (model registered, both workers routed)."""
+        import httpx
+
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"dynamo {name} exited: "
+                                       f"{(self.dir / f'{name}.log').read_text()[-2000:]}")
+            try:
+                r = httpx.post(f"{self.url}/v1/completions", timeout=10, json={
+                    "model": MODEL, "prompt": "hello", "max_tokens": 2})
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"dynamo not serving after {timeout_s}s; logs in {self.dir}")
+
+    def pids(self) -> dict[str, int]:
+        return {f"dynamo-{n}": p.pid for n, p in self.procs.items()}
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)  # the group this object started
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+async def drive_http(url: str, c: int, n: int, prompts: list[str],
+                     new_tokens: int) -> tuple[float, list[float], int]:
+    """n streamed completions by c concurrent clients; wall time, TTFTs (ms), errors."""
+    import httpx
+
+    ttfts: list[float] = []
+    errors = 0
+    next_i = iter(range(n))
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def user() -> None:
+            nonlocal errors
+            for i in next_i:
+                body = {"model": MODEL, "prompt": prompts[i % len(prompts)],
+                        "max_tokens": new_tokens, "min_tokens": new_tokens, "stream": True,
+                        "ignore_eos": True, "stream_options": {"include_usage": True}}
+                t0 = time.perf_counter()
+                first = None
+                got = 0
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body) as r:
+                        if r.status_code != 200:
+                            errors += 1
+                            continue
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data:") or line == "data: [DONE]":
+                                continue
+                            d = json.loads(line[5:])
+                            if d.get("choices") and d["choices"][0].get("text") \
+                                    and first is None:
+                                first = time.perf_counter() - t0
+                            if d.get("usage"):
+                                got = int(d["usage"]["completion_tokens"])
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                if first is None or got != new_tokens:
+                    errors += 1
+                    continue
+                ttfts.append(first * 1e3)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(c)))
+        return time.perf_counter() - t0, ttfts, errors
+
+
+def text_prompts(n_tokens: int, count: int = 256) -> list[str]:
+    """Distinct prompts of about ``n_tokens`` SmolLM2 tokens (no prefix sharing)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+             "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+    out = []
+    for i in range(count):
+        ws = [f"{i}"] + [words[(i * 7 + j * 3) % len(words)] for j in range(n_tokens)]
+        text = " ".join(ws)
+        while len(tok.encode(text).ids) > n_tokens and " " in text:
+            text = text.rsplit(" ", 1)[0]
+        out.append(text)
+    return out
