@@ -11,6 +11,12 @@ run of blocks when one is free (first fit): then a sequence's slots are one rang
 attention reads it as a strided view with no gather. When the pool is fragmented it
 falls back to any free blocks, and readers gather.
 
+Lanes (``lane_blocks`` > 0): the pool is also cut into equal lanes, and a table that fits
+in one lane is placed at the start of the lowest free lane first. Sequences that start
+on a lane boundary sit at a fixed stride from each other, so the decode step reads all
+of them as ONE padded batch (a strided view, no copy) in a single attention call; the
+others (long prompts, a fragmented pool) are read one by one.
+
 Accounting is exact: every block is either free or owned by exactly one live table;
 ``free`` is idempotent, and ``owners`` lists who holds what (for leak checks).
 """
@@ -62,12 +68,15 @@ class BlockTable:
 class BlockAllocator:
     """Thread-safe: decode reserves on the event loop and frees on the step thread."""
 
-    def __init__(self, num_blocks: int, block_tokens: int, block_nbytes: int = 0) -> None:
-        if num_blocks <= 0 or block_tokens <= 0:
-            raise ValueError(f"need positive num_blocks and block_tokens, got "
-                             f"{num_blocks}, {block_tokens}")
+    def __init__(self, num_blocks: int, block_tokens: int, block_nbytes: int = 0,
+                 lane_blocks: int = 0) -> None:
+        if num_blocks <= 0 or block_tokens <= 0 or lane_blocks < 0:
+            raise ValueError(f"need positive num_blocks and block_tokens and lane_blocks >= 0, "
+                             f"got {num_blocks}, {block_tokens}, {lane_blocks}")
         self.num_blocks = num_blocks
         self.block_tokens = block_tokens
+        self.lane_blocks = lane_blocks  # 0: no lanes
+        self.num_lanes = num_blocks // lane_blocks if lane_blocks else 0
         self.block_nbytes = block_nbytes  # KV bytes one block holds (for stats)
         self._free = [True] * num_blocks
         self._nfree = num_blocks
@@ -101,7 +110,8 @@ class BlockAllocator:
                 raise PoolExhausted(
                     f"{owner} needs {n} KV blocks ({tokens} tokens), {self._nfree} of "
                     f"{self.num_blocks} are free")
-            blocks = self._first_run(n) or [i for i, f in enumerate(self._free) if f][:n]
+            blocks = self._lane_run(n) or self._first_run(n) or \
+                [i for i, f in enumerate(self._free) if f][:n]
             for b in blocks:
                 self._free[b] = False
             self._nfree -= n
@@ -123,6 +133,27 @@ class BlockAllocator:
                 self._free[b] = True
             self._nfree += len(table.blocks)
             return len(table.blocks)
+
+    @property
+    def lane_tokens(self) -> int:
+        return self.lane_blocks * self.block_tokens
+
+    def lane_of(self, table: BlockTable) -> int | None:
+        """The lane a table starts at, if it is one run inside one lane."""
+        start = table.run_start
+        if not self.lane_blocks or start is None or len(table.blocks) > self.lane_blocks:
+            return None
+        lane, rest = divmod(table.blocks[0], self.lane_blocks)
+        return lane if rest == 0 and lane < self.num_lanes else None
+
+    def _lane_run(self, n: int) -> list[int] | None:
+        if not 0 < n <= self.lane_blocks:
+            return None
+        for lane in range(self.num_lanes):
+            base = lane * self.lane_blocks
+            if all(self._free[base : base + n]):
+                return list(range(base, base + n))
+        return None
 
     def _first_run(self, n: int) -> list[int] | None:
         run = 0

@@ -12,16 +12,29 @@ copy per layer and per K/V for a run, an ``index_copy_`` otherwise.
 The batched step (``decode_batch``) runs ONE forward over all active sequences, each
 fed one token at its own position. Projections, MLP and LM head see ``[B, 1, hidden]``
 (the weights are read once per step, which is what makes decode batching pay on a
-memory-bound CPU). Attention is ours: a transformers attention function registered as
-``pdserve_paged`` writes each sequence's new K/V into its slot, then runs transformers'
-own SDPA attention per sequence over exactly that sequence's tokens, so every
-sequence sees the same shapes and values as a batch-1 ``generate`` (token identity),
-and no step pays for padding. Without the paged context it is plain ``sdpa``, so the
+memory-bound CPU; ``engine.packed`` makes those reads faster). Attention is ours: a
+transformers attention function registered as ``pdserve_paged`` writes each sequence's
+new K/V into its slot, then reads:
+
+- the sequences that start on a lane boundary (``paged``: the allocator's first choice
+  for a table that fits a lane) as ONE padded batch: the lanes are at a fixed stride in
+  the storage, so ``as_strided`` gives ``[lanes, kv_heads, width, head_dim]`` with no
+  copy, and one SDPA call (queries grouped by KV head, as transformers does for a
+  single query token, and a boolean mask of each row's length) serves them all;
+- the others (a long prompt that spans lanes, a fragmented table, or a lone sequence)
+  one by one with transformers' own SDPA over exactly that sequence's tokens.
+
+A padded row reads slots past its sequence's end under the mask. They must hold finite
+numbers (a NaN times a zero weight is NaN), so the storage is allocated zero-filled
+(an anonymous mapping: zero pages, committed as they are first written) and only ever
+holds KV afterwards. Without the paged context the function is plain ``sdpa``, so the
 same loaded model still prefills normally.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,24 +51,31 @@ from services.kv.layout import HEADER_BYTES, KvFormatError, KvMeta, verify
 
 ATTN_NAME = "pdserve_paged"
 _CTX_KWARG = "pdserve_paged"
+# Lanes a pool is cut into (``paged``): decode's default slots (b_d). More sequences than
+# lanes still decode, the extra ones read one by one.
+LANES = 16
 
 
 class KvPool(BlockAllocator):
     """Block accounting plus the tensor that holds the blocks."""
 
     def __init__(self, config: PretrainedConfig, num_blocks: int, block_tokens: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, lanes: int = LANES) -> None:
         super().__init__(num_blocks, block_tokens,
-                         self.bytes_per_block(config, block_tokens, dtype.itemsize))
+                         self.bytes_per_block(config, block_tokens, dtype.itemsize),
+                         lane_blocks=num_blocks // lanes if lanes > 1 else 0)
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
         self.dtype = dtype
-        # Never read before written (scatter or the step's own write), so no zero-fill:
-        # pages are only touched as blocks are first used.
-        self.storage = torch.empty((self.num_layers, 2, self.num_kv_heads,
-                                    num_blocks * block_tokens, self.head_dim), dtype=dtype)
+        shape = (self.num_layers, 2, self.num_kv_heads, num_blocks * block_tokens,
+                 self.head_dim)
+        # Zero pages from the kernel, committed only as blocks are first written: padded
+        # lane reads may touch never-written slots, which must be finite (see above).
+        self._mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize,
+                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.storage = torch.frombuffer(self._mapping, dtype=dtype).view(shape)
 
     @staticmethod
     def bytes_per_block(config: PretrainedConfig, block_tokens: int, itemsize: int = 4) -> int:
@@ -112,15 +132,30 @@ class PagedSeq:
 
 
 @dataclass
+class _Lanes:
+    """The lane-aligned sequences of a step, read as one padded batch: rows are lanes
+    ``first .. first + rows - 1`` (a lane in between with no sequence of this step is a
+    row too, fully ignored)."""
+
+    first: int
+    rows: int
+    width: int  # padded length: the longest of these sequences, this step's token included
+    mask: torch.Tensor  # [rows, 1, 1, width] bool: slot < that row's length
+    row: torch.Tensor  # [n] the row of each of these sequences
+    index: torch.Tensor  # [n] its position in the step's batch
+
+
+@dataclass
 class _StepContext:
     pool: KvPool
     slots: torch.Tensor  # [B] slot of each sequence's new token
-    # Per sequence, computed once per step (not per layer): (first slot, tokens) for a
-    # contiguous table, else (None, slot indices to gather).
-    reads: list[tuple[int | None, int | torch.Tensor]]
+    # Per sequence read one by one, computed once per step (not per layer): its batch
+    # position and (first slot, tokens) for a contiguous table, else (None, slot indices).
+    reads: list[tuple[int, int | None, int | torch.Tensor]]
+    lanes: _Lanes | None
 
-    def kv(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, n = self.reads[b]
+    def kv(self, layer: int, start: int | None, n: int | torch.Tensor,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
         if start is not None:
             assert isinstance(n, int)
             kv = self.pool.storage[layer, :, :, start : start + n]
@@ -128,6 +163,17 @@ class _StepContext:
             assert isinstance(n, torch.Tensor)
             kv = self.pool.storage[layer].index_select(2, n)
         return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
+
+    def lane_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rows, kv_heads, width, head_dim]`` K and V of the lanes: views, no copy."""
+        assert self.lanes is not None
+        ln, st = self.lanes, self.pool.storage
+        heads, slots, d = st.shape[2], st.shape[3], st.shape[4]
+        size = (ln.rows, heads, ln.width, d)
+        stride = (self.pool.lane_tokens * d, slots * d, d, 1)
+        base = ln.first * self.pool.lane_tokens * d
+        return (st[layer, 0].as_strided(size, stride, st[layer, 0].storage_offset() + base),
+                st[layer, 1].as_strided(size, stride, st[layer, 1].storage_offset() + base))
 
 
 def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -140,12 +186,24 @@ def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     store = ctx.pool.storage[layer]
     store[0].index_copy_(1, ctx.slots, key[:, :, 0].transpose(0, 1))
     store[1].index_copy_(1, ctx.slots, value[:, :, 0].transpose(0, 1))
-    outs = []
-    for b in range(len(ctx.reads)):
-        k, v = ctx.kv(layer, b)
-        out, _ = sdpa_attention_forward(module, query[b : b + 1], k, v, None, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, 0), None
+    b, heads, _, d = query.shape
+    out = query.new_empty((b, 1, heads, d))  # what sdpa_attention_forward returns
+    ln = ctx.lanes
+    if ln is not None:
+        k, v = ctx.lane_kv(layer)
+        kv_heads = k.shape[1]
+        # One query token: group the query heads by the KV head they read (transformers'
+        # pack_gqa), so K/V are read once per KV head and never repeated.
+        q = query.new_zeros((ln.rows, kv_heads, heads // kv_heads, d))
+        q[ln.row] = query[ln.index].view(len(ln.index), kv_heads, heads // kv_heads, d)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=ln.mask, scale=kwargs.get("scaling"))
+        out[ln.index, 0] = o[ln.row].reshape(len(ln.index), heads, d)
+    for i, start, n in ctx.reads:
+        k, v = ctx.kv(layer, start, n)
+        o, _ = sdpa_attention_forward(module, query[i : i + 1], k, v, None, **kwargs)
+        out[i] = o[0]
+    return out, None
 
 
 AttentionInterface.register(ATTN_NAME, _paged_attention)
@@ -164,13 +222,15 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     for s in seqs:
         if s.length + 1 > s.table.capacity:
             raise IndexError(f"{s.table.owner} has no reserved slot for token {s.length}")
-    reads: list[tuple[int | None, int | torch.Tensor]] = []
-    for s in seqs:
-        start, n = s.table.run_start, s.length + 1
-        reads.append((start, n) if start is not None else
-                     (None, torch.tensor(s.table.slots(n), dtype=torch.long)))
     ctx = _StepContext(pool, torch.tensor([s.table.slot(s.length) for s in seqs],
-                                          dtype=torch.long), reads)
+                                          dtype=torch.long), [], _lanes(pool, seqs))
+    in_lanes = set(ctx.lanes.index.tolist()) if ctx.lanes is not None else set()
+    for i, s in enumerate(seqs):
+        if i in in_lanes:
+            continue
+        start, n = s.table.run_start, s.length + 1
+        ctx.reads.append((i, start, n) if start is not None else
+                         (i, None, torch.tensor(s.table.slots(n), dtype=torch.long)))
     ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
     pos = torch.tensor([s.length for s in seqs], dtype=torch.long).unsqueeze(1)
     out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,
@@ -181,3 +241,22 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
         s.length += 1
         chosen.append(sample(logits[b], params[b], s.length))
     return chosen
+
+
+def _lanes(pool: KvPool, seqs: list[PagedSeq]) -> _Lanes | None:
+    """This step's lane batch; None when fewer than two sequences sit in lanes (a lone
+    sequence reads exactly its own tokens, as a batch-1 ``generate`` does)."""
+    members = [(pool.lane_of(s.table), i, s.length + 1) for i, s in enumerate(seqs)]
+    found = [(lane, i, n) for lane, i, n in members if lane is not None]
+    if len(found) < 2:
+        return None
+    first = min(lane for lane, _, _ in found)
+    rows = max(lane for lane, _, _ in found) - first + 1
+    lengths = torch.ones(rows, dtype=torch.long)  # an empty row attends to slot 0 only
+    for lane, _, n in found:
+        lengths[lane - first] = n
+    width = int(lengths.max())
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).view(rows, 1, 1, width)
+    return _Lanes(first, rows, width, mask,
+                  torch.tensor([lane - first for lane, _, _ in found], dtype=torch.long),
+                  torch.tensor([i for _, i, _ in found], dtype=torch.long))

@@ -33,6 +33,7 @@ from services.engine.kv import (
     pack_kv,
     unpack_kv,
 )
+from services.engine.packed import pack_linears
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool, PagedSeq, decode_batch, use_paged_attention
 from services.engine.prefix import PrefixCache, chain_hashes
@@ -154,8 +155,10 @@ class ModelRunner:
         return meta, cache_from_layers(layers, self.config, meta.num_tokens + max_new_tokens + 1)
 
     def attach_pool(self, pool_tokens: int, block_tokens: int) -> KvPool:
-        """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it."""
+        """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it
+        (with its linear layers packed for oneDNN: ``engine.packed``)."""
         use_paged_attention(self.model)
+        log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
         self.pool = KvPool(self.config, -(-pool_tokens // block_tokens), block_tokens)
         return self.pool
 

@@ -123,6 +123,8 @@ def test_mixed_batch_is_token_identical_to_generate(
         seqs.append(seq)
     if fragmented:
         assert all(s.table.run_start is None for s in seqs)
+    else:  # every table fits a lane: the step reads them as one padded batch
+        assert all(runner.pool.lane_of(s.table) is not None for s in seqs)
     outs = [[f] for f in firsts]
     for _ in range(max_new - 1):
         toks = runner.decode_batch([o[-1] for o in outs], seqs, [Sampling()] * len(seqs))
@@ -134,6 +136,35 @@ def test_mixed_batch_is_token_identical_to_generate(
         runner.pool.free(t)
     assert outs == want
     assert runner.pool.used_blocks == 0
+
+
+def test_lane_batch_and_one_by_one_reads_in_one_step_are_token_identical(
+    runner: ModelRunner, plain_model  # type: ignore[no-untyped-def]
+) -> None:
+    """Lane-aligned sequences (one padded attention call) and a long one that spans lanes
+    (read on its own) share steps; sequences leave at different steps, so the lane rows
+    get holes; all stay identical to generate."""
+    pool = runner.pool
+    assert pool is not None
+    rng = random.Random(5)
+    prompts = [*_prompts(4, seed=5), [rng.randrange(3, 250) for _ in range(150)]]
+    lengths = [12, 3, 12, 7, 12]
+    want = [reference(plain_model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    admitted = [_admit(runner, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    seqs = [s for _, s, _ in admitted]
+    assert [pool.lane_of(s.table) is not None for s in seqs] == [True] * 4 + [False]
+    outs = [[f] for f, _, _ in admitted]
+    live = list(range(len(seqs)))
+    while live:
+        toks = runner.decode_batch([outs[i][-1] for i in live], [seqs[i] for i in live],
+                                   [GREEDY] * len(live))
+        for i, t in zip(live, toks, strict=True):
+            outs[i].append(t)
+        live = [i for i in live if len(outs[i]) < lengths[i]]
+    for s in seqs:
+        pool.free(s.table)
+    assert outs == want
+    assert pool.used_blocks == 0
 
 
 def test_sampled_neighbours_do_not_change_greedy_and_seeds_repeat(runner: ModelRunner) -> None:

@@ -86,3 +86,31 @@ def test_bad_sizes_are_rejected() -> None:
         BlockAllocator(0, 16)
     with pytest.raises(ValueError):
         BlockAllocator(4, 0)
+
+
+def test_lanes_take_the_lowest_free_lane_and_long_tables_fall_back() -> None:
+    a = BlockAllocator(20, 4, lane_blocks=5)  # 4 lanes of 5 blocks (20 tokens)
+    assert (a.num_lanes, a.lane_tokens) == (4, 20)
+    t0, t1 = a.allocate("a", 12), a.allocate("b", 20)  # 3 blocks, 5 blocks
+    assert t0.blocks == (0, 1, 2) and t1.blocks == (5, 6, 7, 8, 9)
+    assert (a.lane_of(t0), a.lane_of(t1)) == (0, 1)
+    a.free(t0)
+    t2 = a.allocate("c", 4)  # lane 0 is free again: it is reused first
+    assert t2.blocks == (0,) and a.lane_of(t2) == 0
+    long = a.allocate("d", 28)  # 7 blocks: more than a lane, first fit run
+    assert long.blocks == tuple(range(10, 17)) and a.lane_of(long) is None
+    # Lane 3 (15..19) has 15, 16 taken: a 2-block table goes to the first free run (1, 2),
+    # which is not on a lane boundary.
+    t3 = a.allocate("e", 8)
+    assert t3.blocks == (1, 2) and a.lane_of(t3) is None
+    for t in (t1, t2, long, t3):
+        a.free(t)
+    assert a.free_blocks == 20 and a.owners() == []
+
+
+def test_no_lanes_by_default() -> None:
+    a = BlockAllocator(8, 4)
+    t = a.allocate("a", 4)
+    assert a.num_lanes == 0 and a.lane_of(t) is None
+    with pytest.raises(ValueError):
+        BlockAllocator(8, 4, lane_blocks=-1)
