@@ -31,7 +31,6 @@ Lifecycle:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -40,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,21 +50,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.config import env_str
 from services.common.redis_embed import EmbeddedRedis, redis_server_binary
 
-PR_SET_PDEATHSIG = 1
 STABLE_S = 30.0  # a child that lived this long restarts after the base backoff again
 WORKER_ROLES = ("prefill", "decode", "idle")
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """Runs in the child before exec: if the launcher dies (even SIGKILL), so do we.
-    The signal fires when the parent exits; if it already has (a race with the fork),
-    the child ends itself at once."""
-    def preexec() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
+# Runs first in every child (after exec, so no Python runs between fork and exec: a
+# preexec_fn can deadlock in a launcher whose gRPC threads hold locks at the fork; one
+# did, in the substitution bench): the kernel sends SIGTERM when the launcher dies,
+# even by SIGKILL; if it is already gone (a race with the spawn), the child ends at
+# once. Then it runs the module (-m) or execs the program (the signal survives exec).
+_BOOT = """
+import ctypes, os, runpy, signal, sys
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+if sys.argv[2] == "-m":
+    sys.argv = [sys.argv[3], *sys.argv[4:]]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def bound_to_launcher(argv: list[str]) -> list[str]:
+    """``argv`` run so that it dies with this process (see ``_BOOT``)."""
+    return [sys.executable, "-c", _BOOT, str(os.getpid()), *argv]
 
 
 class SupervisedRedis(EmbeddedRedis):
@@ -80,9 +89,9 @@ class SupervisedRedis(EmbeddedRedis):
                 "--dir", str(self.dir), "--notify-keyspace-events", "KEA"]
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent(os.getpid()))
+            self.proc = subprocess.Popen(bound_to_launcher(args), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -214,9 +223,9 @@ class Launcher:
                     "PDSERVE_GROUP": spec.group}
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{spec.module}"], env=full_env, stdout=fh,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()))
+                bound_to_launcher(["-m", f"services.{spec.module}"]), env=full_env,
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         child = Child(spec.name, spec.role, proc, log, ready, spec=spec,
                       started=time.monotonic())
         self.children.append(child)
