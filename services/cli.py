@@ -7,6 +7,7 @@
   pdserve status [--redis-url URL]                                registry: groups and members
   pdserve serve device --cloud-address A; pdserve device chat|profile  P/D-Device
   pdserve plan --trace T | --group NAME:prompt=P,output=O,rate=R     Eq. 1 ratio per group
+  pdserve group list|scale-out|scale-in|upgrade|substitute         group operations (admin)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class _Flags:
         else:
             self.parser.add_argument(flag, type=type_, default=default, help=text, **kw)
 
-ROLES = ("gateway", "prefill", "decode", "kvstore", "device")
+ROLES = ("gateway", "prefill", "decode", "kvstore", "device", "worker", "admin")
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -83,7 +84,8 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(UpOptions(
         prefill=args.prefill, decode=args.decode, model=model, host=args.host,
         port=args.port, log_dir=args.log_dir, groups=args.groups or "", extra_env=env,
-        prefill_slots=args.slots))
+        prefill_slots=args.slots, switchable=args.switchable, spares=args.spares,
+        admin=args.admin))
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
@@ -206,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     upf.add("--api-key", str, "", "require 'Authorization: Bearer <key>' at the gateway "
            "(comma-separated keys)", env="PDSERVE_API_KEY")
     upf.add("--no-reflection", bool, False, "turn gRPC server reflection off at the gateway")
+    upf.add("--switchable", bool, False,
+            "prefill/decode run as role-switchable workers (services/worker)")
+    upf.add("--spares", int, 0, "idle workers in the spare pool (substitution, scale-out)")
+    upf.add("--admin", bool, False, "run the admin service for pdserve group (on with --spares)")
 
     serve = sub.add_parser("serve", help="run one service (flags: see --help of the role)",
                            add_help=False)
@@ -246,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.device.cli import add_parser as add_device_parser
 
     add_device_parser(sub)
+    from services.admin.cli import add_parser as add_group_parser
+
+    add_group_parser(sub)
     from services.control.plan_cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
@@ -266,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = asyncio.run(_generate(args))
     elif args.cmd == "model":
         code = _prepare(args)
+    elif args.cmd == "group":
+        from services.admin.cli import run as run_group
+
+        code = run_group(args)
     elif args.cmd == "device":
         from services.device.cli import run as run_device
 
