@@ -148,11 +148,14 @@ class ControlLoop:
         busy_ids = {s.instance_id for p in pending for s in p.steps[p.done:] if s.instance_id}
         by_group: dict[str, dict[str, list[InstanceInfo]]] = {}
         spares: list[str] = []
+        switching: dict[str, int] = {}  # group -> workers draining out of a role
         for i in insts:
             if i.role == "idle":
                 spares.append(i.instance_id)
             elif i.role in (PREFILL, DECODE):
                 by_group.setdefault(i.group, {PREFILL: [], DECODE: []})[i.role].append(i)
+            elif i.role == "draining":  # a role-switchable worker between roles
+                switching[i.group] = switching.get(i.group, 0) + 1
         groups = []
         for g, roles in sorted(by_group.items()):
             s = totals.get(g, dict.fromkeys(METRICS, 0.0))
@@ -164,8 +167,9 @@ class ControlLoop:
                                                        + x.load.get("active", 0)))
                              for x in xs if x.instance_id not in busy_ids)
 
-            changing = sum(1 for p in pending if any(g in (st.group, st.prior_group)
-                                                      for st in p.steps[p.done:]))
+            changing = switching.get(g, 0) + sum(
+                1 for p in pending if any(g in (st.group, st.prior_group)
+                                          for st in p.steps[p.done:]))
             groups.append(GroupView(g, obs, members(roles[PREFILL]), members(roles[DECODE]),
                                     changing, prof))
         return FleetView(tuple(groups), tuple(sorted(x for x in spares if x not in busy_ids)))

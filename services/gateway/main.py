@@ -58,6 +58,10 @@ class GatewayConfig(ServiceConfig, ModelConfig):
     # comma-separated; empty: no key needed (health and /metrics stay open)
     api_key: str = ""
     reflection: bool = True  # gRPC server reflection (grpcurl list); off hides the API
+    # > 0: run the P/D ratio controller every this many seconds (issue 12); one gateway
+    # replica leads (a Redis lease), it acts on role-switchable workers (pdserve up
+    # --switchable), every replica feeds it per-group request stats
+    control_period_s: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +145,15 @@ async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer,
                  "rejections_total": float(servicer.admission.stats.rejections_total),
                  "forwarded_total": float(servicer.admission.stats.forwarded_total),
                  "queued_total": float(servicer.admission.stats.queued_total)})
+    if cfg.control_period_s > 0:
+        from services.control.actuators_local import WorkerActuator
+        from services.control.leader import LeaderElector
+        from services.control.loop import ControlLoop
+
+        servicer.control = ControlLoop(
+            runtime.redis, LeaderElector(runtime.redis, runtime.instance_id),
+            WorkerActuator(runtime.redis), period_s=cfg.control_period_s)
+        await servicer.control.start()
     return runtime, servicer, view
 
 
@@ -154,6 +167,8 @@ async def stop(runtime: ServiceRuntime, servicer: GenerationServicer, view: Regi
 
     async def cleanup() -> None:
         await door
+        if servicer.control is not None:
+            await servicer.control.close()
         if servicer.admission.queue is not None:
             await servicer.admission.queue.close()
         await view.close()

@@ -55,6 +55,7 @@ from services.common.telemetry import (
     ATTR_SCENARIO,
     tracer,
 )
+from services.control.loop import ControlLoop
 from services.gateway import assist
 from services.gateway.admission import PrefillAdmission
 from services.gateway.fwdqueue import ForwardingQueue
@@ -119,6 +120,10 @@ class Progress:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    # The P/D ratio controller (issue 12), when this gateway runs one: every finished
+    # request adds to its per-group period stats.
+    control: ControlLoop | None = None
+
     def __init__(self, info: ModelInfo, tokenizer: TextTokenizer, view: RegistryView,
                  group: str, default_max_tokens: int, policy: Policy = Policy.FORWARD,
                  queue: ForwardingQueue | None = None, max_queue_s: float = 60.0,
@@ -254,6 +259,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if p.kv is not None and p.kv_consumed:
             self.metrics.kv(group, p.kv_transfer_ms / 1e3, p.kv.transport, p.kv_fetch_transport,
                             p.kv.nbytes, p.kv.fallback or p.kv_fetch_fallback)
+        if self.control is not None and outcome != "cancelled" and outcome != "abort":
+            gaps = [b - a for a, b in itertools.pairwise(p.token_times)]
+            self.control.window.record(
+                group, outcome in ("stop", "length"), 1e3 * (time.monotonic() - p.t0),
+                p.ttft_ms, p.prompt_tokens, len(p.token_times), p.prefill_ms,
+                p.kv_transfer_ms, 1e3 * sum(gaps) / len(gaps) if gaps else 0.0)
 
     def _release_later(self, kv: common_pb2.KvRef, rid: str, reason: str) -> None:
         stub = kvstore_service_pb2_grpc.KvStoreServiceStub(self.channel(kv.control_address))
