@@ -411,6 +411,8 @@ def main() -> int:
     fl.add_argument("--per-device", type=int, default=0, help="chats per device per probe "
                     "(0: 2, quick 1)")
     fl.add_argument("--think-s", type=float, default=2.0, help="mean think time")
+    fl.add_argument("--tpot-judge", choices=("max", "p99"), default="max",
+                    help="per chat, the displayed gap held to 50 ms: the max or the p99")
     fl.add_argument("--attainment", type=float, default=0.95,
                     help="share of chats that must meet every target for a probe to pass")
     fl.add_argument("--lengths", default="",
@@ -428,6 +430,7 @@ def main() -> int:
     args = ap.parse_args()
     TRACE[0] = args.trace
     fleet.SCALE[0] = k = args.time_scale
+    fleet.TPOT_JUDGE[0] = args.tpot_judge
     args.fleet_size = args.fleet_size or (8 if args.quick else 40)
     args.per_device = args.per_device or (1 if args.quick else 2)
     args.min_chats = args.min_chats or (3 if args.quick else 6)

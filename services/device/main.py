@@ -203,7 +203,7 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
             await abort_with(context, e)
             return
         run = ChatRun(dev.engine, dev.thread, dev.stub, ids, self.info.eos_token_ids, s,
-                      rid, Detokenizer(self.tok, s.stop))
+                      rid, self.tok)
         detok = Detokenizer(self.tok, s.stop)
         run.start()
         sent = 0

@@ -48,7 +48,7 @@ from services.device.controller import ControllerConfig, SpeedController, percen
 from services.device.handoff import Reconciler
 from services.engine.sampling import Sampling
 from services.engine.worker import ModelThread
-from services.model.tokenizer import Detokenizer
+from services.model.tokenizer import Detokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 CLOUD, DEVICE = dpb.TOKEN_SOURCE_CLOUD, dpb.TOKEN_SOURCE_DEVICE
@@ -77,9 +77,11 @@ class RunSettings:
 class ChatRun:
     def __init__(self, engine: Any, thread: ModelThread, stub: Any, ids: list[int],
                  eos_ids: tuple[int, ...], s: RunSettings, request_id: str,
-                 stop_detok: Detokenizer | None = None) -> None:
+                 tok: TextTokenizer | None = None) -> None:
         self.engine, self.thread, self.stub = engine, thread, stub
-        self._stop_detok = stop_detok if s.stop else None
+        self._tok = tok
+        self._stop_detok = Detokenizer(tok, s.stop) if s.stop and tok is not None else None
+        self._produced: list[int] = []  # the answer so far, as the stop check saw it
         self.stop_hit = False  # a stop string ended the answer
         self.ids, self.eos, self.s, self.rid = ids, set(eos_ids), s, request_id
         self.t0 = time.monotonic()
@@ -121,6 +123,7 @@ class ChatRun:
         self._src.append(source)
         self._wake.set()
         if self._stop_detok is not None:
+            self._produced.append(token)
             self._stop_detok.add([token])
             if self._stop_detok.stopped:
                 self.stop_hit = True
@@ -294,6 +297,10 @@ class ChatRun:
         for _ in dropped:
             self._src.pop()
         self.dropped += len(dropped)
+        if self._stop_detok is not None and dropped:  # the stop check saw them: rewind
+            del self._produced[len(self._produced) - len(dropped):]
+            self._stop_detok = Detokenizer(self._tok, self.s.stop)  # type: ignore[arg-type]
+            self._stop_detok.add(self._produced)
         self._stop_cloud()
         if self.s.local_pace_ms > 0:
             # The gain stays: a few buffered local tokens still absorb the device's own

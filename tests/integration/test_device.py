@@ -125,20 +125,31 @@ async def test_seeded_sampling_is_the_same_across_the_hand_off(device, tiny) -> 
     assert other != pd
 
 
+def stop_between(tok, ref: list[int], lo: int, hi: int) -> str:  # type: ignore[no-untyped-def]
+    """A stop string whose first occurrence in the answer's text starts between the text
+    of tokens ``lo`` and ``hi`` (the tiny model's answers are arbitrary bytes)."""
+    full = tok.decode(ref)
+    for size in (4, 3, 2):
+        for i in range(len(tok.decode(ref[:lo])), len(tok.decode(ref[:hi]))):
+            cand = full[i:i + size]
+            if len(cand) == size and "\ufffd" not in cand and full.find(cand) == i:
+                return cand
+    raise AssertionError(f"no usable stop string in {full!r}")
+
+
 async def test_stop_string_ends_the_answer_on_either_side(device, tiny) -> None:  # type: ignore[no-untyped-def]
     _, tok, model = tiny
-    ids = tok.encode(PROMPT)
-    ref = reference(model, ids, 40)
+    prompt = "Once upon a time there was a little girl who lived near the forest. " * 5
+    ref = reference(model, tok.encode(prompt), 40)
     full_text = tok.decode(ref)
-    for mode, cut in ((pb.DEVICE_MODE_PD_DEVICE, 36), (pb.DEVICE_MODE_CLOUD_ONLY, 6)):
-        # A stop string that first appears in the answer's text after about ``cut`` tokens.
-        stop = tok.decode(ref[:cut])[-3:]
+    for mode, lo, hi in ((pb.DEVICE_MODE_PD_DEVICE, 30, 38), (pb.DEVICE_MODE_CLOUD_ONLY, 4, 12)):
+        stop = stop_between(tok, ref, lo, hi)
         want = full_text[:full_text.find(stop)]
         texts: list[str] = []
         shown: list[int] = []
         summary = None
         async for msg in device.Chat(pb.ChatRequest(
-                prompt=PROMPT, max_tokens=40, token_budget=30, tau_ms=15, mode=mode,
+                prompt=prompt, max_tokens=40, token_budget=24, tau_ms=15, mode=mode,
                 stop=[stop, "never appears \u2603"])):
             texts.append(msg.text)
             shown.extend(t.token_id for t in msg.tokens)
@@ -148,6 +159,8 @@ async def test_stop_string_ends_the_answer_on_either_side(device, tiny) -> None:
         assert "".join(texts) == want, pb.DeviceMode.Name(mode)
         assert shown == ref[:len(shown)] and len(shown) < 40
         assert summary.tokens == len(shown)
+        if mode == pb.DEVICE_MODE_PD_DEVICE:  # the stop fell on the device's side
+            assert 1 <= summary.handoff_index < len(shown)
 
 
 async def test_a_fleet_serves_concurrent_chats_each_on_its_own_device(cluster: Cluster) -> None:
