@@ -81,7 +81,7 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
 
 def test_openai_client_over_tls_matches_grpc(door: Door) -> None:
     ids, want = door.grpc_text(prompt=PROMPT, use_chat_template=True, max_tokens=20)
-    with httpx.Client(verify=str(door.cert)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(door.cert))) as http:
         client = openai.OpenAI(base_url=door.http + "/v1", api_key=KEY, http_client=http,
                                max_retries=0)
         stream = client.chat.completions.create(
