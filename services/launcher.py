@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -192,6 +193,9 @@ class Launcher:
         self.children: list[Child] = []
         self.redis: EmbeddedRedis | None = None
         self.redis_url = env_str("REDIS_URL")
+        # The internal RPCs' shared secret (prefill, decode, kvstore refuse calls without
+        # it); one per cluster unless PDSERVE_CLUSTER_TOKEN sets it.
+        self.cluster_token = env_str("CLUSTER_TOKEN") or secrets.token_hex(16)
         self._stopping = False
         self._threads: dict[str, str] = {}
         self._pending: dict[str, tuple[float, Spec]] = {}  # name -> (due, spec)
@@ -220,6 +224,7 @@ class Launcher:
         full_env = {**os.environ, **self.opts.extra_env, **spec.env,
                     "PDSERVE_REDIS_URL": self.redis_url, "PDSERVE_MODEL": self.opts.model,
                     "PDSERVE_READY_FILE": str(ready), "PDSERVE_INSTANCE_ID": spec.name,
+                    "PDSERVE_CLUSTER_TOKEN": self.cluster_token,
                     "PDSERVE_GROUP": spec.group}
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
@@ -369,6 +374,7 @@ class Launcher:
         spec = c.spec or Spec(c.name, c.role, c.role, "default")
         code = c.proc.returncode
         self._died_at[c.name] = now
+        c.ready.unlink(missing_ok=True)  # the directory tells only live addresses
         self.event("died", c.name, role=spec.role, group=spec.group, code=code)
         self._mark_removed(spec)
         lived = now - c.started
