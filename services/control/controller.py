@@ -67,7 +67,7 @@ class ControllerConfig:
     cooldown: int = 1  # periods after a change before it is judged
     hold: int = 3  # periods after a revert that ignore weak triggers
     max_step_frac: float = 0.25  # of the group's instances moved in one period (>= 1)
-    min_requests: int = 20  # fewer requests ended in a period: no evidence
+    min_requests: int = 10  # fewer requests ended in a period: no evidence
     ewma: float = 0.3  # the reference's moving-average weight in calm periods
     spare: bool = False  # borrow from the spare pool (else: fixed total)
     max_borrow: int = 4  # spares a group may hold

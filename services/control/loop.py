@@ -199,6 +199,14 @@ class ControlLoop:
         period = period_of(self.clock(), self.period_s) - 1
         view = await self.view(period)
         decisions = self.controller.decide(view)
+        for gv in view.groups:  # one line per group and period: what the controller saw
+            st = self.controller.state.get(gv.group)
+            log.info("control period %d: %s P%d/D%d, %d ended (%d failed), E2E %.0f ms, "
+                     "TTFT share %.2f, %.2f req/s, Eq. 1 %s | %s", period, gv.group, gv.n_p,
+                     gv.n_d, gv.obs.requests, gv.obs.failed, gv.obs.mean_e2e_ms,
+                     gv.obs.ttft_share, gv.obs.arrival_rps,
+                     f"{gv.profile.capacity(gv.n_p, gv.n_d):.2f} req/s" if gv.profile
+                     else "-", st.last if st else "")
         await self.store.save_state(self.controller.snapshot(), lease)
         caps = self.actuator.capabilities
         reps: dict[tuple[str, str], int] = {}

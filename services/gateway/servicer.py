@@ -260,7 +260,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.kv(group, p.kv_transfer_ms / 1e3, p.kv.transport, p.kv_fetch_transport,
                             p.kv.nbytes, p.kv.fallback or p.kv_fetch_fallback)
         if self.control is not None and outcome != "cancelled" and outcome != "abort":
-            gaps = [b - a for a, b in itertools.pairwise(p.token_times)]
+            # Decode steps only: the first gap is the handoff (and any wait for a slot).
+            gaps = [b - a for a, b in itertools.pairwise(p.token_times[1:])]
             self.control.window.record(
                 group, outcome in ("stop", "length"), 1e3 * (time.monotonic() - p.t0),
                 p.ttft_ms, p.prompt_tokens, len(p.token_times), p.prefill_ms,
