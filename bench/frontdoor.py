@@ -334,8 +334,10 @@ def plot_cdfs(result: dict[str, object], path: str, slots: int) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(result["this_ttft_ms"])  # type: ignore[call-overload]
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4), squeeze=False)
-    for ax, cell in zip(axes[0], cells, strict=True):
+    cols = min(3, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, cell in zip(axes.flat, cells, strict=False):
         for label, style in (("baseline", "--"), ("dynamo", ":"), ("this", "-")):
             runs = result.get(f"{label}_ttft_ms", {}).get(cell)  # type: ignore[attr-defined]
             if not runs:
