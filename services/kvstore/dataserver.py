@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -149,9 +150,9 @@ class DataServer:
             task = asyncio.create_task(self._serve(conn, kind))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
-            task.add_done_callback(lambda _t, p=peer: self._left(p))
+            task.add_done_callback(functools.partial(self._left, peer))
 
-    def _left(self, peer: str) -> None:
+    def _left(self, peer: str, _task: object = None) -> None:
         self._per_peer[peer] -= 1
         if self._per_peer[peer] <= 0:
             del self._per_peer[peer]

@@ -75,7 +75,8 @@ def decode_sigstop(c: ProcCluster, n: int, stop_s: float = 3.0) -> Row:
     row = Row(f"SIGSTOP decode {stop_s:.0f} s, SIGCONT")
 
     def fault() -> None:
-        c.wait_busy("decode-1")
+        if not c.wait_busy("decode-1"):
+            row.notes = "the victim took no request"
         c.kill("decode-1", signal.SIGSTOP)
         time.sleep(stop_s)
         c.kill("decode-1", signal.SIGCONT)
@@ -90,7 +91,8 @@ def decode_sigkill(c: ProcCluster, n: int) -> Row:
     t_fix = [0.0]
 
     def fault() -> None:
-        c.wait_busy("decode-1")
+        if not c.wait_busy("decode-1"):
+            row.notes = "the victim took no request"
         time.sleep(0.3)
         c.kill("decode-1")
         t_fix[0] = time.monotonic()
@@ -114,7 +116,8 @@ def partition(c: ProcCluster, n: int, cut_s: float = 3.0) -> Row:
     assert c.procs["decode-1"].address.startswith(NS_PEER)
 
     def fault() -> None:
-        c.wait_busy("decode-1")
+        if not c.wait_busy("decode-1"):
+            row.notes = "the victim took no request"
         c.partition.cut()  # type: ignore[union-attr]
         time.sleep(cut_s)
         c.partition.heal()  # type: ignore[union-attr]
@@ -131,7 +134,8 @@ def _prefill_kill(c: ProcCluster, n: int, label: str, env: dict[str, str],
     c.restart("prefill-1", env=env)
 
     def fault() -> None:
-        c.wait_busy("prefill-1")
+        if not c.wait_busy("prefill-1"):
+            row.notes = "the victim took no request"
         time.sleep(wait_s)
         c.kill("prefill-1")
 

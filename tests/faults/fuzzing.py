@@ -61,6 +61,35 @@ def generate_requests(draw: st.DrawFn) -> generation_service_pb2.GenerateRequest
     return generation_service_pb2.GenerateRequest(**kw)  # type: ignore[arg-type]
 
 
+printable = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S", "Zs"]),
+                   max_size=30)
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> generation_service_pb2.GenerateRequest:
+    """Requests inside every documented bound (the gateway must serve them)."""
+    kw: dict[str, object] = {"max_tokens": draw(st.integers(1, 6))}
+    if draw(st.booleans()):
+        kw["prompt"] = draw(st.text(min_size=1, max_size=200).filter(str.strip))
+    else:
+        kw["prompt_token_ids"] = draw(st.lists(st.integers(0, 255), min_size=1, max_size=60))
+    kw["temperature"] = draw(st.sampled_from([0.0, 1e-45, 1e-7]) | st.floats(0, 2))
+    if draw(st.booleans()):
+        kw["top_p"] = draw(st.floats(0.05, 1.0))
+    if draw(st.booleans()):
+        kw["seed"] = draw(st.integers(0, 2**64 - 1))
+    kw["stop"] = draw(st.lists(printable.filter(bool), max_size=3))
+    kw["request_id"] = draw(st.sampled_from(["", "dup", "café ✓"]) | printable)
+    kw["scenario"] = draw(st.sampled_from(["", "default", "nobody-serves-this"]))
+    kw["model"] = draw(st.sampled_from(["", "tiny"]))
+    return generation_service_pb2.GenerateRequest(**kw)  # type: ignore[arg-type]
+
+
+def any_requests() -> st.SearchStrategy[generation_service_pb2.GenerateRequest]:
+    """Half inside the bounds, half anywhere."""
+    return st.one_of(valid_requests(), generate_requests())
+
+
 @dataclass
 class Tally:
     counts: Counter[str] = field(default_factory=Counter)

@@ -148,7 +148,8 @@ class ProcCluster:
 
     def __init__(self, workdir: Path, prefills: int = 2, decodes: int = 2, gateways: int = 1,
                  model: str = "tiny", partition: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 proc_env: dict[str, dict[str, str]] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model = model
@@ -159,6 +160,10 @@ class ProcCluster:
         self.redis = EmbeddedRedis(str(self.dir / "redis"))
         self.partition = Partition() if partition else None
         self.extra = dict(env or {})
+        # prefill-0 takes one request at a time, so the gateway's batch filler spills the
+        # rest onto prefill-1 (the victim of the prefill cases) instead of packing one.
+        self.proc_env = proc_env if proc_env is not None else {
+            "prefill-0": {"PDSERVE_SLOTS": "1"}}
         self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class ProcCluster:
         ready.unlink(missing_ok=True)
         log = self.dir / f"{name}.log"
         full = {**self.base_env(netns), "PDSERVE_INSTANCE_ID": name,
-                "PDSERVE_READY_FILE": str(ready), **(env or {})}
+                "PDSERVE_READY_FILE": str(ready), **self.proc_env.get(name, {}), **(env or {})}
         if faketime:
             full.update({"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": faketime,
                          "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"})

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pdserve.v1 import generation_service_pb2
-from tests.faults.fuzzing import ApiOracle, Tally, data_frames, generate_requests, poke_data_port
+from tests.faults.fuzzing import ApiOracle, Tally, any_requests, data_frames, poke_data_port
 from tests.faults.harness import ProcCluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
@@ -28,9 +28,8 @@ def oracle() -> ApiOracle:
 def test_public_api_fuzz(cluster: ProcCluster, oracle: ApiOracle) -> None:
     address = cluster.procs["gateway-0"].address
 
-    @FUZZ
-    @settings(max_examples=API_EXAMPLES)
-    @given(req=generate_requests())
+    @settings(FUZZ, max_examples=API_EXAMPLES)
+    @given(req=any_requests())
     def prop(req: generation_service_pb2.GenerateRequest) -> None:
         oracle.check(address, req, TALLY)
 
@@ -42,8 +41,7 @@ def test_data_port_fuzz(cluster: ProcCluster) -> None:
     host = cluster.procs["kvstore"].address.rpartition(":")[0]
     data_port = _data_port(cluster)
 
-    @FUZZ
-    @settings(max_examples=DATA_EXAMPLES)
+    @settings(FUZZ, max_examples=DATA_EXAMPLES)
     @given(frame=data_frames())
     def prop(frame: bytes) -> None:
         poke_data_port(host, data_port, frame, TALLY)

@@ -8,32 +8,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.faults import cases
-from tests.faults.harness import FAKETIME_LIB, ProcCluster, Row, netns_possible
+from tests.faults.conftest import NETNS_WHY_NOT
+from tests.faults.harness import FAKETIME_LIB, ProcCluster, Row
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 N = int(os.environ.get("PDSERVE_FAULTS_N", "8"))  # requests per case (bench/chaos.py: 40)
 # A fresh request is served this soon after the fault is repaired (or, for a victim that
 # stays dead, after the fault): measured worst 0.1 s for worker faults and ~3 s for a
 # kvstore restart on a loaded 2-core host (docs/reliability.md); bounded with headroom.
 RECOVERY_BOUND_S = 15.0
-NETNS_WHY_NOT = netns_possible()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcCluster]:
-    c = ProcCluster(Path(tmp_path_factory.mktemp("faults")), gateways=2,
-                    partition=not NETNS_WHY_NOT)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +53,7 @@ def check(row: Row, c: ProcCluster, min_ok: int = 1) -> None:
     assert row.kv_held == 0, detail
     assert row.recovery_s <= RECOVERY_BOUND_S, detail
     assert row.ok >= min_ok, detail
+    assert not row.notes, detail
     assert "Traceback" not in c.tail("kvstore", 20000), c.tail("kvstore")
 
 
@@ -111,7 +101,7 @@ def test_rdma_unavailable(cluster: ProcCluster) -> None:
 @pytest.mark.skipif(not Path(FAKETIME_LIB).exists(),
                     reason="libfaketime missing (scripts/bootstrap.sh installs it)")
 def test_heartbeat_clock_skew(cluster: ProcCluster) -> None:
-    check(cases.clock_skew(cluster, N), cluster, min_ok=N)
+    check(cases.clock_skew(cluster, N), cluster)  # a skewed clock may end some early
 
 
 def test_transfer_broken_mid_way(cluster: ProcCluster) -> None:
