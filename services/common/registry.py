@@ -147,7 +147,13 @@ class Registration:
         await self._client.sadd(GROUPS_KEY, info.group)
 
     async def start(self) -> None:
-        await self.beat()
+        """First beat now; if Redis is away the instance still starts serving (peers that
+        know its address reach it) and registers at the first beat that gets through."""
+        try:
+            await self.beat()
+        except REDIS_ERRORS as e:
+            log.warning("registry unreachable at start, serving and retrying: %s", e)
+            self.failing = True
         self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self._info.instance_id}")
 
     async def _loop(self) -> None:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from services.common.redis_embed import EmbeddedRedis
-from services.common.registry import connect, list_instances
+from services.common.registry import InstanceInfo, Registration, connect, list_instances
 from services.prefill import main as prefill_main
 from tests.cluster import Cluster
 
@@ -136,3 +136,30 @@ async def test_a_request_queued_while_redis_is_down_is_served_after_it_returns(
 
         await _until(healthy, RECOVERY_BOUND_S)
 
+
+
+async def test_an_instance_started_while_redis_is_down_registers_when_it_returns() -> None:
+    server = EmbeddedRedis(tempfile.mkdtemp(prefix="pdserve-late-"))
+    client = connect(server.url)  # nothing listens there yet
+    reg = Registration(client, InstanceInfo("p-late", "prefill", "late", "127.0.0.1:1"),
+                       ttl_s=3.0, period_s=0.1)
+    await reg.start()  # does not raise
+    assert reg.failing
+    try:
+        server.start()
+        t0 = time.monotonic()
+
+        async def registered() -> bool:
+            try:
+                return [i.instance_id for i in await list_instances(client, "late")] == [
+                    "p-late"]
+            except OSError:
+                return False
+
+        await _until(registered, RECOVERY_BOUND_S)
+        print(f"\nregistered {1e3 * (time.monotonic() - t0):.0f} ms after Redis came up")
+        assert not reg.failing
+    finally:
+        await reg.close()
+        await client.aclose()
+        server.stop()
