@@ -73,6 +73,7 @@ class ControllerConfig:
     max_borrow: int = 4  # spares a group may hold
     release_after: int = 3  # calm periods before a borrowed instance is released
     headroom: float = 1.2  # capacity over traffic a donor or a release must keep
+    short_headroom: float = 1.1  # a group with less (at its best split) is short
     cross_group: bool = True  # fixed total: move instances between groups
     warmup: int = 2  # periods of evidence before the reference is trusted (fill-up)
 
@@ -348,9 +349,10 @@ class RatioController:
         size (Eq. 1; 0 without a profile or when some split of its size suffices)."""
         prof, rate = gv.profile, gv.obs.arrival_rps
         total = gv.n_p + gv.n_d
-        if prof is None or rate <= 0 or total < 2 or best_split(prof, total).capacity >= rate:
+        want = rate * self.cfg.short_headroom
+        if prof is None or rate <= 0 or total < 2 or best_split(prof, total).capacity >= want:
             return 0
-        need = required(prof, rate, floor=FLOOR)
+        need = required(prof, want, floor=FLOOR)
         return max(0, (need.n_p - gv.n_p) if role == PREFILL else (need.n_d - gv.n_d))
 
     def _step_size(self, gv: GroupView, direction: int) -> int:
