@@ -320,8 +320,10 @@ async def layer_overlap(address: str, sizes: dict[int, int], warm: int = 1) -> d
                 for variant in ("sequential", "overlap"):
                     client.n += 1
                     rid = f"overlap-{client.n}"
+                    # The lease covers the prefill ahead, as the prefill worker sizes it:
+                    # on a loaded host a 512-token prefill outlasted the default 30 s.
                     res = await client.stub.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-                        request_id=rid, nbytes=kv_bytes(tokens)))
+                        request_id=rid, nbytes=kv_bytes(tokens), lease_ms=600_000))
                     t0 = time.perf_counter()
                     if variant == "sequential":
                         first, cache = await thread.run(runner.prefill, ids, Sampling(), False)

@@ -1,10 +1,24 @@
-"""Stack overhead: the cluster's TTFT and TPOT over the in-process model's.
+"""Stack overhead: the cluster's TTFT and TPOT over the same engine in-process.
 
-For SmolLM2 (default) with a 512-token prompt and 64 new tokens, each round
-runs in-process HF ``generate`` (timed per token with a streamer) and then the
-same request through ``pdserve up`` (separate gateway, prefill, kvstore, decode
-processes, timed at the gRPC client). Rounds alternate so machine noise hits
-both; the report is the ratio of medians. Targets: TTFT <= 1.10x, TPOT <= 1.10x.
+For SmolLM2 (default) with a 512-token prompt and 64 new tokens, each round runs
+the request three ways, alternating so that machine noise hits all of them:
+
+- the same engine in-process: ``ModelRunner.prefill`` on one runner, pack, RecvScatter
+  into a second runner's paged pool, ``decode_batch`` one sequence (what the prefill and
+  decode workers run, without processes, gRPC, the kvstore or the gateway);
+- the same request through ``pdserve up`` (separate gateway, prefill, kvstore, decode
+  processes), timed at the gRPC client;
+- in-process HF ``generate`` (timed per token with a streamer), for reference.
+
+The report is the ratio of medians. Targets (the stack's own cost): cluster over the
+in-process engine, TTFT <= 1.10x and TPOT <= 1.10x. The decode engine packs its linear
+layers for oneDNN (``engine.packed``), so its steps are faster than ``generate``'s; the
+ratio against ``generate`` is printed too but is not the stack's cost.
+
+CPU: every process of the cluster is read from /proc/<pid>/stat before and after each
+cluster round (utime + stime), and so is this process around each in-process engine
+round; both are divided by the tokens produced, so the stack's CPU per token is the
+cluster's total minus the engine's.
 
   python bench/overhead.py [--model smollm2] [--rounds 5] [--json FILE]
 """
@@ -14,12 +28,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# As ``pdserve up`` runs its model workers: OpenMP threads sleep instead of spinning at
+# barriers. Read when torch loads (below), so it must be set first. On a loaded host the
+# default spin-wait made single decode steps 25-60x slower here (PASSIVE 63-87 ms, default
+# 2.4-4.9 s per SmolLM2 step at load ~16), which measured the neighbours, not the engine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.common import UpCluster, prompt_ids, stream
 
@@ -50,6 +70,69 @@ def inprocess(model, ids: list[int], new_tokens: int):  # type: ignore[no-untype
     return clock.times[0] - t0, statistics.fmean(gaps), out[0, len(ids):].tolist()
 
 
+def _cluster_pids(root: int) -> dict[int, str]:
+    """The descendants of ``root`` (the ``pdserve up`` process) and ``root``, by role."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        role = next((r for r in ("gateway", "prefill", "decode", "kvstore", "redis")
+                     if r in cmd), "up (launcher)")
+        out[pid] = role
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Engine:
+    """The workers' engine in one process: a prefill runner and a decode runner."""
+
+    def __init__(self, model: str, prompt_tokens: int, new_tokens: int) -> None:
+        from services.engine.runner import ModelRunner
+
+        self.prefill = ModelRunner(model)
+        self.decode = ModelRunner(model)
+        self.pool = self.decode.attach_pool(prompt_tokens + new_tokens + 64, 16)
+
+    def run(self, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+        from services.engine.sampling import Sampling
+
+        t0 = time.perf_counter()
+        first, cache = self.prefill.prefill(ids, Sampling())
+        times = [time.perf_counter()]
+        _, buf = self.prefill.pack(cache, True)
+        table = self.pool.allocate("bench", len(ids) + new_tokens + 1)
+        try:
+            _, seq = self.decode.restore_paged(memoryview(buf), table)
+            tokens = [first]
+            for _ in range(new_tokens - 1):
+                tokens += self.decode.decode_batch([tokens[-1]], [seq], [Sampling()])
+                times.append(time.perf_counter())
+        finally:
+            self.pool.free(table)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return times[0] - t0, statistics.fmean(gaps), tokens
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -74,33 +157,65 @@ def main() -> int:
     # cluster TTFT a cache hit (0.30x in one run), which in-process generate never gets.
     rounds = [prompt_ids(args.prompt_tokens, info.vocab_size, seed=1 + r)
               for r in range(args.rounds)]
-    inproc_ttft, inproc_tpot, stack_ttft, stack_tpot = [], [], [], []
+    med = statistics.median
+    gen_ttft, gen_tpot, eng_ttft, eng_tpot, stack_ttft, stack_tpot = [], [], [], [], [], []
+    engine = Engine(args.model, args.prompt_tokens, args.new_tokens)
+    eng_cpu, eng_tokens, stack_tokens = 0.0, 0, 0
+    stack_cpu: dict[str, float] = {}
     with UpCluster(args.model) as cluster, torch.inference_mode():
-        inprocess(model, ids[:32], 4)  # warm both sides once
+        inprocess(model, ids[:32], 4)  # warm every side once
+        engine.run(ids[:32], 4)
         stream(cluster.address, ids[:32], 4)
+        pids = _cluster_pids(cluster.proc.pid)
         for r, ids in enumerate(rounds):
             t, p, ref = inprocess(model, ids, args.new_tokens)
-            inproc_ttft.append(t)
-            inproc_tpot.append(p)
+            gen_ttft.append(t)
+            gen_tpot.append(p)
+            c0 = time.process_time()
+            et, ep, etoks = engine.run(ids, args.new_tokens)
+            eng_cpu += time.process_time() - c0
+            eng_tokens += len(etoks)
+            eng_ttft.append(et)
+            eng_tpot.append(ep)
+            before = {pid: _cpu_s(pid) for pid in pids}
+            c0 = time.process_time()
             s = stream(cluster.address, ids, args.new_tokens)
+            stack_cpu["client (this process)"] = stack_cpu.get("client (this process)", 0.0) \
+                + time.process_time() - c0
+            for pid, role in pids.items():
+                stack_cpu[role] = stack_cpu.get(role, 0.0) + _cpu_s(pid) - before[pid]
+            stack_tokens += len(s.tokens)
             stack_ttft.append(s.ttft_s)
             stack_tpot.append(s.tpot_s)
-            same = s.tokens == ref[: len(s.tokens)]
-            print(f"round {r + 1}/{args.rounds}: in-process ttft {t * 1e3:.0f} ms tpot "
-                  f"{p * 1e3:.1f} ms | cluster ttft {s.ttft_s * 1e3:.0f} ms tpot "
-                  f"{s.tpot_s * 1e3:.1f} ms | tokens identical: {same}", flush=True)
-    med = statistics.median
-    ttft_ratio = med(stack_ttft) / med(inproc_ttft)
-    tpot_ratio = med(stack_tpot) / med(inproc_tpot)
+            same = s.tokens == ref[: len(s.tokens)] == etoks[: len(s.tokens)]
+            print(f"round {r + 1}/{args.rounds}: engine ttft {et * 1e3:.0f} ms tpot "
+                  f"{ep * 1e3:.1f} ms | cluster ttft {s.ttft_s * 1e3:.0f} ms tpot "
+                  f"{s.tpot_s * 1e3:.1f} ms | generate ttft {t * 1e3:.0f} ms tpot "
+                  f"{p * 1e3:.1f} ms | tokens identical: {same}", flush=True)
+    ttft_ratio = med(stack_ttft) / med(eng_ttft)
+    tpot_ratio = med(stack_tpot) / med(eng_tpot)
+    cpu_per_token = {k: 1e3 * v / max(1, stack_tokens) for k, v in sorted(stack_cpu.items())}
+    engine_cpu_ms = 1e3 * eng_cpu / max(1, eng_tokens)
     print(f"\nmodel {info.name}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"{args.rounds} rounds (medians)")
-    print(f"  TTFT  in-process {med(inproc_ttft) * 1e3:7.1f} ms | cluster "
-          f"{med(stack_ttft) * 1e3:7.1f} ms | ratio {ttft_ratio:.3f} (target <= 1.10)")
-    print(f"  TPOT  in-process {med(inproc_tpot) * 1e3:7.1f} ms | cluster "
-          f"{med(stack_tpot) * 1e3:7.1f} ms | ratio {tpot_ratio:.3f} (target <= 1.10)")
+    print(f"  TTFT  engine in-process {med(eng_ttft) * 1e3:7.1f} ms | cluster "
+          f"{med(stack_ttft) * 1e3:7.1f} ms | ratio {ttft_ratio:.3f} (target <= 1.10) | "
+          f"generate {med(gen_ttft) * 1e3:7.1f} ms")
+    print(f"  TPOT  engine in-process {med(eng_tpot) * 1e3:7.1f} ms | cluster "
+          f"{med(stack_tpot) * 1e3:7.1f} ms | ratio {tpot_ratio:.3f} (target <= 1.10) | "
+          f"generate {med(gen_tpot) * 1e3:7.1f} ms")
+    print(f"  CPU ms per token: engine in-process {engine_cpu_ms:.1f}; cluster " + ", ".join(
+        f"{k} {v:.2f}" for k, v in cpu_per_token.items())
+        + f"; cluster total {sum(cpu_per_token.values()):.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"ttft_ratio": ttft_ratio,
-                                               "tpot_ratio": tpot_ratio}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "ttft_ratio": ttft_ratio, "tpot_ratio": tpot_ratio,
+            "ttft_vs_generate": med(stack_ttft) / med(gen_ttft),
+            "tpot_vs_generate": med(stack_tpot) / med(gen_tpot),
+            "engine_tpot_ms": 1e3 * med(eng_tpot), "cluster_tpot_ms": 1e3 * med(stack_tpot),
+            "generate_tpot_ms": 1e3 * med(gen_tpot),
+            "cpu_ms_per_token": cpu_per_token, "engine_cpu_ms_per_token": engine_cpu_ms,
+        }, indent=2))
     return 0
 
 
