@@ -155,6 +155,8 @@ class Result:
     back_s: float
     recover_s: float
     kv_held: int
+    ok_at: list[float] = field(default_factory=list)  # completions, s since the kill
+    failed_at: list[float] = field(default_factory=list)  # error endings, s since the kill
 
 
 def target_name(fault: str) -> str:
@@ -204,7 +206,9 @@ async def scenario(fault: str, mode: str, run: int, args: argparse.Namespace,
     failed = [o for o in after if not o.ok and o.status != "HUNG"]
     return Result(fault, mode, run, rps, sum(o.ok for o in after),
                   sum(o.start < t_kill for o in failed), sum(o.start >= t_kill for o in failed),
-                  statuses["HUNG"], dict(statuses), back, recover, held)
+                  statuses["HUNG"], dict(statuses), back, recover, held,
+                  [round(o.end - t_kill, 3) for o in load.outcomes if o.ok],
+                  [round(o.end - t_kill, 3) for o in load.outcomes if not o.ok])
 
 
 def spread(xs: list[float]) -> str:
@@ -230,6 +234,38 @@ def report(results: list[Result]) -> None:
                       f"{r.ok} ok after the kill)")
 
 
+def plot(results: list[Result], path: str) -> None:
+    """Completions per second around the kill, per fault and mode (first run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ((f, m) for f in FAULTS for m in ("restart", "spare"))
+            if any((r.fault, r.mode) == k for r in results)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 1.8 * len(keys)), sharex=True,
+                             squeeze=False)
+    for ax, (f, m) in zip(axes[:, 0], keys, strict=True):
+        r = next(r for r in results if (r.fault, r.mode) == (f, m))
+        lo = int(min(r.ok_at + r.failed_at + [0.0])) - 1
+        hi = int(max(r.ok_at + r.failed_at + [0.0])) + 1
+        edges = list(range(lo, hi + 1))
+        ax.hist(r.ok_at, bins=edges, color="tab:blue", label="completed")
+        ax.hist(r.failed_at, bins=edges, color="tab:red", alpha=0.7, label="error status")
+        ax.axvline(0, color="k", lw=1)
+        if r.back_s == r.back_s:
+            ax.axvline(r.back_s, color="tab:green", ls="--", lw=1, label="replacement SERVING")
+        ax.axhline(r.baseline_rps, color="gray", ls=":", lw=1, label="pre-kill rate")
+        ax.set_ylabel("req/s")
+        ax.set_title(f"SIGKILL {f} ({m}): lost {r.lost}, hung {r.hung}, back {r.back_s:.2f}s",
+                     fontsize=9)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("seconds since the kill")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
@@ -249,6 +285,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--client-timeout", type=float, default=60.0)
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="PNG of completions per second around each kill")
     args = ap.parse_args()
     if args.quick:
         args.modes, args.warm, args.after, args.users = "restart", 5.0, 8.0, 4
@@ -271,6 +308,8 @@ def main() -> int:
                       f"recover {r.recover_s:.2f}s, kv_held {r.kv_held}", flush=True)
                 results.append(r)
     report(results)
+    if args.plot:
+        plot(results, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0 if all(r.hung == 0 and r.kv_held == 0 for r in results) else 1

@@ -81,25 +81,33 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
                          context: grpc.aio.ServicerContext) -> apb.ListGroupsResponse:
         return await self.ops.list_groups()
 
-    def ScaleOut(self, request: apb.ScaleOutRequest,
-                 context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
-        return self._run(self.ops.scale_out(request.group, request.prefill, request.decode,
-                                            self._timeout(request.timeout_s)), context)
-
-    def ScaleIn(self, request: apb.ScaleInRequest,
-                context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
-        return self._run(self.ops.scale_in(request.group, self._timeout(request.timeout_s)),
-                         context)
-
-    def RollingUpgrade(self, request: apb.RollingUpgradeRequest,
+    # Handlers are async generators themselves: grpc.aio tells streaming handlers apart
+    # by inspecting the function, so one that returns a generator is taken as sync.
+    async def ScaleOut(self, request: apb.ScaleOutRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
-        return self._run(self.ops.upgrade(list(request.groups), dict(request.settings),
-                                          self._timeout(request.timeout_s)), context)
+        async for e in self._run(self.ops.scale_out(
+                request.group, request.prefill, request.decode,
+                self._timeout(request.timeout_s)), context):
+            yield e
 
-    def Substitute(self, request: apb.SubstituteRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
-        return self._run(self.ops.substitute(request.instance_id,
-                                             self._timeout(request.timeout_s)), context)
+    async def ScaleIn(self, request: apb.ScaleInRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
+        async for e in self._run(self.ops.scale_in(request.group,
+                                                   self._timeout(request.timeout_s)), context):
+            yield e
+
+    async def RollingUpgrade(self, request: apb.RollingUpgradeRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
+        async for e in self._run(self.ops.upgrade(list(request.groups), dict(request.settings),
+                                                  self._timeout(request.timeout_s)), context):
+            yield e
+
+    async def Substitute(self, request: apb.SubstituteRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[apb.OpEvent]:
+        async for e in self._run(self.ops.substitute(request.instance_id,
+                                                     self._timeout(request.timeout_s)),
+                                 context):
+            yield e
 
 
 @dataclass
