@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{row.fault}: {row.ok}/{row.sent} ok, {row.clear} clear, "
                       f"{row.unclear} unclear, {row.hung} hung, recovery {row.recovery_s} s, "
-                      f"KV {row.kv_held} ({time.monotonic() - t1:.0f} s) {row.codes}",
+                      f"KV {row.kv_held} ({time.monotonic() - t1:.0f} s) {row.codes} {row.notes}",
                       flush=True)
         finally:
             c.stop()

@@ -43,6 +43,7 @@ from services.common.redis_embed import EmbeddedRedis
 
 HUNG_GRACE_S = 5.0  # a request still running at its deadline + this is hung
 KV_SETTLE_S = 1.0  # "right after the load": the release RPCs are in flight this long at most
+VIEW_LAG_S = 1.2  # the gateways poll the registry every 0.5 s (plus a busy host's delay)
 # Ends that are a clear answer to the client: a status it can act on (never UNKNOWN or
 # INTERNAL). CANCELLED only counts for requests the client cancelled itself.
 CLEAR_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -266,6 +267,7 @@ class ProcCluster:
                           old.netns if netns is None else netns, faketime)
         if wait:
             self.wait_ready([name])
+            time.sleep(VIEW_LAG_S)  # until the gateways' polled registry view has it
         return proc
 
     def stop(self) -> None:
