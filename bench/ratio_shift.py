@@ -308,7 +308,7 @@ def plot(runs: list[Run], args: argparse.Namespace, out_dir: Path) -> list[Path]
         a1.legend(fontsize=8)
         a1.grid(alpha=0.3)
         ctl = next(r for r in mine if r.arm == "controller")
-        t = [args.period_s * (k + 2) for k in range(len(ctl.ratio))]
+        t = [args.period_s * (k + 1) for k in range(len(ctl.ratio))]  # the k-th call
         for j, lab in enumerate(("g0 prefill", "g0 decode", "g1 prefill", "g1 decode")):
             a2.step(t, [x[j] for x in ctl.ratio], where="post", label=lab)
         a2.axvline(args.shift_s, color="red", ls=":")
