@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from services.common.keys import (
     wake_pattern,
 )
 from services.common.tasks import cancel_and_wait
-from services.gateway.scheduling import Waiting, queue_order, split_expired
+from services.gateway.scheduling import Waiting, offer_to, queue_order, split_expired
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (aioredis.RedisError, OSError)
@@ -185,11 +186,19 @@ class ForwardingQueue:
         if not (self.degraded or force):
             return
         now = time.time() * 1000
-        waiting = [w for w in self._waiters.values() if w.group == group and not w.offers]
-        if waiting:
-            head = min(waiting, key=lambda w: (w.deadline_ms, w.request_id))
-            head.offers.append((prefill, now))
-            head.event.set()
+        mine = {w.request_id: w for w in self._waiters.values() if w.group == group}
+        # The policy core's rule (scheduling.offer_to), over this gateway's waiters; one
+        # holding an offer (unused, or being tried) is skipped, as the OFFER script skips
+        # a marked entry.
+        head = offer_to([Waiting(rid, self._gateway_id, w.deadline_ms)
+                         for rid, w in mine.items()],
+                        {rid: math.inf for rid, w in mine.items() if w.offers or w.marked},
+                        now)
+        if head is not None:
+            w = mine[head.request_id]
+            w.marked = True
+            w.offers.append((prefill, now))
+            w.event.set()
             return
         free = self._local_free.setdefault(group, deque(maxlen=64))
         free.append((prefill, now))
@@ -218,19 +227,22 @@ class ForwardingQueue:
                 return got
             except REDIS_ERRORS as e:
                 self._down(e)
-        return self._claim_local(group)
+        got = self._claim_local(group)
+        self._waiters[m].marked = got is not None
+        return got
 
     async def wait(self, group: str, request_id: str) -> str | None:
         """Until a slot is offered to this request (its prefill id) or the safety-net poll
         passes (None: the caller checks its rank)."""
         w = self._waiters[slotoffer.member(request_id, self._gateway_id)]
-        if w.marked and not self.degraded:  # a try on an earlier offer failed: be eligible
+        if w.marked:  # a try on an earlier offer failed: be eligible for the next one
             w.marked = False
-            try:
-                await self._client.hdel(offered_key(group),
-                                        slotoffer.member(request_id, self._gateway_id))
-            except REDIS_ERRORS as e:
-                self._down(e)
+            if not self.degraded:
+                try:
+                    await self._client.hdel(offered_key(group),
+                                            slotoffer.member(request_id, self._gateway_id))
+                except REDIS_ERRORS as e:
+                    self._down(e)
         if not w.offers:
             w.event.clear()
             with contextlib.suppress(TimeoutError):

@@ -213,3 +213,40 @@ async def test_an_empty_queue_costs_no_round_trip_and_other_gateways_waiters_are
         await asyncio.sleep(0.005)
     before = asked
     assert await a.depth(g) == 0 and asked == before
+
+
+async def test_without_redis_the_gateway_offers_freed_slots_to_its_own_earliest_deadline(
+        tmp_path: object) -> None:
+    """Degraded mode: a prefill stream of this gateway ended, so that prefill has a free
+    slot; the earliest-deadline local waiter gets it at once, by the same rule."""
+    client = connect(f"unix://{tmp_path}/nothing-listens.sock")
+    q = ForwardingQueue(client, "gw-alone", SAFETY_POLL_S, degraded_poll_s=SAFETY_POLL_S)
+    await q.start()
+    try:
+        assert q.degraded
+        now = time.time() * 1000
+        for rid, dl in (("late", 30_000), ("first", 10_000), ("mid", 20_000)):
+            assert await q.enter("g", rid, now + dl) is None
+        assert await q.depth("g") == 3 and await q.rank("g", "mid") == 1
+        waits = {rid: asyncio.create_task(q.wait("g", rid)) for rid in ("late", "first", "mid")}
+        await asyncio.sleep(0.01)
+        order = []
+        for prefill in ("p0", "p1"):
+            q.on_prefill_done("g", prefill)
+            done, _ = await asyncio.wait(waits.values(), timeout=1,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            rid = next(r for r, t in waits.items() if t in done)
+            assert waits.pop(rid).result() == prefill
+            order.append(rid)
+        assert order == ["first", "mid"]
+        await q.leave("g", "first")
+        await q.leave("g", "mid")
+        q.on_prefill_done("g", "p2")  # nobody left but "late", who is still waiting
+        assert await asyncio.wait_for(waits["late"], 1) == "p2"
+        await q.leave("g", "late")
+        q.on_prefill_done("g", "p3")  # nobody waits: remembered for a newcomer
+        assert await q.enter("g", "new", now + 5_000) == "p3"
+        await q.leave("g", "new")
+    finally:
+        await q.close()
+        await client.aclose()
