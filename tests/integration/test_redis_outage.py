@@ -9,6 +9,8 @@ next heartbeat and the queue resyncs; both times are measured and printed."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import tempfile
 import time
 import uuid
@@ -18,7 +20,13 @@ import grpc
 import pytest
 
 from services.common.redis_embed import EmbeddedRedis
-from services.common.registry import InstanceInfo, Registration, connect, list_instances
+from services.common.registry import (
+    SOCKET_TIMEOUT_S,
+    InstanceInfo,
+    Registration,
+    connect,
+    list_instances,
+)
 from services.prefill import main as prefill_main
 from tests.cluster import Cluster
 
@@ -163,3 +171,31 @@ async def test_an_instance_started_while_redis_is_down_registers_when_it_returns
         await reg.close()
         await client.aclose()
         server.stop()
+
+
+async def test_a_hung_redis_costs_bounded_time_and_no_errors(own_redis: EmbeddedRedis) -> None:
+    """SIGSTOP (a hung server, not a dead one): calls time out after the client's socket
+    timeout, the queue degrades, requests are served; SIGCONT and it all comes back."""
+    async with Cluster(own_redis.url, model=MODEL, prefills=2, decodes=1,
+                       worker_overrides=WORKERS, group=f"h{uuid.uuid4().hex[:6]}") as c:
+        queue = c.gateway[1].admission.queue
+        assert queue is not None
+        await asyncio.gather(*(_one(c, i) for i in range(8)))
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            got = await asyncio.gather(*(_one(c, i) for i in range(16)),
+                                       return_exceptions=True)
+            hung_s = time.monotonic() - t0
+            assert not [g for g in got if isinstance(g, BaseException)], got[:3]
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        print(f"\n16 requests with Redis hung: {hung_s:.2f} s in all "
+              f"(socket timeout {SOCKET_TIMEOUT_S} s), queue degraded: {queue.degraded}")
+
+        async def healthy() -> bool:
+            return not queue.degraded
+
+        await _until(healthy, RECOVERY_BOUND_S)
+        await asyncio.gather(*(_one(c, i) for i in range(8)))
