@@ -52,22 +52,16 @@ from bench.sim.model import (
     DEADLINE,
     LOP_QUEUE,
     OK,
-    REFUSED,
     Result,
     SimConfig,
     SimRequest,
     Stats,
     _bin,
 )
-from bench.sim.sides import ControlSide, DecodeSide, _Const
+from bench.sim.sides import BaselineSide, ControlSide, DecodeSide, _Const
 from bench.sim.state import (
-    DECODE,
     DONE,
-    DWAIT,
-    FETCH,
     HASH_BLOCK_TOKENS,
-    LOCAL,
-    NEW,
     PREFILL,
     TRYING,
     WAITING,
@@ -84,7 +78,7 @@ SIM_POLICIES = [p.value for p in sched.Policy] + [LOP_QUEUE]
 POLICY_CORE = ("scheduling.order_ids", "scheduling.queue_key", "scheduling.may_offer",
                "policy.LoadIndex", "policy.pick_decodes", "estimator.PrefillEstimator")
 
-class Simulator(DecodeSide, ControlSide):
+class Simulator(DecodeSide, ControlSide, BaselineSide):
     def __init__(self, cfg: SimConfig, latency: LatencyModel,
                  group_ids: Sequence[int] | None = None,
                  control: hook.Control | None = None, keep_results: bool = True,
@@ -404,36 +398,6 @@ class Simulator(DecodeSide, ControlSide):
         if r.state == WAITING:
             self._wait_or_retry(r)
 
-    # -- queueing baselines ---------------------------------------------------------------
-    def _route_local(self, r: Req) -> None:
-        g, gw = r.group, r.gw
-        tick = g.ticks[gw]
-        g.ticks[gw] = tick + 1
-        pid = next(sched.order_ids(self.policy, g.name, g.idx_p[gw], tick, g.fillers[gw],
-                                   g.loads), None)
-        if pid is None:
-            self._end(r, REFUSED)
-            return
-        g.idx_p[gw].add(pid, 1)
-        r.state = LOCAL
-        r.pobj = g.prefills[pid]
-        self.at(self.now + self.cfg.rtt_ms / 2, self._at_local, r)
-
-    def _at_local(self, r: Req) -> None:
-        p = r.pobj
-        assert p is not None
-        if r.state == DONE:
-            self._unstream(r, p)
-            return
-        if not p.live:
-            self._unstream(r, p)
-            self._end(r, REFUSED)
-        elif p.busy < self.cfg.slots and not p.fifo:
-            self._start_prefill(r, p)
-        else:
-            p.fifo.append(r)
-            self.at(r.deadline, self._deadline, r)
-
     # -- prefill ------------------------------------------------------------------------
     def _pass_on(self, r: Req) -> None:
         """An offer the request no longer needs (admitted elsewhere, ended) goes to the
@@ -560,44 +524,6 @@ class Simulator(DecodeSide, ControlSide):
                 self._start_prefill(nxt, p)
 
     # -- ends -----------------------------------------------------------------------------
-    def _deadline(self, r: Req) -> None:
-        if r.state in (NEW, TRYING, WAITING, LOCAL):
-            # Past its TTFT deadline before any prefill started it: DEADLINE_EXCEEDED.
-            if r.state == LOCAL and r.pobj is not None:
-                p = r.pobj
-                if r in p.fifo:
-                    p.fifo.remove(r)
-                    self._unstream(r, p)
-            self._end(r, DEADLINE)
-
-    def _cancel(self, r: Req) -> None:
-        s = r.state
-        if s == DONE:
-            return
-        if s in (NEW, TRYING, WAITING, LOCAL):
-            if s == LOCAL and r.pobj is not None and r in r.pobj.fifo:
-                r.pobj.fifo.remove(r)
-                self._unstream(r, r.pobj)
-            self._end(r, CANCELLED)
-        elif s == DWAIT:
-            r.group.dwait.remove(r)
-            if self.audit:
-                self.audit.kv_free(self.now, r.idx, "store")
-            if self.lifetime and r.pobj is not None:
-                self._unstream(r, r.pobj)
-            self._end(r, CANCELLED)
-        elif s == DECODE:
-            d = r.dec
-            assert d is not None
-            self._leave_decode(r, d)
-            self._end(r, CANCELLED)
-            self._reschedule(d)
-            self._decode_slot_freed(d)
-        else:  # PREFILL, FETCH: the pending handoff/join event cleans up
-            if s == FETCH and self.lifetime and r.pobj is not None:
-                self._unstream(r, r.pobj)
-            self._end(r, CANCELLED)
-
     def _end(self, r: Req, status: str) -> None:
         if r.state == DONE:
             raise AssertionError(f"request {r.idx} ended twice")

@@ -1,4 +1,5 @@
-"""The simulator's decode side and its control hook, as mixins of ``core.Simulator``
+"""The simulator's decode side, its control hook and the queueing baselines, as mixins of
+``core.Simulator``
 (split off to keep each file readable; they share its state and event loop)."""
 
 from __future__ import annotations
@@ -8,9 +9,22 @@ from typing import TYPE_CHECKING
 
 from bench.sim import hook
 from bench.sim.decode import FluidDecode
-from bench.sim.model import OK, REFUSED
-from bench.sim.state import DECODE, DONE, DWAIT, FETCH, WAITING, Group, Prefill, Req
+from bench.sim.model import CANCELLED, DEADLINE, OK, REFUSED
+from bench.sim.state import (
+    DECODE,
+    DONE,
+    DWAIT,
+    FETCH,
+    LOCAL,
+    NEW,
+    TRYING,
+    WAITING,
+    Group,
+    Prefill,
+    Req,
+)
 from services.gateway import policy as pol
+from services.gateway import scheduling as sched
 
 if TYPE_CHECKING:
     from bench.sim.core import Simulator as _Base
@@ -232,3 +246,76 @@ class _Const(dict[str, int]):
 
 
 _NO_FALLBACK: dict[str, float] = {}  # the simulated transports never fall back
+
+
+class BaselineSide(_Base):
+    """The queueing baselines (one prefill, its local FIFO) and the ends a deadline or a
+    client cancel bring, whatever the request's state."""
+
+    # -- queueing baselines ---------------------------------------------------------------
+    def _route_local(self, r: Req) -> None:
+        g, gw = r.group, r.gw
+        tick = g.ticks[gw]
+        g.ticks[gw] = tick + 1
+        pid = next(sched.order_ids(self.policy, g.name, g.idx_p[gw], tick, g.fillers[gw],
+                                   g.loads), None)
+        if pid is None:
+            self._end(r, REFUSED)
+            return
+        g.idx_p[gw].add(pid, 1)
+        r.state = LOCAL
+        r.pobj = g.prefills[pid]
+        self.at(self.now + self.cfg.rtt_ms / 2, self._at_local, r)
+
+    def _at_local(self, r: Req) -> None:
+        p = r.pobj
+        assert p is not None
+        if r.state == DONE:
+            self._unstream(r, p)
+            return
+        if not p.live:
+            self._unstream(r, p)
+            self._end(r, REFUSED)
+        elif p.busy < self.cfg.slots and not p.fifo:
+            self._start_prefill(r, p)
+        else:
+            p.fifo.append(r)
+            self.at(r.deadline, self._deadline, r)
+
+    def _deadline(self, r: Req) -> None:
+        if r.state in (NEW, TRYING, WAITING, LOCAL):
+            # Past its TTFT deadline before any prefill started it: DEADLINE_EXCEEDED.
+            if r.state == LOCAL and r.pobj is not None:
+                p = r.pobj
+                if r in p.fifo:
+                    p.fifo.remove(r)
+                    self._unstream(r, p)
+            self._end(r, DEADLINE)
+
+    def _cancel(self, r: Req) -> None:
+        s = r.state
+        if s == DONE:
+            return
+        if s in (NEW, TRYING, WAITING, LOCAL):
+            if s == LOCAL and r.pobj is not None and r in r.pobj.fifo:
+                r.pobj.fifo.remove(r)
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
+        elif s == DWAIT:
+            r.group.dwait.remove(r)
+            if self.audit:
+                self.audit.kv_free(self.now, r.idx, "store")
+            if self.lifetime and r.pobj is not None:
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
+        elif s == DECODE:
+            d = r.dec
+            assert d is not None
+            self._leave_decode(r, d)
+            self._end(r, CANCELLED)
+            self._reschedule(d)
+            self._decode_slot_freed(d)
+        else:  # PREFILL, FETCH: the pending handoff/join event cleans up
+            if s == FETCH and self.lifetime and r.pobj is not None:
+                self._unstream(r, r.pobj)
+            self._end(r, CANCELLED)
