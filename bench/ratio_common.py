@@ -80,6 +80,53 @@ def sim_requests(items: Sequence[Item], group: int = 0, t0_ms: float = 0.0,
     return out
 
 
+@dataclass
+class Point:
+    workload: str
+    run: int
+    n_p: int
+    n_d: int
+    goodput_rps: float
+    slo_share: float
+    predicted_capacity: float
+
+
+@dataclass
+class Summary:
+    workload: str
+    run: int
+    best: str
+    worst: str
+    best_over_worst: float
+    best_over_worst_2: float  # among splits with >= 2 of each role (the controller's range)
+    predicted: str
+    predicted_rank: int  # 0: the measured best; 1: next best...
+    predicted_adjacent: bool  # predicted split is the measured best or next to it
+    predicted_goodput_share: float  # predicted split's goodput / best goodput
+    users: int  # live closed loop (0 in the simulator: open-loop bisection)
+    b_d: int
+    predicted_u: str = ""  # Eq. 1 with the prefill utilisation target u_p
+    u_p: float = 1.0
+    predicted_u_adjacent: bool = False
+
+
+def summarise(name: str, run: int, points: list[Point], pred_n_p: int, users: int,
+              b_d: int, pred_u_n_p: int = 0, u_p: float = 1.0) -> Summary:
+    ranked = sorted(points, key=lambda p: -p.goodput_rps)
+    best, worst = ranked[0], ranked[-1]
+    two = [p for p in ranked if p.n_p >= 2 and p.n_d >= 2]
+    by_np = {p.n_p: p for p in points}
+    rank = [p.n_p for p in ranked].index(pred_n_p)
+    adjacent = abs(pred_n_p - best.n_p) <= 1
+    return Summary(name, run, f"P{best.n_p}/D{best.n_d}", f"P{worst.n_p}/D{worst.n_d}",
+                   best.goodput_rps / max(worst.goodput_rps, 1e-9),
+                   two[0].goodput_rps / max(two[-1].goodput_rps, 1e-9) if two else 0.0,
+                   f"P{pred_n_p}/D{by_np[pred_n_p].n_d}", rank, adjacent,
+                   by_np[pred_n_p].goodput_rps / max(best.goodput_rps, 1e-9), users, b_d,
+                   f"P{pred_u_n_p}/D{by_np[pred_u_n_p].n_d}" if pred_u_n_p else "", u_p,
+                   bool(pred_u_n_p) and abs(pred_u_n_p - best.n_p) <= 1)
+
+
 @dataclass(frozen=True)
 class Slo:
     factor: float = 8.0

@@ -20,8 +20,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import UpCluster
-from bench.ratio_common import Item, Slo, predicted, workload
-from bench.ratio_sweep import Point, Summary, summarise
+from bench.ratio_common import Item, Point, Slo, Summary, predicted, summarise, workload
 from bench.traces import TraceRequest, prompt_ids
 from pdserve.v1 import generation_service_pb2, generation_service_pb2_grpc
 from services.control.perfmodel import Deployment, best_split, sweep

@@ -25,46 +25,26 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ratio_common import WORKLOADS, Item, Slo, predicted, sim_requests, workload
+from bench.ratio_common import (
+    WORKLOADS,
+    Item,
+    Point,
+    Slo,
+    Summary,
+    predicted,
+    sim_requests,
+    summarise,
+    workload,
+)
 from bench.sim.core import Simulator
 from bench.sim.model import SimConfig
 from services.control.perfmodel import Deployment, Workload, best_split, effective_b_d, sweep
 from services.engine.mock import LatencyModel
-
-
-@dataclass
-class Point:
-    workload: str
-    run: int
-    n_p: int
-    n_d: int
-    goodput_rps: float
-    slo_share: float
-    predicted_capacity: float
-
-
-@dataclass
-class Summary:
-    workload: str
-    run: int
-    best: str
-    worst: str
-    best_over_worst: float
-    best_over_worst_2: float  # among splits with >= 2 of each role (the controller's range)
-    predicted: str
-    predicted_rank: int  # 0: the measured best; 1: next best...
-    predicted_adjacent: bool  # predicted split is the measured best or next to it
-    predicted_goodput_share: float  # predicted split's goodput / best goodput
-    users: int  # live closed loop (0 in the simulator: open-loop bisection)
-    b_d: int
-    predicted_u: str = ""  # Eq. 1 with the prefill utilisation target u_p
-    u_p: float = 1.0
-    predicted_u_adjacent: bool = False
 
 
 def deployment(lat: LatencyModel, items: list[Item], args: argparse.Namespace) -> Deployment:
@@ -127,23 +107,6 @@ def sim_sweep(name: str, run: int, items: list[Item], lat: LatencyModel,
         points.append(Point(name, run, n_p, n - n_p, rate, share, caps[n_p]))
     return points, summarise(name, run, points, pred.n_p, 0, dep.decode_slots, pred_u.n_p,
                              args.prefill_util)
-
-
-def summarise(name: str, run: int, points: list[Point], pred_n_p: int, users: int,
-              b_d: int, pred_u_n_p: int = 0, u_p: float = 1.0) -> Summary:
-    ranked = sorted(points, key=lambda p: -p.goodput_rps)
-    best, worst = ranked[0], ranked[-1]
-    two = [p for p in ranked if p.n_p >= 2 and p.n_d >= 2]
-    by_np = {p.n_p: p for p in points}
-    rank = [p.n_p for p in ranked].index(pred_n_p)
-    adjacent = abs(pred_n_p - best.n_p) <= 1
-    return Summary(name, run, f"P{best.n_p}/D{best.n_d}", f"P{worst.n_p}/D{worst.n_d}",
-                   best.goodput_rps / max(worst.goodput_rps, 1e-9),
-                   two[0].goodput_rps / max(two[-1].goodput_rps, 1e-9) if two else 0.0,
-                   f"P{pred_n_p}/D{by_np[pred_n_p].n_d}", rank, adjacent,
-                   by_np[pred_n_p].goodput_rps / max(best.goodput_rps, 1e-9), users, b_d,
-                   f"P{pred_u_n_p}/D{by_np[pred_u_n_p].n_d}" if pred_u_n_p else "", u_p,
-                   bool(pred_u_n_p) and abs(pred_u_n_p - best.n_p) <= 1)
 
 
 def plot(points: list[Point], sums: list[Summary], out: Path, title: str) -> Path:

@@ -105,7 +105,8 @@ async def current_fence(client: aioredis.Redis) -> int:
     raw = await client.get(LEASE_KEY)
     if raw is None:
         return 0
-    return int(raw.decode().rsplit("|", 1)[1])
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return int(text.rsplit("|", 1)[1])
 
 
 class LeaderElector:
