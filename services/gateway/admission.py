@@ -106,6 +106,7 @@ class PrefillAdmission:
                         offer = await self._wait_turn(group, rid)
                     if offer is not None:
                         self.filler.on_accept(group, offer)  # ask the freed prefill first
+                    insts = await self._find("prefill", group)  # it may have changed meanwhile
                 by_id = {i.instance_id: i for i in insts}
                 cands = [Candidate(i.instance_id, i.slots) for i in insts]
                 loads = {i.instance_id: Load(i.load.get("busy", 0.0), i.load.get("queued", 0.0),
