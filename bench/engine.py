@@ -25,6 +25,7 @@ Every figure is a ratio measured in this one run (the machine is 2 shared cores)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -158,6 +159,50 @@ def prefill_batching(spec: str, lengths: list[int], rounds: int) -> dict[str, fl
     return {"sequential_s": s, "batched_s": b, "batched_over_sequential": b / s}
 
 
+def prefill_packed(spec: str, lengths: list[int], rounds: int) -> dict[str, Any]:
+    """Packed (varlen) prefill: the prompts concatenated into ONE sequence with no padding,
+    positions restarting per prompt (transformers then builds a block-diagonal causal
+    mask), logits kept at each prompt's last token. Against the prompts one after another:
+    the time, whether the first tokens are the same, and the mean TTFT of a burst of these
+    prompts arriving together (sequential: the i-th waits for the i-1 before it; packed:
+    every one waits for the whole forward)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.engine.prepare import ensure_prepared
+    from services.model.info import ModelInfo
+
+    ensure_prepared(spec)
+    info = ModelInfo.load(spec)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32).eval()
+    prompts = [prompt_ids(n, info.vocab_size, seed=n) for n in lengths]
+    ids = torch.tensor([[t for p in prompts for t in p]])
+    pos = torch.tensor([[i for p in prompts for i in range(len(p))]])
+    ends = torch.tensor(list(itertools.accumulate(lengths))) - 1
+    seq_t: list[list[float]] = []
+    pack_t: list[float] = []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            t0, marks, firsts = time.perf_counter(), [], []
+            for p in prompts:
+                o = model(input_ids=torch.tensor([p]), past_key_values=DynamicCache(
+                    config=model.config), use_cache=True, logits_to_keep=1)
+                firsts.append(int(o.logits[0, -1].argmax()))
+                marks.append(time.perf_counter() - t0)
+            seq_t.append(marks)
+            t0 = time.perf_counter()
+            o = model(input_ids=ids, position_ids=pos, past_key_values=DynamicCache(
+                config=model.config), use_cache=True, logits_to_keep=ends)
+            pack_t.append(time.perf_counter() - t0)
+            packed_firsts = o.logits[0].argmax(-1).tolist()
+    total = statistics.median(m[-1] for m in seq_t)
+    mean_seq = statistics.median(statistics.fmean(m) for m in seq_t)
+    packed = statistics.median(pack_t)
+    return {"sequential_s": total, "packed_s": packed, "packed_over_sequential": packed / total,
+            "burst_mean_ttft_sequential_s": mean_seq, "burst_mean_ttft_packed_s": packed,
+            "same_first_tokens": packed_firsts == firsts}
+
+
 def prefix_replay(trace: Path, prefills: int, groups: int, cache_blocks: int,
                   profile: str, limit: int) -> dict[str, dict[str, float]]:
     from services.engine.mock import LatencyModel
@@ -287,16 +332,25 @@ def _run_prefix(args: argparse.Namespace) -> dict[str, Any]:
 def _run_prefill(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    with tqdm(total=2, desc="prefill batching", unit="case") as bar:
+    with tqdm(total=3, desc="prefill batching", unit="case") as bar:
         pb = prefill_batching(args.model, [128, 192, 256, 320], 2 if args.quick else 3)
         bar.update(1)
         pb_eq = prefill_batching(args.model, [224] * 4, 2 if args.quick else 3)
+        bar.update(1)
+        pk = prefill_packed(args.model, [128, 192, 256, 320], 2 if args.quick else 3)
         bar.update(1)
     print(f"Prefill of 4 prompts (128-320 tokens): one after another {pb['sequential_s']:.2f} s,"
           f" one padded batch {pb['batched_s']:.2f} s (batched/sequential "
           f"{pb['batched_over_sequential']:.2f}); four of 224 tokens: batched/sequential "
           f"{pb_eq['batched_over_sequential']:.2f}")
-    return {"prefill_batched_over_sequential": pb["batched_over_sequential"],
+    print(f"Packed (varlen, no padding) prefill of the same 4: {pk['packed_s']:.2f} s against "
+          f"{pk['sequential_s']:.2f} s one after another ({pk['packed_over_sequential']:.2f}); "
+          f"mean TTFT of the 4 arriving together {pk['burst_mean_ttft_packed_s']:.2f} s packed, "
+          f"{pk['burst_mean_ttft_sequential_s']:.2f} s sequential; same first tokens: "
+          f"{pk['same_first_tokens']}")
+    return {"prefill_packed": pk,
+            "prefill_packed_over_sequential": pk["packed_over_sequential"],
+            "prefill_batched_over_sequential": pb["batched_over_sequential"],
             "prefill_batched_over_sequential_equal_lengths": pb_eq["batched_over_sequential"]}
 
 

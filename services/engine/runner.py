@@ -53,11 +53,14 @@ class ModelRunner:
         self.fingerprint = fingerprint(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         self.model.eval()
+        # oneDNN-packed linear layers (engine.packed): measured ~2x faster for both a
+        # 512-token prefill and a 16-stream decode step here, greedy tokens unchanged.
+        packed = pack_linears(self.model)
         self.config = self.model.config
         self.pool: KvPool | None = None
         self.prefix: PrefixCache | None = None
-        log.info("loaded %s (%s) in %.1fs", self.info.name, self.fingerprint[:12],
-                 time.monotonic() - t0)
+        log.info("loaded %s (%s) in %.1fs, %d linear layers packed for oneDNN", self.info.name,
+                 self.fingerprint[:12], time.monotonic() - t0, packed)
 
     def attach_prefix_cache(self, capacity_bytes: int, block_tokens: int) -> PrefixCache:
         self.prefix = PrefixCache(capacity_bytes, block_tokens)
@@ -155,10 +158,8 @@ class ModelRunner:
         return meta, cache_from_layers(layers, self.config, meta.num_tokens + max_new_tokens + 1)
 
     def attach_pool(self, pool_tokens: int, block_tokens: int) -> KvPool:
-        """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it
-        (with its linear layers packed for oneDNN: ``engine.packed``)."""
+        """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it."""
         use_paged_attention(self.model)
-        log.info("packed %d linear layers for oneDNN", pack_linears(self.model))
         self.pool = KvPool(self.config, -(-pool_tokens // block_tokens), block_tokens)
         return self.pool
 
