@@ -14,7 +14,7 @@ async def test_one_request_one_trace(cluster: Cluster, spans: InMemorySpanExport
     await cluster.generate(prompt="trace me", max_tokens=5, request_id="trace-1")
     finished = spans.get_finished_spans()
     root = next(s for s in finished if s.name == "gateway.generate"
-                and s.attributes.get("pdserve.request_id") == "trace-1")
+                and s.attributes.get("pdserve.client_request_id") == "trace-1")
     trace_id = root.context.trace_id
     in_trace = {s.name for s in finished if s.context.trace_id == trace_id}
     expected = {
