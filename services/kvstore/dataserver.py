@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class DataHandler(Protocol):
 
     def end_get(self, handle: str, ok: bool, lend: bool = False) -> Segmented | None: ...
 
-    def give_back(self, segment: Segmented) -> None: ...
+    def give_back(self, segment: Any) -> None: ...  # a Segmented it lent out
 
     def segment_of(self, handle: str) -> Segmented | None: ...
 
@@ -108,7 +108,7 @@ class DataServer:
         self._tmpdir = ""
         self.port = 0
         self.unix_path = ""
-        self.rdma_engine = None  # a rdma.MooncakeEngine when rdma is served
+        self.rdma_engine: Any = None  # a rdma.MooncakeEngine when rdma is served
         # "<transport>.<put|get>.<ok|failed|fallback>" -> count, for stats and the scheduler.
         self.counters: Counter[str] = Counter()
 

@@ -134,7 +134,8 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
         if before is not None:
             log.info("released KV of %s (%s): %s", request.request_id[:128], before.name,
                      request.reason[:200])
-        return pb.ReleaseKvResponse(previous_state=int(before) if before is not None else 0)
+        return pb.ReleaseKvResponse(
+            previous_state=pb.KvState.Name(int(before)) if before is not None else None)
 
     async def GetKvStoreStats(
         self, request: pb.GetKvStoreStatsRequest, context: grpc.aio.ServicerContext

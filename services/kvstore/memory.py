@@ -33,7 +33,7 @@ class Segment:
 
     @property
     def view(self) -> memoryview:
-        return memoryview(self.array)
+        return self.array.data
 
     def close(self) -> None:
         # The mapping itself goes with the last reference to ``array`` (a send in flight

@@ -233,9 +233,9 @@ class KvStore:
         request whose KvRef never reached the gateway), returning the last one's state."""
         if not handle:
             before = None
-            for entry in [e for e in self.entries.values() if e.request_id == request_id]:
-                before = entry.state
-                self._drop(entry, State.ABORTED)
+            for mine in [e for e in self.entries.values() if e.request_id == request_id]:
+                before = mine.state
+                self._drop(mine, State.ABORTED)
             return before
         entry = self.entries.get(handle)
         if entry is None or entry.request_id != request_id:

@@ -118,7 +118,8 @@ async def test_a_long_text_prompt_is_tokenized_off_the_event_loop(
 # -- every handoff window: cancel there on purpose, and nothing stays held -------------------
 
 WINDOWS = ["kvstore.reserve", "prefill.before_reserve", "prefill.after_reserve",
-           "prefill.after_push", "gateway.before_kv_read", "gateway.before_decode",
+           "prefill.after_push", "prefill.after_kv_ready", "gateway.before_kv_read",
+           "gateway.before_decode",
            "decode.before_fetch"]
 PAUSE_S = 1.5
 
