@@ -88,7 +88,7 @@ class KvPool(BlockAllocator):
                 fingerprint: str | None) -> KvMeta:
         """RecvScatter: verify a contiguous KV buffer and copy it into ``table``'s slots."""
         arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
-        meta = verify(memoryview(arr), fingerprint)
+        meta = verify(arr.data, fingerprint)
         if (meta.num_layers, meta.num_kv_heads, meta.head_dim) != \
                 (self.num_layers, self.num_kv_heads, self.head_dim):
             raise KvFormatError(

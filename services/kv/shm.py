@@ -75,8 +75,13 @@ async def send_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: by
 
 async def recv_resp_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[int, int]:
     """Read one RESP that carries a descriptor; returns (nbytes, fd)."""
-    fut = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
     try:
         await fut
     finally:
