@@ -11,7 +11,8 @@ gateway (ENTER, LEAVE, RESYNC):
          round trip from the prefill, one pub/sub hop to the gateway: no polling. With no
          one waiting, the slot is remembered in ``free_key`` for ``FREE_TTL_MS``.
   ENTER  a gateway queues a request: ZADD, refresh the gateway's liveness, and claim a
-         remembered free slot (it freed after the request's last rejection).
+         remembered free slot (it freed after the request's last rejection); or report
+         that everyone ahead already holds an offer (a newcomer then probes at once).
   LEAVE  ZREM the entry and its offer mark.
   Each step that turns the queue empty or non-empty publishes "0" / "1" on the group's
   queue-state channel, so gateways know an empty queue without asking on every request.
@@ -79,9 +80,18 @@ if redis.call('ZCARD', q) == 1 then redis.call('PUBLISH', ARGV[8], '1') end
 redis.call('HSET', gws, ARGV[3], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', free, '-inf', now - tonumber(ARGV[6]))
 local got = redis.call('ZPOPMIN', free)
-if #got == 0 then return false end
-redis.call('HSET', offered, ARGV[1], now + tonumber(ARGV[7]))
-return got[1]
+if #got > 0 then
+  redis.call('HSET', offered, ARGV[1], now + tonumber(ARGV[7]))
+  return got[1]
+end
+-- Does anyone wait ahead of it without an offer? If every entry ahead holds one (they
+-- are being admitted and about to leave), it is the real head: '' = probe the prefills.
+redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
+for _, m in ipairs(redis.call('ZRANGE', q, 0, -1)) do
+  if m == ARGV[1] then return '' end
+  if tonumber(redis.call('HGET', offered, m) or '0') <= now then return false end
+end
+return false
 """
 
 _LEAVE = """
@@ -145,13 +155,17 @@ async def offer_slot(client: Any, group: str, prefill_id: str) -> str | None:
 
 async def enter(client: Any, group: str, m: str, deadline_ms: float, gateway_id: str,
                 alive_until_ms: int) -> str | None:
-    """Queue ``m``; returns a prefill whose slot freed unclaimed just before, if any."""
+    """Queue ``m``. Returns a prefill whose slot freed unclaimed just before (ask it);
+    "" when every entry ahead already holds an offer (no one really waits ahead: probe
+    the prefills now); None to wait for an offer."""
     now = now_ms()
     got = await _script(client, "enter", _ENTER)(
         keys=[queue_key(group), offered_key(group), free_key(group), gateways_key(group)],
         args=[m, deadline_ms, gateway_id, now, alive_until_ms, FREE_TTL_MS, OFFER_TTL_MS,
               queue_state_channel(group)])
-    return got.decode() if isinstance(got, bytes) else got or None
+    if isinstance(got, bytes):
+        return got.decode()
+    return None
 
 
 async def leave(client: Any, group: str, m: str) -> None:

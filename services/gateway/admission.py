@@ -102,9 +102,9 @@ class PrefillAdmission:
                     # the group stays earliest-deadline-first.
                     queued = True
                     offer = await self._enter(preq, group)
-                    if offer is None:
+                    if offer is None:  # "" = no one waits ahead without an offer: probe now
                         offer = await self._wait_turn(group, rid)
-                    if offer is not None:
+                    if offer:
                         self.filler.on_accept(group, offer)  # ask the freed prefill first
                     insts = await self._find("prefill", group)  # it may have changed meanwhile
                 by_id = {i.instance_id: i for i in insts}
@@ -147,9 +147,9 @@ class PrefillAdmission:
                 if not queued:
                     queued = True
                     offer = await self._enter(preq, group)
-                if offer is None:
+                if not offer:  # it has just asked every prefill: wait for a freed slot
                     offer = await self._wait_turn(group, rid)
-                if offer is not None:
+                if offer:
                     self.filler.on_accept(group, offer)  # ask the freed prefill first
                 rejected.clear()
         finally:
@@ -158,7 +158,7 @@ class PrefillAdmission:
                     await asyncio.shield(self.queue.leave(group, rid))
 
     async def _enter(self, preq: prefill_service_pb2.PrefillRequest, group: str) -> str | None:
-        """Queue the request; a prefill whose slot freed unclaimed just before, if any."""
+        """Queue the request: a prefill to ask first, "" to probe now, None to wait."""
         assert self.queue is not None
         deadline_ms = preq.ttft_deadline_unix_ms or (time.time() + self.max_queue_s) * 1000
         self.stats.queued_total += 1

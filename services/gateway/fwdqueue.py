@@ -49,6 +49,7 @@ from services.common.keys import (
 )
 from services.common.tasks import cancel_and_wait
 from services.gateway.scheduling import Waiting, offer_to, queue_order, split_expired
+from services.gateway.scheduling import queue_key as entry_order
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (aioredis.RedisError, OSError)
@@ -100,6 +101,7 @@ class ForwardingQueue:
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._leaving: dict[str, set[asyncio.Task[None]]] = {}  # group -> pending removals
         self._alive_task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._down_since = 0.0
@@ -131,6 +133,8 @@ class ForwardingQueue:
         self._listener = asyncio.create_task(self._listen(self._pubsub), name="fwdq-offers")
 
     async def close(self) -> None:
+        for pending in self._leaving.values():  # let removals reach Redis
+            await asyncio.gather(*pending, return_exceptions=True)
         for t in (self._listener, self._alive_task, self._recovery, *self._tasks):
             if t is not None:
                 await cancel_and_wait(t)
@@ -215,7 +219,8 @@ class ForwardingQueue:
     # -- the waiter's side ---------------------------------------------------------------
 
     async def enter(self, group: str, request_id: str, deadline_ms: float) -> str | None:
-        """Queue the request. Returns a prefill whose slot freed unclaimed just before."""
+        """Queue the request (``slotoffer.enter``): a prefill to ask first, "" to probe the
+        prefills now, or None to wait for an offer."""
         m = slotoffer.member(request_id, self._gateway_id)
         self._waiters[m] = _Waiter(group, request_id, deadline_ms)
         self._groups.add(group)
@@ -223,12 +228,18 @@ class ForwardingQueue:
             try:
                 got = await slotoffer.enter(self._client, group, m, deadline_ms,
                                             self._gateway_id, self._alive_until())
-                self._waiters[m].marked = got is not None
+                self._waiters[m].marked = bool(got)
                 return got
             except REDIS_ERRORS as e:
                 self._down(e)
         got = self._claim_local(group)
-        self._waiters[m].marked = got is not None
+        if got is None:  # "" when every local waiter ahead already holds an offer
+            me = entry_order(Waiting(request_id, self._gateway_id, deadline_ms))
+            ahead = [w for k, w in self._waiters.items() if k != m and w.group == group
+                     and not w.marked
+                     and entry_order(Waiting(w.request_id, self._gateway_id, w.deadline_ms)) < me]
+            got = None if ahead else ""
+        self._waiters[m].marked = bool(got)
         return got
 
     async def wait(self, group: str, request_id: str) -> str | None:
@@ -257,14 +268,23 @@ class ForwardingQueue:
         return prefill
 
     async def leave(self, group: str, request_id: str) -> None:
+        """The request is done with the queue (admitted, failed, cancelled). Its Redis entry
+        is removed in the background: an admitted request does not wait a round trip for
+        it. ``depth`` waits for this gateway's pending removals in the group."""
         m = slotoffer.member(request_id, self._gateway_id)
         w = self._waiters.pop(m, None)
+        unused = [prefill for prefill, _ in w.offers] if w is not None else []
+        task = asyncio.get_running_loop().create_task(self._leave(group, m, unused))
+        self._leaving.setdefault(group, set()).add(task)
+        task.add_done_callback(self._leaving[group].discard)
+
+    async def _leave(self, group: str, m: str, unused: list[str]) -> None:
         if not self.degraded:
             try:
                 await slotoffer.leave(self._client, group, m)
             except REDIS_ERRORS as e:
                 self._down(e)
-        for prefill, _ in w.offers if w is not None else ():
+        for prefill in unused:
             await self._pass_on(group, prefill)  # offers it never used go to the next one
 
     async def rank(self, group: str, request_id: str) -> int | None:
@@ -308,6 +328,11 @@ class ForwardingQueue:
                               self._alive_until())
         return len(live)
 
+    async def settled(self) -> None:
+        """Until this gateway's pending queue removals have reached Redis."""
+        for pending in list(self._leaving.values()):
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def depth(self, group: str) -> int:
         """How many wait in ``group`` (callers only ask whether any do). No round trip
         when this gateway has waiters there, in degraded mode, or when the queue-state
@@ -319,6 +344,8 @@ class ForwardingQueue:
         now = time.monotonic()
         if not nonempty and now - seen_at < EMPTY_TRUST_S:
             return 0
+        if self._leaving.get(group):  # our own entries leave first
+            await asyncio.gather(*self._leaving[group], return_exceptions=True)
         try:
             n = int(await self._client.zcard(queue_key(group)))
         except REDIS_ERRORS as e:

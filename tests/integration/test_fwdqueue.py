@@ -47,9 +47,9 @@ async def test_a_freed_slot_goes_to_the_earliest_deadline_waiter_across_gateways
     client, a, b = gateways
     g = _group()
     now = time.time() * 1000
-    assert await a.enter(g, "r-late", now + 30_000) is None
-    assert await b.enter(g, "r-first", now + 10_000) is None
-    assert await a.enter(g, "r-mid", now + 20_000) is None
+    assert not await a.enter(g, "r-late", now + 30_000)  # no prefill claimed
+    assert not await b.enter(g, "r-first", now + 10_000)  # no prefill claimed
+    assert not await a.enter(g, "r-mid", now + 20_000)  # no prefill claimed
     waits = {rid: asyncio.create_task(q.wait(g, rid))
              for rid, q in (("r-late", a), ("r-first", b), ("r-mid", a))}
     order = []
@@ -64,6 +64,7 @@ async def test_a_freed_slot_goes_to_the_earliest_deadline_waiter_across_gateways
     assert order == ["r-first", "r-mid", "r-late"]
     for rid, q in (("r-late", a), ("r-first", b), ("r-mid", a)):
         await q.leave(g, rid)
+    await b.settled()  # removals go to Redis in the background
     assert await a.depth(g) == 0
 
 
@@ -91,7 +92,7 @@ async def test_a_slot_freed_just_before_the_request_enters_is_claimed(
     await a.leave(g, "r0")
     assert await slotoffer.offer_slot(client, g, "p1") is None
     await asyncio.sleep(slotoffer.FREE_TTL_MS / 1000 + 0.1)  # long taken by someone else
-    assert await a.enter(g, "r1", time.time() * 1000 + 10_000) is None
+    assert not await a.enter(g, "r1", time.time() * 1000 + 10_000)  # no prefill claimed
     await a.leave(g, "r1")
 
 
@@ -226,7 +227,7 @@ async def test_without_redis_the_gateway_offers_freed_slots_to_its_own_earliest_
         assert q.degraded
         now = time.time() * 1000
         for rid, dl in (("late", 30_000), ("first", 10_000), ("mid", 20_000)):
-            assert await q.enter("g", rid, now + dl) is None
+            assert not await q.enter("g", rid, now + dl)  # no prefill claimed
         assert await q.depth("g") == 3 and await q.rank("g", "mid") == 1
         waits = {rid: asyncio.create_task(q.wait("g", rid)) for rid in ("late", "first", "mid")}
         await asyncio.sleep(0.01)
@@ -250,3 +251,20 @@ async def test_without_redis_the_gateway_offers_freed_slots_to_its_own_earliest_
     finally:
         await q.close()
         await client.aclose()
+
+
+async def test_a_newcomer_behind_entries_that_all_hold_offers_probes_at_once(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    """Entries that hold an offer are being admitted and are about to leave: a newcomer
+    behind only such entries must not wait for a slot to free (the prefills may be idle);
+    behind one that waits for real, it waits."""
+    client, a, b = gateways
+    g = _group()
+    now = time.time() * 1000
+    await a.enter(g, "r0", now + 10_000)
+    assert await slotoffer.offer_slot(client, g, "p0") is not None  # r0 is being admitted
+    assert await b.enter(g, "r1", now + 20_000) == ""  # probe now
+    await a.enter(g, "r2", now + 15_000)  # waits for real, ahead of the next newcomer
+    assert await b.enter(g, "r3", now + 30_000) is None
+    for rid, q in (("r0", a), ("r1", b), ("r2", a), ("r3", b)):
+        await q.leave(g, rid)
