@@ -1,5 +1,7 @@
-"""The fleet control plane's brain (P/D-Serve §1.1, §1.3): the E2E performance model
-(``perfmodel``), the online per-group ratio controller (``controller``), the actuator
-interface and idempotent plans it acts through (``actuator``), and the Redis lease that
-lets exactly one controller act at a time (``leader``). Everything but ``leader`` is
-pure: no I/O, no clock, so the live cluster and the simulator run the same code."""
+"""The fleet control plane (P/D-Serve §1.1, §1.3). Pure, shared by the live cluster and
+the simulator: the E2E performance model (``perfmodel``), the per-group ratio controller
+(``controller``), decisions and idempotent plans and the ``Actuator`` protocol
+(``actuator``). With I/O: the plan executor (``executor``), the Redis lease with fencing
+that lets exactly one controller act (``leader``), the live loop hosted by the gateways
+(``loop``), ``pdserve plan`` (``plan_cli``), and the actuators for role-switchable
+workers and Kubernetes (``actuators_local``, ``actuators_k8s``)."""
