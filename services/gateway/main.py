@@ -123,6 +123,7 @@ async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer,
                                   refuse_unknown_scenario=cfg.unknown_scenario == "refuse",
                                   metrics=RequestMetrics(Labels("gateway", cfg.group,
                                                                 runtime.instance_id)))
+    servicer.instance_id = runtime.instance_id
     await runtime.start(lambda s: pb_grpc.add_GenerationServiceServicer_to_server(servicer, s))
     if cfg.http_port >= 0:
         runtime.http = HttpDoor(servicer, keys)

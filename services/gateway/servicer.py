@@ -130,6 +130,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                  refuse_unknown_scenario: bool = False,
                  metrics: RequestMetrics | None = None) -> None:
         self.refuse_unknown_scenario = refuse_unknown_scenario
+        self.instance_id = ""  # this gateway's registry id: the owner of its requests' KV
         self.metrics = metrics or RequestMetrics(Labels("gateway", group, "gateway"))
         self.info = info
         self.tok = tokenizer
@@ -362,7 +363,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             scenario=group,
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
             if ttft_deadline is not None else 0, refine_ratio=p.refine_ratio,
-            client_request_id=req.client_request_id)
+            client_request_id=req.client_request_id, gateway_id=self.instance_id)
 
         def on_accepted() -> None:
             p.queue_ms = (time.monotonic() - p.t0) * 1e3

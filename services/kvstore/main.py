@@ -13,8 +13,10 @@ Lifecycle of the process:
      cancel or error (by handle, or every entry of a request id). A reservation is capped
      to what one request can need: at most the KV of the served model's whole context
      (``model``), and a lease of at most ``max_lease_s``. A reservation whose caller went
-     away before reading the answer is released at once. ``kv_faults`` injects data-plane
-     failures (tests).
+     away before reading the answer is released at once, and so are the entries of a
+     gateway (``owner``) that has been out of the registry for two registry TTLs: it died
+     holding a KvRef nobody else can release. ``kv_faults`` injects data-plane failures
+     (tests).
   3. On SIGTERM: NOT_SERVING, deregister, drain gRPC, close the data channel.
 """
 
@@ -34,7 +36,7 @@ from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
 from services.common import faultpoints
 from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import PdserveError, abort_with
-from services.common.registry import InstanceInfo
+from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tasks import cancel_and_wait
 from services.common.telemetry import ATTR_REQUEST_ID, tracer
@@ -98,8 +100,8 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
             span.set_attribute(ATTR_REQUEST_ID, request.request_id[:128])
             try:
                 entry = self.store.reserve(
-                    request.request_id, request.nbytes, request.lease_ms / 1000.0
-                )
+                    request.request_id, request.nbytes, request.lease_ms / 1000.0,
+                    owner=request.owner)
             except PdserveError as e:
                 await abort_with(context, e)
             # The caller may go away before it reads the handle (cancelled while reserving,
@@ -178,6 +180,8 @@ class KvStoreService:
                                max_conns_per_peer=cfg.data_max_conns_per_peer)
         self._sweeper: asyncio.Task[None] | None = None
         self.servicer: KvStoreServicer | None = None
+        self.view: RegistryView | None = None  # live gateways, for entries' owners
+        self._missing_since: dict[str, float] = {}  # owner gateway -> first seen absent
 
     async def start(self) -> None:
         data_port = await self.data.start(self.cfg.host, self.cfg.data_port, shm=self.shm)
@@ -190,6 +194,9 @@ class KvStoreService:
         servicer = self.servicer
         await self.runtime.start(lambda s: pb_grpc.add_KvStoreServiceServicer_to_server(
             servicer, s))
+        if self.cfg.redis_url:
+            self.view = RegistryView(self.runtime.redis)
+            await self.view.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="kv-lease-sweeper")
         info = InstanceInfo(
             instance_id=self.runtime.instance_id, role="kvstore", group=self.cfg.group,
@@ -236,11 +243,41 @@ class KvStoreService:
             for e in self.store.expire():
                 log.warning("KV lease of %s expired unconsumed (%d bytes freed)",
                             e.request_id, e.nbytes)
+            self._release_orphans()
+
+    def _release_orphans(self) -> None:
+        """Entries whose owning gateway has left the registry (it died holding the
+        KvRef). Only while the view is fresh and shows some gateway (a wiped or unreachable
+        Redis shows none: then nothing is released), and only once the owner has been
+        missing for two registry TTLs (a view lag or a re-registration is shorter)."""
+        view = self.view
+        if view is None:
+            return
+        gateways = {i.instance_id for i in view.instances(role="gateway")}
+        if view.failing or not gateways:
+            self._missing_since.clear()
+            return
+        now = time.monotonic()
+        grace = 2 * self.cfg.registry_ttl_s
+        owners = self.store.owners()
+        for owner in owners:
+            if owner in gateways:
+                self._missing_since.pop(owner, None)
+                continue
+            since = self._missing_since.setdefault(owner, now)
+            if now - since >= grace:
+                for e in self.store.release_owned_by(owner):
+                    log.warning("released KV of %s: its gateway %s left the registry",
+                                e.request_id[:64], owner[:64])
+        for gone in set(self._missing_since) - owners:
+            del self._missing_since[gone]
 
     async def stop(self) -> None:
         async def cleanup() -> None:
             if self._sweeper is not None:
                 await cancel_and_wait(self._sweeper)
+            if self.view is not None:
+                await self.view.close()
             await self.data.close()
             self.pool.close()
 

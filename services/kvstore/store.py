@@ -49,6 +49,7 @@ class Entry:
     segment: Segment | None = None
     fetching: bool = False
     generation: int = 0  # bumped by every begin_put; a stale end_put is ignored
+    owner: str = ""  # the gateway that owns the request (registry instance id)
 
     @property
     def buffer(self) -> memoryview | None:
@@ -80,7 +81,8 @@ class KvStore:
     max_lease_s: float = 300.0  # a longer lease asked for is cut to this
     max_entry_bytes: int = 0  # one reservation's cap (the model's whole-context KV); 0: none
 
-    def reserve(self, request_id: str, nbytes: int, lease_s: float = 0.0) -> Entry:
+    def reserve(self, request_id: str, nbytes: int, lease_s: float = 0.0,
+                owner: str = "") -> Entry:
         """Room for one request's KV. One live entry per request id: a new reservation
         replaces an older one (its prefill died or gave up before the handoff; the
         gateway's ids are unique, so no two live requests share one)."""
@@ -113,7 +115,7 @@ class KvStore:
             )
         handle = secrets.token_hex(16)
         lease = min(lease_s or self.default_lease_s, self.max_lease_s)
-        entry = Entry(handle, request_id, nbytes, self.clock() + lease)
+        entry = Entry(handle, request_id, nbytes, self.clock() + lease, owner=owner[:256])
         # The buffer exists from the reservation on (a memfd's pages only once written).
         entry.segment = self.allocate(nbytes)
         self.entries[handle] = entry
@@ -243,6 +245,17 @@ class KvStore:
         before = entry.state
         self._drop(entry, State.ABORTED)
         return before
+
+    def owners(self) -> set[str]:
+        return {e.owner for e in self.entries.values() if e.owner}
+
+    def release_owned_by(self, owner: str) -> list[Entry]:
+        """Free every entry of a gateway that is gone (not one being fetched: that fetch
+        ends within its own bound, then the lease takes it)."""
+        gone = [e for e in self.entries.values() if e.owner == owner and not e.fetching]
+        for e in gone:
+            self._drop(e, State.ABORTED)
+        return gone
 
     def expire(self) -> list[Entry]:
         now = self.clock()

@@ -139,7 +139,7 @@ class Handoff:
         nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, n, info.kv_dtype)
         address, kvstore = self._kvstore()
         call = asyncio.ensure_future(kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-            request_id=rid, nbytes=nbytes,
+            request_id=rid, nbytes=nbytes, owner=request.gateway_id,
             lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10))
         try:
             # Shielded: cancelled while the kvstore reserves, we still learn the handle

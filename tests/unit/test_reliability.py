@@ -212,3 +212,17 @@ def test_detach_filter_drops_only_the_cross_context_case() -> None:
 
     assert not f.filter(record(ValueError("<Token ...> was created in a different Context")))
     assert f.filter(record(RuntimeError("something else")))
+
+
+def test_entries_of_a_gone_gateway_are_released_but_not_one_being_fetched() -> None:
+    store = KvStore(1 << 20, 30.0)
+    a = store.reserve("r1", 100, owner="gw-1")
+    b = store.reserve("r2", 100, owner="gw-1")
+    store.reserve("r3", 100, owner="gw-0")
+    store.reserve("r4", 100)
+    b.state = State.READY
+    b.fetching = True
+    assert store.owners() == {"gw-0", "gw-1"}
+    assert [e.request_id for e in store.release_owned_by("gw-1")] == ["r1"]
+    assert a.state is State.ABORTED and b.handle in store.entries
+    assert store.bytes_held == 300

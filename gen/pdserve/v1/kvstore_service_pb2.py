@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve/v1/kvstore_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"H\n\x10ReserveKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"\x96\x01\n\x11ReserveKvResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x1d\n\x15lease_expires_unix_ms\x18\x04 \x01(\x03\x12)\n\tendpoints\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.KvEndpoint\"F\n\x10ReleaseKvRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x11ReleaseKvResponse\x12+\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x13.pdserve.v1.KvState\"\x18\n\x16GetKvStoreStatsRequest\"\x8b\x03\n\x17GetKvStoreStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r\x12\x16\n\x0ereserved_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x63onsumed_total\x18\x06 \x01(\x04\x12\x15\n\raborted_total\x18\x07 \x01(\x04\x12\x15\n\rexpired_total\x18\x08 \x01(\x04\x12\x16\n\x0erejected_total\x18\t \x01(\x04\x12\x16\n\x0e\x62ytes_in_total\x18\n \x01(\x04\x12\x17\n\x0f\x62ytes_out_total\x18\x0b \x01(\x04\x12\x45\n\ttransfers\x18\x0c \x03(\x0b\x32\x32.pdserve.v1.GetKvStoreStatsResponse.TransfersEntry\x1a\x30\n\x0eTransfersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*\xac\x01\n\x07KvState\x12\x18\n\x14KV_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_STATE_RESERVED\x10\x01\x12\x19\n\x15KV_STATE_TRANSFERRING\x10\x02\x12\x12\n\x0eKV_STATE_READY\x10\x03\x12\x15\n\x11KV_STATE_CONSUMED\x10\x04\x12\x14\n\x10KV_STATE_ABORTED\x10\x05\x12\x14\n\x10KV_STATE_EXPIRED\x10\x06\x32\x80\x02\n\x0eKvStoreService\x12H\n\tReserveKv\x12\x1c.pdserve.v1.ReserveKvRequest\x1a\x1d.pdserve.v1.ReserveKvResponse\x12H\n\tReleaseKv\x12\x1c.pdserve.v1.ReleaseKvRequest\x1a\x1d.pdserve.v1.ReleaseKvResponse\x12Z\n\x0fGetKvStoreStats\x12\".pdserve.v1.GetKvStoreStatsRequest\x1a#.pdserve.v1.GetKvStoreStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve/v1/kvstore_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"W\n\x10ReserveKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\r\n\x05owner\x18\x04 \x01(\t\"\x96\x01\n\x11ReserveKvResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x1d\n\x15lease_expires_unix_ms\x18\x04 \x01(\x03\x12)\n\tendpoints\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.KvEndpoint\"F\n\x10ReleaseKvRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x11ReleaseKvResponse\x12+\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x13.pdserve.v1.KvState\"\x18\n\x16GetKvStoreStatsRequest\"\x8b\x03\n\x17GetKvStoreStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_held\x18\x03 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\r\x12\x16\n\x0ereserved_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x63onsumed_total\x18\x06 \x01(\x04\x12\x15\n\raborted_total\x18\x07 \x01(\x04\x12\x15\n\rexpired_total\x18\x08 \x01(\x04\x12\x16\n\x0erejected_total\x18\t \x01(\x04\x12\x16\n\x0e\x62ytes_in_total\x18\n \x01(\x04\x12\x17\n\x0f\x62ytes_out_total\x18\x0b \x01(\x04\x12\x45\n\ttransfers\x18\x0c \x03(\x0b\x32\x32.pdserve.v1.GetKvStoreStatsResponse.TransfersEntry\x1a\x30\n\x0eTransfersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*\xac\x01\n\x07KvState\x12\x18\n\x14KV_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_STATE_RESERVED\x10\x01\x12\x19\n\x15KV_STATE_TRANSFERRING\x10\x02\x12\x12\n\x0eKV_STATE_READY\x10\x03\x12\x15\n\x11KV_STATE_CONSUMED\x10\x04\x12\x14\n\x10KV_STATE_ABORTED\x10\x05\x12\x14\n\x10KV_STATE_EXPIRED\x10\x06\x32\x80\x02\n\x0eKvStoreService\x12H\n\tReserveKv\x12\x1c.pdserve.v1.ReserveKvRequest\x1a\x1d.pdserve.v1.ReserveKvResponse\x12H\n\tReleaseKv\x12\x1c.pdserve.v1.ReleaseKvRequest\x1a\x1d.pdserve.v1.ReleaseKvResponse\x12Z\n\x0fGetKvStoreStats\x12\".pdserve.v1.GetKvStoreStatsRequest\x1a#.pdserve.v1.GetKvStoreStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._loaded_options = None
   _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._serialized_options = b'8\001'
-  _globals['_KVSTATE']._serialized_start=863
-  _globals['_KVSTATE']._serialized_end=1035
+  _globals['_KVSTATE']._serialized_start=878
+  _globals['_KVSTATE']._serialized_end=1050
   _globals['_RESERVEKVREQUEST']._serialized_start=73
-  _globals['_RESERVEKVREQUEST']._serialized_end=145
-  _globals['_RESERVEKVRESPONSE']._serialized_start=148
-  _globals['_RESERVEKVRESPONSE']._serialized_end=298
-  _globals['_RELEASEKVREQUEST']._serialized_start=300
-  _globals['_RELEASEKVREQUEST']._serialized_end=370
-  _globals['_RELEASEKVRESPONSE']._serialized_start=372
-  _globals['_RELEASEKVRESPONSE']._serialized_end=436
-  _globals['_GETKVSTORESTATSREQUEST']._serialized_start=438
-  _globals['_GETKVSTORESTATSREQUEST']._serialized_end=462
-  _globals['_GETKVSTORESTATSRESPONSE']._serialized_start=465
-  _globals['_GETKVSTORESTATSRESPONSE']._serialized_end=860
-  _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._serialized_start=812
-  _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._serialized_end=860
-  _globals['_KVSTORESERVICE']._serialized_start=1038
-  _globals['_KVSTORESERVICE']._serialized_end=1294
+  _globals['_RESERVEKVREQUEST']._serialized_end=160
+  _globals['_RESERVEKVRESPONSE']._serialized_start=163
+  _globals['_RESERVEKVRESPONSE']._serialized_end=313
+  _globals['_RELEASEKVREQUEST']._serialized_start=315
+  _globals['_RELEASEKVREQUEST']._serialized_end=385
+  _globals['_RELEASEKVRESPONSE']._serialized_start=387
+  _globals['_RELEASEKVRESPONSE']._serialized_end=451
+  _globals['_GETKVSTORESTATSREQUEST']._serialized_start=453
+  _globals['_GETKVSTORESTATSREQUEST']._serialized_end=477
+  _globals['_GETKVSTORESTATSRESPONSE']._serialized_start=480
+  _globals['_GETKVSTORESTATSRESPONSE']._serialized_end=875
+  _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._serialized_start=827
+  _globals['_GETKVSTORESTATSRESPONSE_TRANSFERSENTRY']._serialized_end=875
+  _globals['_KVSTORESERVICE']._serialized_start=1053
+  _globals['_KVSTORESERVICE']._serialized_end=1309
 # @@protoc_insertion_point(module_scope)

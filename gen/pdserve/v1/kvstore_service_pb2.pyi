@@ -26,14 +26,16 @@ KV_STATE_ABORTED: KvState
 KV_STATE_EXPIRED: KvState
 
 class ReserveKvRequest(_message.Message):
-    __slots__ = ("request_id", "nbytes", "lease_ms")
+    __slots__ = ("request_id", "nbytes", "lease_ms", "owner")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     nbytes: int
     lease_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, request_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., lease_ms: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ReserveKvResponse(_message.Message):
     __slots__ = ("handle", "data_address", "transport", "lease_expires_unix_ms", "endpoints")
