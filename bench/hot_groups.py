@@ -145,7 +145,8 @@ def one(run: int, lat: LatencyModel, args: argparse.Namespace, slo: Slo) -> list
         ctl = None
         hook_fn = None
         if control:
-            ctl = SimControl(lat, dep, ControllerConfig(), ArrivedLengths(reqs, names),
+            ctl = SimControl(lat, dep, ControllerConfig(short_confirm=args.short_confirm),
+                             ArrivedLengths(reqs, names),
                              pool=f"g{k}")
             hook_fn = ctl
         cfg = cfg_for(k + 1, biggest // 2 + 1, biggest - biggest // 2 + 1)
@@ -176,6 +177,8 @@ def main() -> int:
     ap.add_argument("--slo-factor", type=float, default=8.0)
     ap.add_argument("--slo-floor-ms", type=float, default=300.0)
     ap.add_argument("--tpot-slo-ms", type=float, default=60.0)
+    ap.add_argument("--short-confirm", type=int, default=1,
+                    help="periods a group must stay short (Eq. 1) before it takes more")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")

@@ -74,6 +74,7 @@ class ControllerConfig:
     release_after: int = 3  # calm periods before a borrowed instance is released
     headroom: float = 1.2  # capacity over traffic a donor or a release must keep
     short_headroom: float = 1.1  # a group with less (at its best split) is short
+    short_confirm: int = 1  # periods in a row a group must be short before it takes more
     cross_group: bool = True  # fixed total: move instances between groups
     warmup: int = 2  # periods of evidence before the reference is trusted (fill-up)
 
@@ -138,6 +139,7 @@ class GroupState:
     ref_e2e: float = 0.0
     ref_share: float = 0.0
     seen: int = 0  # periods with evidence
+    short_streak: int = 0  # periods in a row Eq. 1 found the group short
     cooldown: int = 0
     hold: int = 0
     calm: int = 0
@@ -290,7 +292,8 @@ class RatioController:
             st.last = f"settled ({100 * gain:+.0f}%)"
             return None
         short = self._short(gv)
-        if short:
+        st.short_streak = st.short_streak + 1 if short else 0
+        if short and st.short_streak >= cfg.short_confirm:
             return short
         up = e2e > st.ref_e2e * (1 + cfg.e2e_up) or fail_rate > cfg.fail_up
         if not up:
