@@ -174,6 +174,15 @@ def test_a_rise_with_modelled_headroom_is_the_workloads_own() -> None:
     assert "headroom" in c.state["g"].last
 
 
+def test_short_confirm_waits_for_a_deficit_to_persist() -> None:
+    prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
+    c = RatioController(ControllerConfig(warmup=0, short_confirm=2))
+    hot = dict(profile=prof, rps=1.5 * best_split(prof, 8).capacity)
+    cold = dict(profile=prof, rps=1.0)
+    assert run(c, group("hot", 4, 4, 1000, 0.3, **hot), group("cold", 4, 6, 800, 0.3, **cold)) == []
+    assert run(c, group("hot", 4, 4, 1000, 0.3, **hot), group("cold", 4, 6, 800, 0.3, **cold))
+
+
 def test_a_donor_keeps_headroom_over_its_traffic() -> None:
     prof = GroupProfile(ttft_bs_ms=100, tpot_bs_ms=20, b_p=1, b_d=16, g=100)
     c = RatioController(ControllerConfig(warmup=0))
