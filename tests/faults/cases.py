@@ -24,6 +24,7 @@ from tests.faults.harness import (
 )
 
 DEADLINE_S = 20.0  # the requests' own gRPC deadline
+ORPHAN_BOUND_S = 8.0  # a dead gateway's staged KV is freed within this of the kill
 
 
 def _reqs(n: int, max_tokens: int = 24, tokens: int = 24, seed: int = 0,
@@ -254,18 +255,31 @@ def redis_restart(c: ProcCluster, n: int, down_s: float = 2.0) -> Row:
 
 def gateway_sigkill(c: ProcCluster, n: int) -> Row:
     """gateway-1 is SIGKILLed mid-load while gateway-0 keeps serving; its clients see
-    UNAVAILABLE and can retry on gateway-0."""
+    UNAVAILABLE and can retry on gateway-0. gateway-1 holds its requests' KvRefs a while
+    before asking a decode (``gateway.before_decode=5``), so it dies holding staged KV that
+    only it could release: the kvstore frees it once gateway-1 has left the registry."""
     row = Row("SIGKILL gateway (second one up)")
+    c.restart("gateway-1", env={"PDSERVE_FAULT_DELAYS": "gateway.before_decode=5"})
     addrs = [c.procs["gateway-0"].address, c.procs["gateway-1"].address]
+    killed = [0.0]
 
     def fault() -> None:
-        time.sleep(0.5)
+        end = time.monotonic() + 10
+        while c.kv_held_kvstore() == 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        if c.kv_held_kvstore() == 0:
+            row.notes = "gateway-1 never held staged KV"
         c.kill("gateway-1")
+        killed[0] = time.monotonic()
 
     out = run_load(_reqs(n, max_tokens=60, seed=23), lambda i: addrs[i % 2], DEADLINE_S,
                    during=fault)
     row.add(out)
-    row.kv_held = c.settled_kv(3.0)  # the dead gateway's KvRefs: released by the lease sweep
+    # Freed when gateway-1 has been out of the registry for 2 TTLs (2 x 1.5 s here), plus a
+    # sweep (0.5 s) and a registry poll (0.5 s).
+    row.kv_held = c.settled_kv(ORPHAN_BOUND_S)
+    row.notes += f"{'; ' if row.notes else ''}dead gateway's KV freed " \
+                 f"{time.monotonic() - killed[0]:.1f} s after the kill"
     row.recovery_s = round(c.wait_serving(), 2)
     c.restart("gateway-1")
     return row

@@ -311,6 +311,11 @@ class ProcCluster:
                     total += int(s.kv_bytes_held) + int(s.active)
         return total
 
+    def kv_held_kvstore(self) -> int:
+        with grpc.insecure_channel(self.procs["kvstore"].address) as ch:
+            return int(kvstore_service_pb2_grpc.KvStoreServiceStub(ch).GetKvStoreStats(
+                kvstore_service_pb2.GetKvStoreStatsRequest(), timeout=5).bytes_held)
+
     def settled_kv(self, within_s: float = KV_SETTLE_S) -> int:
         end = time.monotonic() + within_s
         while True:
