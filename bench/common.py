@@ -36,6 +36,8 @@ class UpCluster:
         args = [sys.executable, "-m", "services.cli", "up", "--model", model, "--prefill",
                 str(prefill), "--decode", str(decode), "--port", str(self.port),
                 "--log-dir", str(self.log_dir), *(extra or [])]
+        if "--http-port" not in args:  # a free port: 8000 may be another cluster's
+            args += ["--http-port", "0"]
         self.out = open(self.log_dir / "up.out", "w+b")
         self.proc = subprocess.Popen(args, stdout=self.out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
