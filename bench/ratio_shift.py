@@ -64,9 +64,10 @@ class Run:
 
 
 def arrivals(rates: list[tuple[float, float]], items: dict[str, list[Item]], shift_ms: float,
-             end_ms: float, seed: int, scenario: str) -> list[SimRequest]:
-    """Poisson arrivals per group; rates (before, after) the shift; g0's items switch
-    to the shifted workload at the shift for ``output``."""
+             end_ms: float, seed: int, scenario: str,
+             back_ms: float = float("inf")) -> list[SimRequest]:
+    """Poisson arrivals per group; rates (before, after) the shift, and before again from
+    ``back_ms``; g0's items switch to the shifted workload at the shift for ``output``."""
     import random
 
     out: list[SimRequest] = []
@@ -74,7 +75,7 @@ def arrivals(rates: list[tuple[float, float]], items: dict[str, list[Item]], shi
         rng = random.Random(f"shift/{seed}/{g}")
         t, k = 0.0, 0
         while True:
-            rate = before if t < shift_ms else after
+            rate = after if shift_ms <= t < back_ms else before
             t += rng.expovariate(rate) * 1000.0
             if t >= end_ms:
                 break
@@ -100,7 +101,10 @@ def per_period(res: list[Result], reqs: list[SimRequest], slo: Slo, period_ms: f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--scenario", choices=("output", "mix", "both"), default="both")
+    ap.add_argument("--scenario", choices=("output", "mix", "burst", "both"), default="both",
+                    help="both: output and mix; burst: g0's traffic x --mix-factor for "
+                         "--burst-s, then back, with a spare pool (borrow, then release)")
+    ap.add_argument("--burst-s", type=float, default=60.0)
     ap.add_argument("--profile", default="scaled-gpu")
     ap.add_argument("--instances", type=int, default=24, help="per group")
     ap.add_argument("--decode-slots", type=int, default=64)
@@ -179,6 +183,10 @@ def one(scenario: str, run: int, lat: LatencyModel, slo: Slo, args: argparse.Nam
         rates = [(rate, rate), (rate, rate)]
         init_splits = [(init.n_p, init.n_d)] * 2
         best_splits = [(best_after.n_p, best_after.n_d), (init.n_p, init.n_d)]
+    elif scenario == "burst":
+        r = args.mix_load * init.capacity
+        rates = [(r, r * args.mix_factor), (r, r)]
+        init_splits = best_splits = [(init.n_p, init.n_d)] * 2
     else:
         total_rate = 2 * args.mix_load * init.capacity
         r0 = total_rate * args.mix_factor / 2
@@ -189,10 +197,15 @@ def one(scenario: str, run: int, lat: LatencyModel, slo: Slo, args: argparse.Nam
     period_ms, shift_ms = args.period_s * 1000, args.shift_s * 1000
     end_ms = args.duration_s * 1000
     periods = int(end_ms // period_ms)
-    reqs = arrivals(rates, {"before": before, "after": after}, shift_ms, end_ms, run, scenario)
+    back_ms = shift_ms + args.burst_s * 1000 if scenario == "burst" else float("inf")
+    reqs = arrivals(rates, {"before": before, "after": after}, shift_ms, end_ms, run, scenario,
+                    back_ms)
     out: list[Run] = []
-    for arm, splits in (("static-initial", init_splits), ("static-best", best_splits),
-                        ("controller", init_splits)):
+    arms = (("static-initial", init_splits), ("controller", init_splits),
+            ("controller+spares", init_splits)) if scenario == "burst" else \
+        (("static-initial", init_splits), ("static-best", best_splits),
+         ("controller", init_splits))
+    for arm, splits in arms:
         # Groups may differ in size (mix: Eq. 1's allocation); the simulator starts all
         # alike, so the largest sets the start and a third, traffic-free group g2 holds
         # the surplus.
@@ -203,9 +216,11 @@ def one(scenario: str, run: int, lat: LatencyModel, slo: Slo, args: argparse.Nam
                         slo_factor=slo.factor, slo_floor_ms=slo.floor_ms,
                         control_period_ms=period_ms, switch_ms=args.switch_s * 1000, seed=run)
         ctl = None
-        if arm == "controller":
+        if arm.startswith("controller"):
             names = {0: "g0", 1: "g1", 2: "g2"}
-            ctl = SimControl(lat, dep, ControllerConfig(), ArrivedLengths(reqs, names), pool="g2",
+            # controller+spares: the traffic-free group g2 is the spare pool to borrow from
+            ccfg = ControllerConfig(spare=arm == "controller+spares", max_borrow=n // 3)
+            ctl = SimControl(lat, dep, ccfg, ArrivedLengths(reqs, names), pool="g2",
                              use_model=not args.no_model)
         gp, gp0, ratio, failed, moves = simulate_sized(cfg, lat, reqs, splits, ctl, slo,
                                                        periods)
@@ -213,6 +228,8 @@ def one(scenario: str, run: int, lat: LatencyModel, slo: Slo, args: argparse.Nam
                 log=[f"{t / 1000:.0f}s {g} P{p}/D{d} {why}" for t, g, p, d, why in
                      (ctl.log if ctl else []) if why])
         out.append(r)
+    if scenario == "burst":
+        return out
     # The target compares the group whose workload changed (output) or the whole fleet
     # (mix), over the periods after the shift that arrivals still fill.
     best = next(r for r in out if r.arm == "static-best")
@@ -270,18 +287,29 @@ def simulate_sized(cfg: SimConfig, lat: LatencyModel, reqs: list[SimRequest],
 
 def report(runs: list[Run], args: argparse.Namespace) -> None:
     k0 = int(args.shift_s // args.period_s)
+    k1 = int((args.shift_s + args.burst_s) // args.period_s)
     for scenario in sorted({r.scenario for r in runs}):
         mine = [r for r in runs if r.scenario == scenario]
         ctl = [r for r in mine if r.arm == "controller"]
         for r in mine:
             g = r.goodput_g0 if scenario == "output" else r.goodput
-            post = statistics.fmean(g[k0 + 1: -1]) if len(g) > k0 + 2 else 0
             pre = statistics.fmean(g[1:k0]) if k0 > 1 else 0
+            if scenario == "burst":  # during the burst, and after it (spares released?)
+                during = statistics.fmean(g[k0 + 1: k1 + 1])
+                after = statistics.fmean(g[k1 + 1: -1]) if len(g) > k1 + 2 else 0
+                print(f"{scenario:6} run {r.run} {r.arm:17} goodput (all) before {pre:6.2f} "
+                      f"during {during:6.2f} after {after:6.2f} req/s | failed "
+                      f"{r.failed}/{r.requests} | moves {r.moves} | g0 P/D per period "
+                      f"{' '.join(f'{x[0]}/{x[1]}' for x in r.ratio[k0 - 1::2])}")
+                continue
+            post = statistics.fmean(g[k0 + 1: -1]) if len(g) > k0 + 2 else 0
             extra = (f", reached 90% of static-best {r.periods_to_90} periods after the shift"
                      if r.arm == "controller" else "")
             which = "g0" if scenario == "output" else "all"
             print(f"{scenario:6} run {r.run} {r.arm:15} goodput ({which}) before {pre:6.2f} after "
                   f"{post:6.2f} req/s | failed {r.failed}/{r.requests} | moves {r.moves}{extra}")
+        if scenario == "burst":
+            continue
         ks = [r.periods_to_90 for r in ctl]
         ok = sum(0 <= k <= 3 for k in ks)
         print(f"{scenario:6} target (<= 3 periods to >= 90% of static-best): met in {ok}/"
@@ -303,16 +331,19 @@ def plot(runs: list[Run], args: argparse.Namespace, out_dir: Path) -> list[Path]
             t = [args.period_s * (k + 0.5) for k in range(len(g))]
             a1.plot(t, g, marker=".", label=r.arm)
         a1.axvline(args.shift_s, color="red", ls=":", label="shift")
+        if scenario == "burst":
+            a1.axvline(args.shift_s + args.burst_s, color="red", ls="--", label="back")
         a1.set_ylabel("goodput, " + ("g0" if scenario == "output" else "all groups")
                       + " (req/s)")
         a1.legend(fontsize=8)
         a1.grid(alpha=0.3)
-        ctl = next(r for r in mine if r.arm == "controller")
+        ctl = next(r for r in mine if r.arm == ("controller+spares" if scenario == "burst"
+                                                else "controller"))
         t = [args.period_s * (k + 1) for k in range(len(ctl.ratio))]  # the k-th call
         for j, lab in enumerate(("g0 prefill", "g0 decode", "g1 prefill", "g1 decode")):
             a2.step(t, [x[j] for x in ctl.ratio], where="post", label=lab)
         a2.axvline(args.shift_s, color="red", ls=":")
-        a2.set_ylabel("instances (controller)")
+        a2.set_ylabel(f"instances ({ctl.arm})")
         a2.set_xlabel("time (s, virtual)")
         a2.legend(fontsize=8, ncol=2)
         a2.grid(alpha=0.3)
