@@ -5,7 +5,10 @@ in the simulator with the controller in its control hook (the same pure code the
 loop runs). Mid-run (``--shift-s``) the workload changes:
 - ``output``: group g0's answers double (chat -> chat-long; the §1.3 "Td+" case);
 - ``mix``: traffic moves from g1 to g0 (g0 x ``--mix-factor``, g1 the rest), with a
-  fixed total: instances must move between groups.
+  fixed total: instances must move between groups;
+- ``burst``: g0's traffic x ``--mix-factor`` for ``--burst-s``, then back; compared:
+  static, the fixed-total controller, and the controller with a spare pool (the
+  traffic-free group g2), which borrows for the burst and releases afterwards.
 
 Compared, over the same arrivals:
 - ``static-initial``: the split that was best before the shift, kept;
