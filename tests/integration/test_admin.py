@@ -142,3 +142,40 @@ async def test_scale_out_needs_enough_spares(fleet: Fleet) -> None:
     assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(ei.value)
     assert info is not None and info.reason == "NOT_ENOUGH_SPARES"
+
+
+async def test_auto_substitution_replaces_a_lapsed_member(redis_url: str) -> None:
+    """The watch (auto_substitute) sees a member's record gone (lease lapsed) and gives
+    its role to a spare, with no operator call."""
+    async with Cluster(redis_url, prefills=0, decodes=0) as c:
+        base = dict(redis_url=redis_url, heartbeat_s=0.2, registry_ttl_s=1.0, grace_s=0.5)
+        roles = ("prefill", "decode", "idle")
+        workers = [await worker_main.start(HostConfig(
+            **base, group=c.group if role != "idle" else f"spares-{c.group}", model="tiny",
+            role=role, instance_id=f"a{i}-{c.group}", kv_pool_tokens=4096))
+            for i, role in enumerate(roles)]
+        (admin,) = await admin_main.start(admin_main.AdminConfig(
+            **base, group=c.group, instance_id=f"admin-{c.group}", auto_substitute=True,
+            watch_s=0.3))
+        try:
+            rt, _ = workers[1]  # the decode: its heartbeat stops, its lease lapses
+            assert rt.registration is not None
+            await rt.registration.close()
+            await rt.server.stop(0)
+            client = connect(redis_url)
+            try:
+                for _ in range(100):
+                    now = {i.instance_id: i.role for i in await list_instances(client, c.group)}
+                    if now.get(f"a2-{c.group}") == "decode":
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                await client.aclose()
+            assert now.get(f"a2-{c.group}") == "decode" and f"a1-{c.group}" not in now
+            await _refresh(c)
+            assert len((await c.generate(prompt="after auto substitution", max_tokens=6))[0])
+        finally:
+            await admin_main.stop(admin)
+            for w in workers:
+                with contextlib.suppress(Exception):
+                    await worker_main.stop(*w)
