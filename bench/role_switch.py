@@ -85,7 +85,7 @@ async def switch(up: UpCluster, name: str, role: str) -> Switch:
                   st.weights_kept, st.pool_kept, st.aborted_on_drain_total)
 
 
-def cold_start(up: UpCluster, profile: str) -> float:
+def cold_start(up: UpCluster, model: str) -> float:
     """ms from spawning a fresh worker (decode, same settings) until SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -93,7 +93,7 @@ def cold_start(up: UpCluster, profile: str) -> float:
     assert redis is not None
     tmp = Path(tempfile.mkdtemp(prefix="pdserve-cold-"))
     ready = tmp / "ready.json"
-    env = {**os.environ, "PDSERVE_REDIS_URL": redis.group(1), "PDSERVE_MODEL": f"mock:{profile}",
+    env = {**os.environ, "PDSERVE_REDIS_URL": redis.group(1), "PDSERVE_MODEL": model,
            "PDSERVE_ROLE": "decode", "PDSERVE_GROUP": "cold-start", "PDSERVE_READY_FILE":
            str(ready), "PDSERVE_INSTANCE_ID": "cold-start", "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.monotonic()
@@ -122,9 +122,14 @@ def p50(xs: list[float]) -> float:
 
 
 async def one_run(run: int, args: argparse.Namespace, items: list[TraceRequest]) -> Run:
-    extra = ["--engine", "mock", "--profile", args.profile, "--switchable", "--http-port", "-1"]
-    with UpCluster("mock", 2, 2, extra=extra, env={"PDSERVE_REDIS_URL": ""}) as up:
-        load = Load(up.address, items, args.users, args.client_timeout)
+    extra = ["--switchable", "--http-port", "-1"]
+    if args.model.startswith("mock:"):
+        extra += ["--engine", "mock", "--profile", args.model.removeprefix("mock:")]
+    with UpCluster(args.model, 2, 2, extra=extra, env={"PDSERVE_REDIS_URL": ""}) as up:
+        from services.model.info import ModelInfo
+
+        vocab = ModelInfo.load(args.model).vocab_size
+        load = Load(up.address, items, args.users, args.client_timeout, vocab)
         task = asyncio.create_task(load.run())
         await asyncio.sleep(1.0)  # warm-up, not measured
         t_a = time.monotonic()
@@ -146,7 +151,7 @@ async def one_run(run: int, args: argparse.Namespace, items: list[TraceRequest])
         t_end = time.monotonic()
         load.stop.set()
         await task
-        cold = statistics.median(cold_start(up, args.profile) for _ in range(2))
+        cold = statistics.median(cold_start(up, args.model) for _ in range(2))
 
     def window(lo: float, hi: float) -> list[Outcome]:
         return [o for o in load.outcomes if lo <= o.start and o.end < hi + args.client_timeout
@@ -191,7 +196,8 @@ def main() -> int:
     ap.add_argument("--trace", default=str(AZURE_CODE))
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=24)
-    ap.add_argument("--profile", default="smollm2-cpu")
+    ap.add_argument("--model", default="mock:smollm2-cpu",
+                    help="mock:<profile>, or a real model (tiny, smollm2) through torch")
     ap.add_argument("--users", type=int, default=6)
     ap.add_argument("--phase", type=float, default=20.0, help="seconds per phase")
     ap.add_argument("--every", type=float, default=2.0, help="seconds between switches")
@@ -200,12 +206,14 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.phase, args.users = 8.0, 4
+    if args.model == "tiny":  # its context is 1024 tokens
+        args.max_prompt = min(args.max_prompt, 512)
     items = [TraceRequest(0, max(8, min(r.prompt_len, args.max_prompt)),
                           max(2, min(r.output_len, args.max_output)))
              for r in load_trace(args.trace)[:500]]
     from services.engine.prepare import ensure_prepared
 
-    ensure_prepared(f"mock:{args.profile}")
+    ensure_prepared(args.model)
     runs = []
     for run in range(args.runs):
         print(f"run {run} ...", flush=True)

@@ -74,6 +74,7 @@ class Load:
     items: list[TraceRequest]
     users: int
     client_timeout: float
+    vocab: int = VOCAB
     outcomes: list[Outcome] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -86,7 +87,7 @@ class Load:
                 while not self.stop.is_set():
                     i = next(n)
                     req = self.items[i % len(self.items)]
-                    o = await one(stub, prompt_ids(req, i, VOCAB, salt=u), req.output_len,
+                    o = await one(stub, prompt_ids(req, i, self.vocab, salt=u), req.output_len,
                                   self.client_timeout)
                     self.outcomes.append(o)
                     if not o.ok:
