@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from bench.sim.model import SimConfig, SimRequest
@@ -58,7 +59,7 @@ def copies_for(compress: float, max_per_copy: float = 3.0) -> int:
 def _one_copy(times: list[float], span: float, offset: float, scale: float,
               duration_ms: float) -> Iterator[tuple[float, int]]:
     n = len(times)
-    k0 = next((i for i, t in enumerate(times) if t >= offset), n)
+    k0 = bisect_left(times, offset)
     j = 0
     while True:
         m = k0 + j

@@ -110,10 +110,15 @@ class LoadIndex(Mapping[str, int]):
             if not b:
                 continue
             k = bisect_left(b, t)
-            for i in b[k:]:
-                yield ids[i]
-            for i in b[:k]:
-                yield ids[i]
+            # Indexing, not slicing: the first item must not cost a copy of the bucket.
+            j = k
+            while j < len(b):
+                yield ids[b[j]]
+                j += 1
+            j = 0
+            while j < k and j < len(b):
+                yield ids[b[j]]
+                j += 1
 
 
 def rank_least_open_streams(
