@@ -279,8 +279,17 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
         if not self.rejects:
             self._route_local(r)
             return
-        if r.group.queue:  # others wait already: join, keep the group earliest-deadline-first
+        g = r.group
+        if g.queue:  # others wait already: join, keep the group earliest-deadline-first
             self._enqueue(r)
+            # ``probe_on_enter``'s rule, lazily: everyone ahead holds an offer (being
+            # admitted, about to leave), so probe the prefills at once.
+            if r.offer is None and not any(
+                    sched.may_offer(sched.Waiting(rid, str(o.gw), o.deadline), o.offered,
+                                    self.now)
+                    for _, rid, _, o in itertools.takewhile(lambda e: e[3] is not r, g.queue)):
+                self._try_round(r)
+                return
             self._wait_or_retry(r)
             return
         self._try_round(r)

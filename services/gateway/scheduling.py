@@ -188,3 +188,11 @@ def offer_to(entries: Sequence[Waiting], offered_until: Mapping[str, float],
 def may_offer(e: Waiting, offered_until: Mapping[str, float], now_ms: float) -> bool:
     """An entry can take an offer: before its deadline, and not holding one already."""
     return e.deadline_ms > now_ms and offered_until.get(e.request_id, 0.0) <= now_ms
+
+
+def probe_on_enter(ahead: Sequence[Waiting], offered_until: Mapping[str, float],
+                   now_ms: float) -> bool:
+    """A newcomer that joins a non-empty queue probes the prefills at once when everyone
+    ahead of it already holds an offer (they are being admitted and about to leave);
+    otherwise it waits for a freed slot. The live ENTER script runs this rule in Redis."""
+    return not any(may_offer(e, offered_until, now_ms) for e in ahead)

@@ -14,7 +14,7 @@ from services.gateway.policy import (
     LoadIndex,
     rank_decodes,
 )
-from services.gateway.scheduling import Waiting, may_offer, offer_to, queue_key
+from services.gateway.scheduling import Waiting, may_offer, offer_to, probe_on_enter, queue_key
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +78,10 @@ def test_offer_goes_to_the_earliest_deadline_entry_without_an_offer() -> None:
     assert offer_to(es, {}, now_ms=400.0) is None
     live = sorted((e for e in es if may_offer(e, {}, 60.0)), key=queue_key)
     assert live[0] == offer_to(es, {}, 60.0)
+
+
+def test_a_newcomer_probes_only_when_everyone_ahead_holds_an_offer() -> None:
+    ahead = [Waiting("r1", "g1", 100.0), Waiting("r2", "g2", 200.0)]
+    assert probe_on_enter(ahead, {"r1": 500.0, "r2": 500.0}, now_ms=60.0)
+    assert not probe_on_enter(ahead, {"r1": 500.0}, now_ms=60.0)  # r2 waits without one
+    assert probe_on_enter([], {}, now_ms=60.0)
