@@ -141,8 +141,7 @@ class _Lanes:
     rows: int
     width: int  # padded length: the longest of these sequences, this step's token included
     mask: torch.Tensor  # [rows, 1, 1, width] bool: slot < that row's length
-    row: torch.Tensor  # [n] the row of each of these sequences
-    index: torch.Tensor  # [n] its position in the step's batch
+    row: torch.Tensor  # [n] the row of each of these sequences, which are batch 0..n-1
 
 
 @dataclass
@@ -194,11 +193,17 @@ def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         kv_heads = k.shape[1]
         # One query token: group the query heads by the KV head they read (transformers'
         # pack_gqa), so K/V are read once per KV head and never repeated.
-        q = query.new_zeros((ln.rows, kv_heads, heads // kv_heads, d))
-        q[ln.row] = query[ln.index].view(len(ln.index), kv_heads, heads // kv_heads, d)
+        # decode_batch puts the lane sequences first, in lane order: with no empty lane
+        # between them, rows are batch positions 0..n-1 and no index op is needed.
+        n = len(ln.row)
+        q = query[:n].reshape(n, kv_heads, heads // kv_heads, d)
+        if ln.rows != n:
+            q = q.new_zeros((ln.rows, *q.shape[1:])).index_copy_(0, ln.row, q)
         o = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=ln.mask, scale=kwargs.get("scaling"))
-        out[ln.index, 0] = o[ln.row].reshape(len(ln.index), heads, d)
+        if ln.rows != n:
+            o = o.index_select(0, ln.row)
+        out[:n, 0] = o.reshape(n, heads, d)
     for i, start, n in ctx.reads:
         k, v = ctx.kv(layer, start, n)
         o, _ = sdpa_attention_forward(module, query[i : i + 1], k, v, None, **kwargs)
@@ -222,11 +227,18 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     for s in seqs:
         if s.length + 1 > s.table.capacity:
             raise IndexError(f"{s.table.owner} has no reserved slot for token {s.length}")
+    # Lane sequences first, in lane order (see _paged_attention); the answer is put back in
+    # the caller's order at the end.
+    lanes_of = [pool.lane_of(s.table) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: (lanes_of[i] is None, lanes_of[i] or 0, i))
+    seqs = [seqs[i] for i in order]
+    tokens = [tokens[i] for i in order]
+    params = [params[i] for i in order]
     ctx = _StepContext(pool, torch.tensor([s.table.slot(s.length) for s in seqs],
                                           dtype=torch.long), [], _lanes(pool, seqs))
-    in_lanes = set(ctx.lanes.index.tolist()) if ctx.lanes is not None else set()
+    in_lanes = len(ctx.lanes.row) if ctx.lanes is not None else 0
     for i, s in enumerate(seqs):
-        if i in in_lanes:
+        if i < in_lanes:
             continue
         start, n = s.table.run_start, s.length + 1
         ctx.reads.append((i, start, n) if start is not None else
@@ -236,10 +248,10 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,
                 **{_CTX_KWARG: ctx})
     logits = out.logits[:, -1]
-    chosen = []
+    chosen = [0] * len(seqs)
     for b, s in enumerate(seqs):
         s.length += 1
-        chosen.append(sample(logits[b], params[b], s.length))
+        chosen[order[b]] = sample(logits[b], params[b], s.length)
     return chosen
 
 
@@ -250,6 +262,7 @@ def _lanes(pool: KvPool, seqs: list[PagedSeq]) -> _Lanes | None:
     found = [(lane, i, n) for lane, i, n in members if lane is not None]
     if len(found) < 2:
         return None
+    assert [i for _, i, _ in found] == list(range(len(found))), "lane sequences go first"
     first = min(lane for lane, _, _ in found)
     rows = max(lane for lane, _, _ in found) - first + 1
     lengths = torch.ones(rows, dtype=torch.long)  # an empty row attends to slot 0 only
@@ -258,5 +271,4 @@ def _lanes(pool: KvPool, seqs: list[PagedSeq]) -> _Lanes | None:
     width = int(lengths.max())
     mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).view(rows, 1, 1, width)
     return _Lanes(first, rows, width, mask,
-                  torch.tensor([lane - first for lane, _, _ in found], dtype=torch.long),
-                  torch.tensor([i for _, i, _ in found], dtype=torch.long))
+                  torch.tensor([lane - first for lane, _, _ in found], dtype=torch.long))
