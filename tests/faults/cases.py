@@ -24,7 +24,7 @@ from tests.faults.harness import (
 )
 
 DEADLINE_S = 20.0  # the requests' own gRPC deadline
-ORPHAN_BOUND_S = 8.0  # a dead gateway's staged KV is freed within this of the kill
+ORPHAN_BOUND_S = 12.0  # a dead gateway's staged KV is freed within this of the kill
 
 
 def _reqs(n: int, max_tokens: int = 24, tokens: int = 24, seed: int = 0,
