@@ -420,6 +420,10 @@ def main() -> int:
     fl.add_argument("--length-prompt", type=int, default=1024)
     fl.add_argument("--kill-after-s", type=float, default=4.0)
     fl.add_argument("--skip-fleet", action="store_true")
+    ap.add_argument("--skip-single", action="store_true",
+                    help="no single-device TTFT/TPOT requests (fleet only)")
+    fl.add_argument("--fleet-workloads", default="trace,chat")
+    fl.add_argument("--skip-fault", action="store_true")
     ap.add_argument("--time-scale", type=float, default=2.0,
                     help="every modelled time (cloud and device profiles, link, pacing) runs "
                          "this many times slower in wall time; figures are in model time")
@@ -449,7 +453,8 @@ def main() -> int:
     for r, v in q.items():
         print(f"  rho {float(r):.2f}: agreement {v['agreement']:.2f}, exact {v['exact']:.2f}")
 
-    reqs = trace_requests(buckets, per, args.max_out, args.long_out)
+    reqs = [] if args.skip_single else trace_requests(buckets, per, args.max_out,
+                                                      args.long_out)
     if not args.quick and args.tail_buckets:
         reqs += tail_requests([int(b) for b in args.tail_buckets.split(",")], args.tail_out)
     results: list[Result] = []
@@ -501,7 +506,8 @@ def main() -> int:
     rows, _ = report(results, buckets)
     pd = [r for r in results if r.mode == "pd_device"]
     gaps = [g for r in pd for g in r.gaps]
-    two_k = next(r for r in rows if r["bucket"] == 2048 and r["workload"] == "trace")
+    two_k = next((r for r in rows if r["bucket"] == 2048 and r["workload"] == "trace"),
+                 {m: {"ttft_ms": 0.0} for m in MODES})
 
     def busy_ratio(workloads: tuple[str, ...]) -> float:
         busy = {m: sum(r.extra["busy"] for r in results
@@ -514,9 +520,11 @@ def main() -> int:
                                 for g in r.gaps), default=0.0) for b in buckets}
                for m in MODES}
     model_ratio, model_modes = trace_model_ratio(plan, q, args)
-    out = {"ttft_reduction_2k": 1 - two_k["pd_device"]["ttft_ms"] / two_k["device_only"]["ttft_ms"],
+    dev2k = two_k["device_only"]["ttft_ms"]
+    out = {"ttft_reduction_2k": 1 - two_k["pd_device"]["ttft_ms"] / dev2k if dev2k else 0.0,
            "max_tpot_ms": max(gaps, default=0.0), "p99_tpot_ms": percentile(gaps, 99),
-           "max_tpot_ms_all_modes": max(max(v.values()) for v in by_mode.values()),
+           "max_tpot_ms_all_modes": max((max(v.values(), default=0.0)
+                                         for v in by_mode.values()), default=0.0),
            "max_tpot_ms_by_mode_bucket": by_mode,
            # Without each answer's first gap (t1 -> t2: the cloud's own KV handoff to its
            # decode, now covered by the first-token hold).
@@ -553,7 +561,7 @@ def main() -> int:
     out["time_scale"] = k
     print(f"\n{json.dumps(out)}  [{time.monotonic() - t0:.0f} s; machine shared, one run; "
           f"times in model ms, wall / {k:g}]")
-    for p in plots(rows, q, Path(args.plots)):
+    for p in plots(rows, q, Path(args.plots)) if rows else ():
         print(f"plot: {p}")
     if fleet_out.get("gain_vs_length"):
         print("plot: " + fleet.plot(fleet_out["gain_vs_length"], fleet_out,

@@ -353,6 +353,8 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
               flush=True)
 
     for name, chats in wls.items():
+        if name not in args.fleet_workloads.split(","):
+            continue
         print(f"  fleet, {name} workload ({len(chats)} chats, mean answer "
               f"{statistics.fmean(c.out_len for c in chats):.0f} tokens):")
         res: dict[str, Any] = {"mean_answer_tokens": statistics.fmean(c.out_len for c in chats),
@@ -390,7 +392,8 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
               f"{r['cloud_only_busy_ms']:7.0f} ms, pd_device {r['pd_device_busy_ms']:6.0f} ms"
               f" -> {r['busy_ratio_gain']:5.2f}x"
               f" (pd plan: {r['pd_planned']})")
-    if not quick and out.get("chat", {}).get("carried", {}).get("pd_device"):
+    if not quick and not args.skip_fault and \
+            out.get("chat", {}).get("carried", {}).get("pd_device"):
         out["fault"] = fault(address, args, up_log_dir, wls["chat"], ttft_target_ms,
                              tpot_max_ms, out["chat"]["carried"]["pd_device"])
     return out
