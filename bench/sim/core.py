@@ -400,7 +400,9 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
 
     def _offered(self, arg: object) -> None:
         r, freed = arg  # type: ignore[misc]
-        if r.state == DONE:  # it left after the offer was made: the gateway passes it on
+        if r.state not in (TRYING, WAITING):
+            # It left the queue (admitted, ended) after the offer was made: its gateway
+            # passes the offer on at once (the waiter is gone), not when the request ends.
             self._wake(r.group, freed)
             return
         r.offer = freed
@@ -521,16 +523,17 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
         self._slot_freed(p)
 
     def _slot_freed(self, p: Prefill) -> None:
-        if p.drain is not None:
-            self._maybe_switch(p)
-            return
-        if self.rejects:
+        if self.rejects and p.drain is None:
             self._wake(p.group, p.iid)
             return
+        # A queueing prefill serves its local FIFO, also while it drains: the FIFO is
+        # in-flight work that finishes before the switch (hook.py's drain semantics).
         while p.fifo and p.busy < self.cfg.slots:
             nxt = p.fifo.popleft()
             if nxt.state != DONE:
                 self._start_prefill(nxt, p)
+        if p.drain is not None:
+            self._maybe_switch(p)
 
     # -- ends -----------------------------------------------------------------------------
     def _end(self, r: Req, status: str) -> None:

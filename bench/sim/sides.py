@@ -290,6 +290,7 @@ class BaselineSide(_Base):
                 if r in p.fifo:
                     p.fifo.remove(r)
                     self._unstream(r, p)
+                    self._maybe_switch(p)  # a draining prefill may be idle now
             self._end(r, DEADLINE)
 
     def _cancel(self, r: Req) -> None:
@@ -300,6 +301,7 @@ class BaselineSide(_Base):
             if s == LOCAL and r.pobj is not None and r in r.pobj.fifo:
                 r.pobj.fifo.remove(r)
                 self._unstream(r, r.pobj)
+                self._maybe_switch(r.pobj)  # a draining prefill may be idle now
             self._end(r, CANCELLED)
         elif s == DWAIT:
             r.group.dwait.remove(r)
