@@ -89,6 +89,13 @@ class PrefillAdmission:
                 else prefill_service_pb2.ADMISSION_MODE_QUEUE)
         preq.admission_mode = mode
         rid = preq.request_id
+        queue = self.queue
+
+        def accepted() -> None:
+            on_accepted()
+            if queue is not None:  # off the queue at once, not at the first token
+                queue.drop(group, rid)
+
         rejected: set[str] = set()
         asked = 0
         queued = False
@@ -118,7 +125,7 @@ class PrefillAdmission:
                 for cand in order:
                     asked += 1
                     try:
-                        got = await self._try(by_id[cand.instance_id], preq, on_accepted)
+                        got = await self._try(by_id[cand.instance_id], preq, accepted)
                     except _Vanished as e:  # gone before it started: ask the next one
                         rejected.add(cand.instance_id)
                         last_error = e.err

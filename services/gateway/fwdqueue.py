@@ -268,12 +268,18 @@ class ForwardingQueue:
         return prefill
 
     async def leave(self, group: str, request_id: str) -> None:
-        """The request is done with the queue (admitted, failed, cancelled). Its Redis entry
-        is removed in the background: an admitted request does not wait a round trip for
-        it. ``depth`` waits for this gateway's pending removals in the group."""
+        self.drop(group, request_id)
+
+    def drop(self, group: str, request_id: str) -> None:
+        """The request is done with the queue: a prefill accepted it, or it failed or was
+        cancelled. Idempotent. Its Redis entry is removed in the background, so an
+        accepted request neither waits a round trip nor, while its prefill computes, draws
+        offers of other freed slots. ``depth`` waits for this gateway's pending removals."""
         m = slotoffer.member(request_id, self._gateway_id)
         w = self._waiters.pop(m, None)
-        unused = [prefill for prefill, _ in w.offers] if w is not None else []
+        if w is None:
+            return
+        unused = [prefill for prefill, _ in w.offers]
         task = asyncio.get_running_loop().create_task(self._leave(group, m, unused))
         self._leaving.setdefault(group, set()).add(task)
         task.add_done_callback(self._leaving[group].discard)

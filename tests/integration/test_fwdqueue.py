@@ -268,3 +268,25 @@ async def test_a_newcomer_behind_entries_that_all_hold_offers_probes_at_once(
     assert await b.enter(g, "r3", now + 30_000) is None
     for rid, q in (("r0", a), ("r1", b), ("r2", a), ("r3", b)):
         await q.leave(g, rid)
+
+
+async def test_a_request_a_prefill_accepted_draws_no_more_offers(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted = off the queue at once: while its prefill computes (longer than an offer
+    mark lasts), freed slots go to the requests still waiting."""
+    client, a, b = gateways
+    monkeypatch.setattr(slotoffer, "OFFER_TTL_MS", 50)
+    g = _group()
+    now = time.time() * 1000
+    await a.enter(g, "r0", now + 10_000)
+    await b.enter(g, "r1", now + 20_000)
+    await slotoffer.offer_slot(client, g, "p0")
+    assert await asyncio.wait_for(a.wait(g, "r0"), 2) == "p0"
+    a.drop(g, "r0")  # the prefill accepted r0; its first token is seconds away
+    await a.settled()
+    await asyncio.sleep(0.1)  # longer than the offer mark
+    assert await slotoffer.offer_slot(client, g, "p1") == slotoffer.member("r1", b._gateway_id)
+    assert await asyncio.wait_for(b.wait(g, "r1"), 2) == "p1"
+    await a.leave(g, "r0")  # idempotent
+    await b.leave(g, "r1")
