@@ -131,12 +131,15 @@ async def test_switch_under_load_loses_no_request(
 async def test_drain_timeout_ends_requests_with_a_clear_status(
         setup: tuple[Cluster, list[Worker]]) -> None:
     c, (_, w1, _) = setup
-    tasks = [asyncio.create_task(c.generate(prompt=f"long story {i}", max_tokens=400))
+    # Long answers (the tiny model's context is 1024), so that some are still streaming
+    # through w1 when the drain's short timeout ends.
+    tasks = [asyncio.create_task(c.generate(prompt=f"long story {i}", max_tokens=960))
              for i in range(3)]
-    for _ in range(500):  # until a request streams through w1
+    for _ in range(3000):  # until a request streams through w1 (a loaded CI box is slow)
         if w1.host.in_flight:
             break
         await asyncio.sleep(0.02)
+    assert w1.host.in_flight
     st = await w1.stub.Drain(apb.DrainRequest(timeout_s=0.05))
     assert st.state == apb.WORKER_STATE_DRAINED
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
