@@ -273,7 +273,7 @@ def plot(lengths: list[dict[str, Any]], fleet: dict[str, Any], out: str) -> str:
         w = fleet.get(wl)
         if w and w.get("cloud_throughput_gain"):
             a.plot([w["mean_answer_tokens"]], [w["cloud_throughput_gain"]], mk, ms=9,
-                   color="tab:purple", label=f"live fleet capacity, {wl} workload")
+                   color="tab:purple", label=f"fleet under load, {wl} workload")
     a.axhline(5, color="grey", lw=0.8, ls="--")
     a.axhline(1, color="grey", lw=0.6)
     a.set_xscale("log", base=2)
