@@ -118,12 +118,15 @@ class Handoff:
         self._channels: dict[str, KvStoreStub] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def _kvstore(self) -> tuple[str, KvStoreStub]:
+    def _kvstore(self, avoid: str = "") -> tuple[str, KvStoreStub]:
+        """The group's least-loaded kvstore (any group's when it has none); ``avoid`` one
+        that just proved unreachable, unless it is the only one."""
         stores = self.view.instances(role="kvstore") if self.view else []
         same = [s for s in stores if s.group == self.cfg.group] or stores
         if not same:
             raise Unavailable("no kvstore instance is registered; start one "
                               "(pdserve serve kvstore)", reason="NO_KVSTORE")
+        same = [s for s in same if s.address != avoid] or same
         best = min(same, key=lambda s: (s.load.get("bytes_held", 0.0), s.instance_id))
         if best.address not in self._channels:
             self._channels[best.address] = KvStoreStub(new_channel(best.address))
@@ -132,34 +135,44 @@ class Handoff:
     async def reserve(self, request: pb.PrefillRequest, estimator: PrefillEstimator,
                       ) -> Staged | pb.PrefillRejected:
         """A reservation for the whole prompt's KV, or a rejection (KV_CAPACITY) that
-        the gateway forwards around when the request may be rejected."""
+        the gateway forwards around when the request may be rejected. An unreachable
+        kvstore is tried once more after a registry refresh: a restarted kvstore (new
+        address, same id) or another one of the group takes the request."""
         rid = request.request_id
         info = self.runner.info
         n = len(request.prompt_token_ids)
         nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, n, info.kv_dtype)
         address, kvstore = self._kvstore()
-        call = asyncio.ensure_future(kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-            request_id=rid, nbytes=nbytes, owner=request.gateway_id,
-            lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10))
-        try:
-            # Shielded: cancelled while the kvstore reserves, we still learn the handle
-            # and release it at once (else it would be held until its lease ends).
-            res = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            self._release_when_reserved(call, kvstore, rid)
-            raise
-        except grpc.aio.AioRpcError as e:
-            err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
-            if err.reason == "KV_CAPACITY" and \
-                    request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
-                return pb.PrefillRejected(reason=pb.REJECT_REASON_KV_CAPACITY,
-                                          message=err.message)
-            if error_info(e) is None:  # no answer from the kvstore itself: say which hop broke
-                err = Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
-                                  reason="KVSTORE_UNAVAILABLE",
-                                  metadata={"request_id": rid, "kvstore": address})
-            raise err from e
-        return Staged(self.cfg, self.runner, self.thread, rid, address, kvstore, res)
+        for attempt in range(2):
+            call = asyncio.ensure_future(kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
+                request_id=rid, nbytes=nbytes, owner=request.gateway_id,
+                lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10))
+            try:
+                # Shielded: cancelled while the kvstore reserves, we still learn the handle
+                # and release it at once (else it would be held until its lease ends).
+                res = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                self._release_when_reserved(call, kvstore, rid)
+                raise
+            except grpc.aio.AioRpcError as e:
+                err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
+                if err.reason == "KV_CAPACITY" and \
+                        request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
+                    return pb.PrefillRejected(reason=pb.REJECT_REASON_KV_CAPACITY,
+                                              message=err.message)
+                if error_info(e) is None:  # no answer from the kvstore itself
+                    if attempt == 0 and self.view is not None:
+                        await self.view.refresh()
+                        retry = self._kvstore(avoid=address)
+                        if retry[0] != address:
+                            address, kvstore = retry
+                            continue
+                    err = Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
+                                      reason="KVSTORE_UNAVAILABLE",
+                                      metadata={"request_id": rid, "kvstore": address})
+                raise err from e
+            return Staged(self.cfg, self.runner, self.thread, rid, address, kvstore, res)
+        raise AssertionError("unreachable")
 
     def _release_when_reserved(self, call: asyncio.Future[kvstore_service_pb2.ReserveKvResponse],
                                kvstore: KvStoreStub, rid: str) -> None:
