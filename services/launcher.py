@@ -375,8 +375,8 @@ class Launcher:
         code = c.proc.returncode
         self._died_at[c.name] = now
         c.ready.unlink(missing_ok=True)  # the directory tells only live addresses
+        spec = self._mark_removed(spec)
         self.event("died", c.name, role=spec.role, group=spec.group, code=code)
-        self._mark_removed(spec)
         lived = now - c.started
         spare = self._free_spare() if spec.role in ("prefill", "decode") else None
         if spare is not None:
@@ -394,8 +394,28 @@ class Launcher:
         self._pending[c.name] = (now + back, spec)
 
     def _free_spare(self) -> Child | None:
-        return next((c for c in self.children if c.role == "idle" and c.address
-                     and c.name not in self._assigning and c.proc.poll() is None), None)
+        """A spare that is idle now: asked, not assumed (``pdserve group`` or the
+        controller may have given it a role since the launcher started it)."""
+        from pdserve.v1 import admin_service_pb2 as apb
+        from pdserve.v1 import admin_service_pb2_grpc as apb_grpc
+
+        for c in self.children:
+            if c.role != "idle" or not c.address or c.name in self._assigning or \
+                    c.proc.poll() is not None:
+                continue
+            try:
+                with grpc.insecure_channel(c.address) as ch:
+                    st = apb_grpc.WorkerControlServiceStub(ch).GetWorkerStatus(
+                        apb.GetWorkerStatusRequest(), timeout=1)
+            except grpc.RpcError:
+                continue
+            if st.state == apb.WORKER_STATE_IDLE:
+                return c
+            if st.role and c.spec is not None:  # it serves now: remember what
+                c.role = st.role
+                c.spec = replace(c.spec, role=st.role, group=st.group,
+                                 env={**c.spec.env, "PDSERVE_ROLE": st.role})
+        return None
 
     def _hand_to_spare(self, spare: Child, spec: Spec) -> None:
         """The spare takes the dead child's role and group (in the background: a drain
@@ -429,24 +449,40 @@ class Launcher:
 
         self._pool.submit(assign)
 
-    def _mark_removed(self, spec: Spec) -> None:
-        """Drop the dead child's registry record now, not when its lease lapses."""
+    def _mark_removed(self, spec: Spec) -> Spec:
+        """Drop the dead child's registry record now, not when its lease lapses, and
+        return its spec updated to what it really served: a worker may have been
+        switched or moved (``pdserve group``, the controller) since it was started."""
         if not self.redis_url or spec.role in ("admin",):
-            return
+            return spec
         import redis
 
-        from services.common.keys import instance_key, members_key
+        from services.common.keys import GROUPS_KEY, instance_key, members_key
 
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=1,
                                           socket_connect_timeout=1)
-            with client.pipeline(transaction=True) as pipe:
-                pipe.srem(members_key(spec.group), spec.name)
-                pipe.delete(instance_key(spec.group, spec.name))
-                pipe.execute()
-            client.close()
+            try:
+                where, role = spec.group, spec.role
+                for g in sorted(x.decode() if isinstance(x, bytes) else str(x)
+                                for x in client.smembers(GROUPS_KEY)):
+                    raw = client.get(instance_key(g, spec.name))
+                    if raw is not None:
+                        where, role = g, str(json.loads(raw).get("role", role))
+                        break
+                with client.pipeline(transaction=True) as pipe:
+                    pipe.srem(members_key(where), spec.name)
+                    pipe.delete(instance_key(where, spec.name))
+                    pipe.execute()
+            finally:
+                client.close()
         except (redis.RedisError, OSError, ValueError) as e:
             self.say(f"could not mark {spec.name} removed (its lease will lapse): {e}")
+            return spec
+        if spec.module != "worker" or role not in WORKER_ROLES or \
+                (role, where) == (spec.role, spec.group):
+            return spec
+        return replace(spec, role=role, group=where, env={**spec.env, "PDSERVE_ROLE": role})
 
     # -- stopping --------------------------------------------------------------------
     def stop(self, grace_s: float = 10.0) -> None:

@@ -87,3 +87,38 @@ def test_scale_out_upgrade_scale_in_through_the_cli(up: UpProcess) -> None:
     listing = group(up, "list")
     assert "group chat" not in listing and "spares: 2" in listing
     assert len(generate(up.address)) >= 1  # the default group never stopped serving
+
+
+def test_a_dead_switched_worker_comes_back_in_the_role_it_served(up: UpProcess) -> None:
+    """The launcher restarts a dead worker as what the registry said it served (here a
+    spare that scale-out had made chat's decode), not as what it was started as."""
+    import json
+    import os
+    import signal
+    import time
+
+    group(up, "scale-out", "chat2", "--prefill", "1", "--decode", "1")
+    listing = group(up, "list")
+    decode = next(line.split()[1] for line in listing.splitlines()
+                  if line.strip().startswith("decode") and "spare-" in line)
+    os.kill(int(up.ready(decode)["pid"]), signal.SIGKILL)
+    end = time.monotonic() + 90
+    log = up.log_dir / "supervisor.jsonl"
+    evs: list[dict[str, object]] = []
+    while time.monotonic() < end:
+        evs = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        if any(e["event"] == "serving" and e["name"] == decode and e.get("after_s")
+               for e in evs):
+            break
+        time.sleep(0.2)
+    died = next(e for e in evs if e["event"] == "died" and e["name"] == decode)
+    assert (died["role"], died["group"]) == ("decode", "chat2")
+    # both spares serve chat2 now: no idle one to hand the role to, so it restarts as is
+    assert not any(e["event"] == "substituted" and e["name"] == decode for e in evs)
+    for _ in range(50):  # its new registration
+        if "group chat2: 1p1d" in group(up, "list"):
+            break
+        time.sleep(0.2)
+    assert "group chat2: 1p1d" in group(up, "list")
+    assert len(generate(up.address, scenario="chat2")) >= 1
+    group(up, "scale-in", "chat2")
