@@ -17,7 +17,7 @@ launcher's own ``parse_groups``); the default is the compose file's layout with 
   python scripts/gen_k8s.py --check                  # CI: deploy/k8s is up to date
 
 Redis elsewhere: set ``PDSERVE_REDIS_URL`` in the ``pdserve-env`` ConfigMap and drop the
-``redis`` StatefulSet (docs/simulator.md, "Kubernetes"). The ratio controller scales a
+``redis`` StatefulSet (docs/kubernetes.md). The ratio controller scales a
 group through the Scale subresource of ``<group>-prefill`` / ``<group>-decode``.
 """
 
