@@ -113,7 +113,7 @@ def _field_type(cls: type, f: dataclasses.Field[Any]) -> type:
     tp = hints[f.name]
     if isinstance(tp, types.UnionType):  # e.g. `int | None`
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp  # type: ignore[no-any-return]
+    return tp
 
 
 def _parse(tp: type, raw: str, name: str) -> Any:

@@ -103,7 +103,7 @@ async def abort_with(context: grpc.aio.ServicerContext, err: PdserveError) -> No
 
 def error_info(err: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """Recover the ErrorInfo detail from a failed call, if the server attached one."""
-    st = rpc_status.from_call(err)  # type: ignore[arg-type]
+    st = rpc_status.from_call(err)
     if st is None:
         return None
     for d in st.details:

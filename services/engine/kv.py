@@ -19,6 +19,7 @@ from services.kv.layout import (
     HEADER_BYTES,
     KvFormatError,
     KvMeta,
+    byte_view,
     encode_header,
     payload_crc32,
     verify,
@@ -79,7 +80,7 @@ def unpack_kv(
 ) -> tuple[KvMeta, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Verify and view the buffer as per-layer ([1, heads, tokens, head_dim]) K, V."""
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    meta = verify(memoryview(arr), expected_fingerprint)
+    meta = verify(byte_view(arr), expected_fingerprint)
     if not arr.flags.writeable:
         arr = arr.copy()  # torch wants writable memory; only read-only sources pay a copy
     payload = torch.from_numpy(arr[HEADER_BYTES:]).view(_TORCH_DTYPES[meta.dtype])

@@ -97,6 +97,7 @@ class ImportanceProbe:
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             h = kwargs.get("hidden_states", args[0] if args else None)
+            assert h is not None, "a decoder layer is called with its hidden states"
             cos, sin = kwargs["position_embeddings"]
             if idx not in self._captured:  # the prompt's forward, not a later decode step
                 self._captured[idx] = (h[:, -w:].detach().clone(), cos[:, -w:].clone(),

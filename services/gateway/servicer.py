@@ -393,7 +393,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _decode(
         self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams, first: int,
         detok: Detokenizer, p: Progress,
-    ) -> AsyncIterator[tuple[list[int], str, int]]:
+    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason]]:
         assert p.kv is not None
         dreq = decode_service_pb2.DecodeRequest(
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
@@ -416,7 +416,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _decode_round(
         self, dreq: decode_service_pb2.DecodeRequest, group: str, detok: Detokenizer,
         p: Progress,
-    ) -> AsyncIterator[tuple[list[int], str, int] | None]:
+    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason] | None]:
         """Try each decode once. Yields token batches, then None once served; ends
         without None when every decode was full."""
         last_error: PdserveError | None = None

@@ -40,7 +40,7 @@ import numpy as np
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.kv.base import Reservation, TransferError
 from services.kv.config import KvTransferConfig
-from services.kv.layout import HEADER_BYTES
+from services.kv.layout import HEADER_BYTES, byte_view
 from services.kv.negotiate import (
     STATS,
     TransferResult,
@@ -118,7 +118,7 @@ class LayerPush:
 
     def _layer(self, i: int) -> memoryview:
         off = HEADER_BYTES + i * self.layer_nbytes
-        return memoryview(self.buf)[off : off + self.layer_nbytes]
+        return byte_view(self.buf)[off : off + self.layer_nbytes]
 
     async def _send_layers(self) -> None:
         assert self._sock is not None
@@ -149,7 +149,7 @@ class LayerPush:
             return -1
         if self.layers_sent == self.num_layers:
             return self.crc
-        return zlib.crc32(memoryview(self.buf)[HEADER_BYTES:])  # the stream broke early
+        return zlib.crc32(byte_view(self.buf)[HEADER_BYTES:])  # the stream broke early
 
     async def finish(self, header: Callable[[int], bytes],
                      timeout_s: float | None = None) -> TransferResult:
@@ -201,7 +201,7 @@ class LayerPush:
         try:
             async with asyncio.timeout(max(left, 0.001)):
                 await TcpTransport().put(self.address, self.handle, self.request_id,
-                                         memoryview(self.buf), FLAG_FALLBACK)
+                                         byte_view(self.buf), FLAG_FALLBACK)
         except (TransferError, TimeoutError) as e:
             STATS.record(None)
             msg = f"KV push failed: {self._error}; then tcp push: {e or 'timed out'}"

@@ -17,6 +17,10 @@ import json
 import struct
 import zlib
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"PDKV"
 VERSION = 1
@@ -104,8 +108,14 @@ def decode_header(buf: bytes | bytearray | memoryview) -> KvMeta:
         raise KvFormatError(f"corrupt KV header: {e}") from None
 
 
-def payload_crc32(payload: bytes | bytearray | memoryview) -> int:
-    return zlib.crc32(payload)
+def byte_view(buf: bytes | bytearray | memoryview | np.ndarray) -> memoryview:
+    """``memoryview(buf)``, numpy arrays included. numpy's type stubs give ndarray the
+    buffer protocol only on Python >= 3.12, so mypy on 3.11 refuses the direct call."""
+    return memoryview(buf)  # type: ignore[arg-type]
+
+
+def payload_crc32(payload: bytes | bytearray | memoryview | np.ndarray) -> int:
+    return zlib.crc32(byte_view(payload))
 
 
 def verify(buf: bytes | bytearray | memoryview, expected_fingerprint: str | None = None) -> KvMeta:

@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
@@ -36,7 +37,7 @@ from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
 from services.kv.base import KvLease, KvTransport, Reservation, TransferError
 from services.kv.config import KvTransferConfig
-from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header
+from services.kv.layout import HEADER_BYTES, KvFormatError, byte_view, decode_header
 from services.kv.rdma import (
     RdmaTransport,
     mooncake_importable,
@@ -46,6 +47,9 @@ from services.kv.rdma import (
 from services.kv.shm import ShmTransport
 from services.kv.tcp import TcpTransport
 from services.kv.wire import FLAG_FALLBACK, FLAG_RETRYABLE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 ATTR_KV_FALLBACK_FROM = "pdserve.kv.fallback_from"
@@ -228,14 +232,14 @@ async def _move(cfg: KvTransferConfig, endpoints: list[common_pb2.KvEndpoint], h
 
 
 async def push_kv(cfg: KvTransferConfig, reservation: Reservation, request_id: str,
-                  data: memoryview, num_tokens: int,
+                  data: memoryview | np.ndarray, num_tokens: int,
                   timeout_s: float | None = None) -> TransferResult:
     """Push a packed KV buffer into its reservation (a ``ReserveKvResponse``)."""
     eps = endpoints_of(list(reservation.endpoints),
                        reservation.data_address)
     _, result = await _move(cfg, eps, reservation.handle,
-                            request_id, memoryview(data),
-                            block_bytes(cfg, memoryview(data), num_tokens), timeout_s,
+                            request_id, byte_view(data),
+                            block_bytes(cfg, byte_view(data), num_tokens), timeout_s,
                             push=True)
     return result
 

@@ -28,6 +28,7 @@ from functools import cache
 import numpy as np
 
 from services.kv.base import KvTransport, Status, TransferError
+from services.kv.layout import byte_view
 from services.kv.wire import Op, connect_tcp, pack_req, pack_resp, read_resp
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,10 @@ class MooncakeEngine:
         try:
             rc = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            fut.add_done_callback(lambda _f, keep=local: self.unregister(int(keep.ctypes.data)))
+            def unregister_later(_f: asyncio.Future[int], keep: np.ndarray = local) -> None:
+                self.unregister(int(keep.ctypes.data))  # once the engine is done with it
+
+            fut.add_done_callback(unregister_later)
             raise
         self.unregister(addr)
         if rc != 0:
@@ -161,7 +165,7 @@ class RdmaTransport(KvTransport):
             buf = np.empty(nbytes, dtype=np.uint8)
             await engine.move(False, segment, buf, int(remote))
             await loop.sock_sendall(sock, pack_resp(Status.OK))
-            return memoryview(buf)
+            return byte_view(buf)
         except OSError as e:
             raise TransferError(f"KV fetch from {address} over rdma failed: {e}") from e
         finally:

@@ -23,6 +23,7 @@ import socket
 import numpy as np
 
 from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.layout import byte_view
 from services.kv.wire import (
     Op,
     connect_tcp,
@@ -161,7 +162,7 @@ class TcpTransport(KvTransport):
                 pooled.append(RECV_POOL.take(nbytes))
                 view = memoryview(pooled[0])[:nbytes]
             else:
-                view = memoryview(np.empty(nbytes, dtype=np.uint8))  # no zero-fill
+                view = byte_view(np.empty(nbytes, dtype=np.uint8))  # no zero-fill
             if block_bytes:  # asked in tokens; the answer says the page size in bytes
                 await recv_blocks(loop, sock, view, int(info or block_bytes))
             else:
