@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: install, check generated code, lint, validate compose, run all tests.
+# The test command: install, check generated code, lint, type-check, validate compose and
+# the Kubernetes manifests, run all tests (import contracts run as tests/unit).
 #   scripts/test.sh            everything (unit, integration, e2e incl. one SmolLM2 e2e)
 #   scripts/test.sh -m unit    any extra args go to pytest
 set -euo pipefail
@@ -11,6 +12,8 @@ echo "== generated code is up to date"
 $PY scripts/gen_protos.py --check
 echo "== ruff"
 .venv/bin/ruff check .
+echo "== mypy (services/; settings in pyproject.toml)"
+.venv/bin/mypy
 echo "== compose file"
 PYTHON=$PY bash scripts/check_compose.sh
 # --- Kubernetes manifests (deploy/k8s): up to date, rendered by kubectl kustomize, valid ---
