@@ -78,9 +78,11 @@ def address(up: UpCluster, name: str) -> str:
 
 
 async def switch(up: UpCluster, name: str, role: str) -> Switch:
+    token = (up.log_dir / "cluster-token").read_text().strip()  # workers require it
     async with grpc.aio.insecure_channel(address(up, name)) as ch:
         st = await apb_grpc.WorkerControlServiceStub(ch).Assign(
-            apb.AssignRequest(role=role, group="default"), timeout=300)
+            apb.AssignRequest(role=role, group="default"), timeout=300,
+            metadata=[("x-pdserve-cluster-token", token)])
     return Switch(name, role, st.last_drain_ms, st.last_load_ms, st.last_switch_ms,
                   st.weights_kept, st.pool_kept, st.aborted_on_drain_total)
 

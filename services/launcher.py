@@ -48,6 +48,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.auth import CLUSTER_TOKEN_HEADER
 from services.common.config import env_str
 from services.common.redis_embed import EmbeddedRedis, redis_server_binary
 
@@ -87,7 +88,7 @@ class SupervisedRedis(EmbeddedRedis):
 
         args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket),
                 "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                "--dir", str(self.dir), "--notify-keyspace-events", "KEA"]
+                "--dir", str(self.dir)]
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(bound_to_launcher(args), stdout=log,
@@ -196,6 +197,12 @@ class Launcher:
         # The internal RPCs' shared secret (prefill, decode, kvstore refuse calls without
         # it); one per cluster unless PDSERVE_CLUSTER_TOKEN sets it.
         self.cluster_token = env_str("CLUSTER_TOKEN") or secrets.token_hex(16)
+        # For operators and tests of this cluster (pdserve group, WorkerControlService),
+        # readable by this user only.
+        token_file = self.dir / "cluster-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.cluster_token + "\n")
+        self._token_md = [(CLUSTER_TOKEN_HEADER, self.cluster_token)]
         self._stopping = False
         self._threads: dict[str, str] = {}
         self._pending: dict[str, tuple[float, Spec]] = {}  # name -> (due, spec)
@@ -434,7 +441,8 @@ class Launcher:
             try:
                 with grpc.insecure_channel(spare.address) as ch:
                     apb_grpc.WorkerControlServiceStub(ch).Assign(
-                        apb.AssignRequest(role=spec.role, group=spec.group), timeout=300)
+                        apb.AssignRequest(role=spec.role, group=spec.group), timeout=300,
+                        metadata=self._token_md)
                 took = time.monotonic() - t0
                 self.event("substituted", spec.name, by=spare.name, role=spec.role,
                            group=spec.group, assign_s=round(took, 3))
@@ -539,8 +547,8 @@ def run_up(opts: UpOptions) -> int:
           f"redis {launcher.redis_url}", flush=True)
     admin = next((c.address for c in launcher.children if c.role == "admin"), "")
     if admin:
-        print(f"pdserve: admin listening on {admin} (pdserve group --admin {admin} ...)",
-              flush=True)
+        print(f"pdserve: admin listening on {admin} (pdserve group --admin {admin} "
+              f"--cluster-token \"$(cat {launcher.dir / 'cluster-token'})\" ...)", flush=True)
     print_urls(launcher.children)
     print(f"pdserve: gateway listening on {address}", flush=True)
     while not stop_now:

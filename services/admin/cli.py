@@ -27,6 +27,9 @@ def add_parser(sub: Any) -> None:
     g = sub.add_parser("group", help="group operations: list, scale-out/in, upgrade, substitute")
     g.add_argument("--admin", default="", help="admin service address (host:port)")
     g.add_argument("--redis-url", default="", help="find the admin service in this registry")
+    g.add_argument("--cluster-token", default="",
+                   help="the cluster's token (default: env PDSERVE_CLUSTER_TOKEN; pdserve up "
+                        "writes it to <log dir>/cluster-token)")
     g.add_argument("--timeout", type=float, default=0.0,
                    help="per-step timeout, seconds (0: the service default)")
     gs = g.add_subparsers(dest="group_cmd", required=True)
@@ -79,7 +82,12 @@ async def _run(args: argparse.Namespace) -> int:
 
     address = await _address(args)
     t = args.timeout
-    async with grpc.aio.insecure_channel(address) as ch:
+    from services.common.auth import token_interceptors
+    from services.common.config import env_str
+
+    token = args.cluster_token or env_str("CLUSTER_TOKEN")
+    async with grpc.aio.insecure_channel(address,
+                                         interceptors=token_interceptors(token) or None) as ch:
         stub = apb_grpc.AdminServiceStub(ch)
         try:
             if args.group_cmd == "list":

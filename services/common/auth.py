@@ -24,7 +24,8 @@ CLUSTER_TOKEN_HEADER = "x-pdserve-cluster-token"
 INTERNAL_OPEN_PREFIXES = (
     "/grpc.health.v1.Health/", "/grpc.reflection.",
     "/pdserve.v1.KvStoreService/GetKvStoreStats", "/pdserve.v1.PrefillService/GetPrefillStats",
-    "/pdserve.v1.DecodeService/GetDecodeStats")
+    "/pdserve.v1.DecodeService/GetDecodeStats",
+    "/pdserve.v1.WorkerControlService/GetWorkerStatus", "/pdserve.v1.AdminService/ListGroups")
 
 
 def parse_keys(raw: str) -> tuple[str, ...]:

@@ -56,7 +56,6 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.dir),
-            "--notify-keyspace-events", "KEA",
         ]
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "redis.log", "wb") as log:

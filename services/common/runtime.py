@@ -44,7 +44,8 @@ from services.common.registry import InstanceInfo, Registration, connect
 log = logging.getLogger(__name__)
 C = TypeVar("C")
 # Roles whose gRPC is internal: callers must present the cluster token when one is set.
-INTERNAL_ROLES = frozenset({"prefill", "decode", "kvstore"})
+# Processes that only the cluster calls (and operators holding its token: admin).
+INTERNAL_ROLES = frozenset({"prefill", "decode", "kvstore", "worker", "admin"})
 _cluster_token = ""  # this process's cluster token (set by ServiceRuntime)
 
 # KV travels outside gRPC, so messages stay small; this bounds a malicious or buggy peer.

@@ -40,8 +40,10 @@ def generate(address: str, scenario: str = "", n: int = 8) -> list[int]:
 
 def group(up: UpProcess, *args: str) -> str:
     admin = str(up.ready("admin")["address"])
+    token = (up.log_dir / "cluster-token").read_text().strip()  # the admin requires it
     out = subprocess.run([sys.executable, "-m", "services.cli", "group", "--admin", admin,
-                          *args], capture_output=True, text=True, timeout=120)
+                          "--cluster-token", token, *args], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -63,8 +65,12 @@ def test_switch_under_load_loses_nothing(up: UpProcess) -> None:
     try:
         with grpc.insecure_channel(str(up.ready("decode-1")["address"])) as ch:
             stub = apb_grpc.WorkerControlServiceStub(ch)
+            # Workers refuse control calls without the cluster's token (pdserve up wrote it).
+            token = (up.log_dir / "cluster-token").read_text().strip()
+            md = [("x-pdserve-cluster-token", token)]
             for role in ("prefill", "decode", "prefill", "decode"):
-                st = stub.Assign(apb.AssignRequest(role=role, group="default"), timeout=120)
+                st = stub.Assign(apb.AssignRequest(role=role, group="default"), timeout=120,
+                                 metadata=md)
                 assert st.role == role and st.weights_kept
                 assert st.aborted_on_drain_total == 0
     finally:
