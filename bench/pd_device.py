@@ -424,6 +424,8 @@ def main() -> int:
                     help="no single-device TTFT/TPOT requests (fleet only)")
     fl.add_argument("--fleet-workloads", default="trace,chat")
     fl.add_argument("--skip-fault", action="store_true")
+    fl.add_argument("--fault-devices", type=int, default=0,
+                    help="only the cloud-kill measurement, with this many devices")
     ap.add_argument("--time-scale", type=float, default=2.0,
                     help="every modelled time (cloud and device profiles, link, pacing) runs "
                          "this many times slower in wall time; figures are in model time")

@@ -377,6 +377,10 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
               f"{s['cloud_busy_ms']:.0f} ms  fallbacks {s['fallbacks']}  plans {s['planned']}",
               flush=True)
 
+    if args.fault_devices:  # the cloud-kill measurement alone
+        out["fault"] = fault(address, args, up_log_dir, wls["chat"], ttft_target_ms,
+                             tpot_max_ms, 2 * args.fault_devices)
+        return out
     for name, chats in wls.items():
         if name not in args.fleet_workloads.split(","):
             continue
