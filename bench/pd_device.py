@@ -457,7 +457,7 @@ def main() -> int:
 
     reqs = [] if args.skip_single else trace_requests(buckets, per, args.max_out,
                                                       args.long_out)
-    if not args.quick and args.tail_buckets:
+    if not args.quick and args.tail_buckets and not args.skip_single:
         reqs += tail_requests([int(b) for b in args.tail_buckets.split(",")], args.tail_out)
     results: list[Result] = []
     slots = {"PDSERVE_SLOTS": str(args.cloud_slots)}
