@@ -82,6 +82,9 @@ class PrefillAdmission:
         self.stats = AdmissionStats()
         self._tick = itertools.count()
         self.metrics: RequestMetrics | None = None  # Prometheus (services/common/metrics.py)
+        # Re-reads the registry: an offer can come from a prefill that joined the group
+        # after this gateway's last poll (servicer sets it to its view's refresh).
+        self.refresh_view: Callable[[], Awaitable[object]] | None = None
 
     async def admit(self, preq: prefill_service_pb2.PrefillRequest, group: str,
                     on_accepted: Callable[[], None]) -> Admitted:
@@ -99,10 +102,11 @@ class PrefillAdmission:
         rejected: set[str] = set()
         asked = 0
         queued = False
+        offer: str | None = None
         last_error: PdserveError | None = None
         try:
             while True:
-                insts = await self._find("prefill", group)
+                insts = await self._known(group, offer)
                 if (self.policy.rejects and self.queue is not None and not queued
                         and await self.queue.depth(group) > 0):
                     # Others are already waiting: join the queue instead of jumping it, so
@@ -113,7 +117,7 @@ class PrefillAdmission:
                         offer = await self._wait_turn(group, rid)
                     if offer:
                         self.filler.on_accept(group, offer)  # ask the freed prefill first
-                    insts = await self._find("prefill", group)  # it may have changed meanwhile
+                    insts = await self._known(group, offer)  # it may have changed meanwhile
                 by_id = {i.instance_id: i for i in insts}
                 cands = [Candidate(i.instance_id, i.slots) for i in insts]
                 loads = {i.instance_id: Load(i.load.get("busy", 0.0), i.load.get("queued", 0.0),
@@ -163,6 +167,16 @@ class PrefillAdmission:
             if queued and self.queue is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.queue.leave(group, rid))
+
+    async def _known(self, group: str, offer: str | None) -> list[InstanceInfo]:
+        """The group's prefills, including the one that offered a slot: a prefill offers
+        its free slots as soon as it joins, possibly before this gateway's view has it."""
+        insts = await self._find("prefill", group)
+        if offer and self.refresh_view is not None and \
+                all(i.instance_id != offer for i in insts):
+            await self.refresh_view()
+            insts = await self._find("prefill", group)
+        return insts
 
     async def _enter(self, preq: prefill_service_pb2.PrefillRequest, group: str) -> str | None:
         """Queue the request: a prefill to ask first, "" to probe now, None to wait."""

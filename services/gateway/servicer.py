@@ -144,6 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.admission = PrefillAdmission(policy, self._ranked, self.channel, self.open_streams,
                                           queue, max_queue_s)
         self.admission.metrics = self.metrics
+        self.admission.refresh_view = self.view.refresh
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:

@@ -73,6 +73,7 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
     handoff.view = RegistryView(runtime.redis)
     await handoff.view.start()
     await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
+    servicer.offer_free_slots()  # requests may be waiting in the group's queue already
     return runtime, servicer
 
 

@@ -217,6 +217,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
             time.sleep(len(ids) * self.cfg.emulate_prefill_ms_per_token / 1000.0)
         return out
 
+    def offer_free_slots(self) -> None:
+        """Offer every free slot at once: when this prefill becomes routable (start, a role
+        or group switch), requests may already wait in the group's queue, and a slot is
+        otherwise offered only when a request ends (or by a gateway's 1 s safety poll)."""
+        for _ in range(max(0, self.cfg.slots - self.busy)):
+            self._announce_free_slot()
+
     def _announce_free_slot(self) -> None:
         """Offer the freed slot to the earliest-deadline request waiting in this group's
         forwarding queue: one Redis round trip, which wakes exactly that request's gateway

@@ -398,6 +398,8 @@ class RoleHost:
         await reg.start()
         self.runtime.registration = reg
         await self._health()
+        if role == "prefill" and self.prefill_sv is not None:
+            self.prefill_sv.offer_free_slots()  # the group's queue may hold waiters
 
     async def _health(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
