@@ -27,8 +27,9 @@ the shipped Azure code trace.
 --json FILE writes {"ttft_reduction_2k", "max_tpot_ms", "p99_tpot_ms", "cloud_busy_ratio",
 "max_tpot_ms_all_modes", "cloud_throughput_gain", ...}: pd_device against device_only
 TTFT at 2k; pd_device displayed gaps over all single-device requests; every mode's;
-pd_device cloud busy time over cloud_only's; chats per second one cloud serves with
-every chat meeting its targets, pd_device over cloud_only, on the chat-length workload.
+pd_device cloud busy time over cloud_only's; the cloud's capacity (slots / cloud busy
+per chat, under fleet load at each mode's capacity), pd_device over cloud_only, on the
+chat-length workload.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ these runs were made) the host itself stalls processes for 65-300 ms, and device
 which involves no cloud at all, showed such gaps at N = 1; the max gaps are reported
 next to the criterion either way. The capacity
 of a mode is the largest passing N (doubling, then bisection). The **cloud throughput
-gain** is pd_device's completed chats per second at its capacity over cloud_only's at
-its capacity (devices carried are reported too; they differ from the throughput ratio
-because a pd_device answer is shown at the device's pace, slower than the cloud's).
+gain** is the ratio of the cloud's capacities, each its slots over the cloud busy time
+per chat measured at that mode's capacity (``cloud_capacity``); the chats per second the
+fleet really completed and the devices carried are reported beside it.
 device_only uses no cloud: it is probed once, for its attainment only.
 
 Workloads (the prompts are the trace's, in order; fresh token ids per chat, so the
