@@ -11,7 +11,7 @@ Baselines measured in the same run:
   --baseline-tree DIR   the same cells against a cluster started from another source
                         tree (e.g. `git archive <commit> | tar -x -C DIR`): before/after.
   --dynamo              Dynamo 1.6.1's Rust frontend + mocker (disagg), if it is
-                        installed (shared/reference/baselines.md §5); started and
+                        installed (bench/frontdoor_dynamo.py says how); started and
                         stopped by PID.
 Ratios printed are this tree over the baseline.
 
@@ -42,7 +42,7 @@ from bench.common import free_port  # noqa: E402
 
 PROFILE = ROOT / "bench" / "profiles" / "instant.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-DYNAMO_8X64_REQ_S = 255.2  # disagg, this box (shared/reference/baselines.md §5)
+DYNAMO_8X64_REQ_S = 255.2  # Dynamo disagg at c=8 x 64, measured on a quiet box of this kind
 FULL_CELLS = "1x1,8x1,32x1,1x64,8x64,32x64"
 QUICK_CELLS = "1x1,8x64"
 
@@ -369,13 +369,13 @@ def print_table(label: str, rows: object, procs: tuple[str, ...]) -> None:
 
 
 def targets(result: dict[str, object]) -> None:
-    """Issue 15's targets: Dynamo's req/s at c=8 x 64 tokens (same run when measured, else
-    baselines.md's figure) and TTFT p50 <= 3 ms at c=1 (1 token)."""
+    """The targets: Dynamo's req/s at c=8 x 64 tokens (same run when measured, else
+    the figure measured on a quiet box) and TTFT p50 <= 3 ms at c=1 (1 token)."""
     rows = {(r["c"], r["tokens"]): r for r in result["this"]}  # type: ignore[attr-defined]
     dyn = {(r["c"], r["tokens"]): r for r in result.get("dynamo", [])}  # type: ignore[attr-defined]
     if (8, 64) in rows:
         ref, src = ((dyn[(8, 64)]["req_s"], "same run") if (8, 64) in dyn
-                    else (DYNAMO_8X64_REQ_S, "baselines.md §5, not this run"))
+                    else (DYNAMO_8X64_REQ_S, "a quiet box, not this run"))
         got = rows[(8, 64)]["req_s"]
         print(f"target c=8x64 req/s >= Dynamo's: {got:.0f} vs {ref:.0f} ({src}): "
               f"{'met' if got >= ref else 'NOT met'} ({got / ref:.2f}x)")
@@ -395,7 +395,7 @@ def main() -> int:
     ap.add_argument("--trace", default="", help="take prompt lengths from this trace")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--dynamo-python", default="", help="python of a venv with Dynamo 1.6.1 "
-                    "(baselines.md §5): measure its disagg frontend + mockers too")
+                    "(bench/frontdoor_dynamo.py): measure its disagg frontend + mockers too")
     ap.add_argument("--plot", default="", help="PNG: client TTFT CDF per cell, this tree "
                     "against the baseline (all runs pooled)")
     ap.add_argument("--py-spy", default="", help="record each process's stacks into this dir "

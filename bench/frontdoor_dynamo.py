@@ -1,8 +1,19 @@
 """bench/frontdoor.py's peer: NVIDIA Dynamo 1.6.1 disaggregated (Rust frontend with the KV
 router, one prefill mocker, one decode mocker) on the same box, started and stopped by PID.
 
-Install it as shared/reference/baselines.md §5 says, into its own venv, and pass that
-venv's python with ``--dynamo-python``. No etcd or NATS: file discovery, TCP request
+Install it into its own venv and pass that venv's python with ``--dynamo-python``.
+``pip install ai-dynamo==1.6.1`` fails here (its ``aisimulate`` dependency downloads from
+NVIDIA's own index, and the ``certifi`` it pins is not published); this works::
+
+    python -m venv /tmp/dynvenv && . /tmp/dynvenv/bin/activate
+    pip install torch==2.13.0
+    pip install ai-dynamo-runtime==1.6.1 "aiohttp<4,>=3.14.3" certifi \
+        "kubernetes<33,>=32.0.1" msgspec "prometheus-client<1,>=0.23.1" "pyzmq>=26" \
+        "redis<9,>=6.2" tqdm "transformers>=4.56" "zstandard<1,>=0.23" httpx
+    pip download --no-deps ai-dynamo==1.6.1 -d dynwhl
+    pip install --no-deps dynwhl/ai_dynamo-1.6.1-py3-none-any.whl
+
+(pip warns that aisimulate is missing; the mocker and the frontend do not need it.) No etcd or NATS: file discovery, TCP request
 plane, ZMQ events, all on loopback. The mockers run at ``--speedup-ratio 100`` (engine time
 about 0; "0" behaved like 1 here). Dynamo has only an HTTP door, so its client is an
 httpx SSE stream of ``/v1/completions`` (pdserve's is grpc.aio); both clients run in the

@@ -1,5 +1,5 @@
 """Hot groups: the Mooncake prefix trace in scenario groups, with the ratio controller
-on and off (issue 12; docs/engine.md measured the problem: grouping by prefix gave 4x the
+on and off (docs/engine.md measured the problem: grouping by prefix gave 4x the
 prefix hits, but unsized hot groups took the TTFT p99 from 26 s to 163 s).
 
 The shipped Mooncake trace, open loop at ``--rate-scale`` x its own arrival times, on

@@ -14,7 +14,7 @@ what is compared: grpc.aio for gRPC, and for HTTP a keep-alive HTTP/1.1 connecti
 worker on asyncio streams, POSTing a streaming /v1/completions and reading the SSE
 chunks. Also checked: both doors return the same tokens' text.
 
-Target (issue 14): HTTP adds <= 1 ms TTFT p50 over gRPC. A run reports the added p50 at
+Target: HTTP adds <= 1 ms TTFT p50 over gRPC. A run reports the added p50 at
 c=1 (median of request pairs, one through each door) and at c=8 (median over interleaved
 rounds), the req/s ratio at c=8, and the gateway process's CPU per request through each
 door (from /proc: the door's own cost, which the shared machine's load does not move);

@@ -4,7 +4,7 @@
 
 Fits prefill_ms(n) = a + b*n + c*n^2 over prompt lengths, and
 decode_ms(batch=1, ctx) = d0 + d2*ctx over context lengths (one stream; the batch
-term d1 stays 0 until the decode batches, issue 6). Medians of repeated runs.
+term d1 stays 0 until the decode batches). Medians of repeated runs.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Compared, over the same arrivals:
   best static ratio for it; for ``mix``, Eq. 1's allocation of the fleet);
 - ``controller``: starts at ``static-initial`` and adjusts every ``--period-s``.
 
-Target (issue 12): within 3 control periods after the shift the controller reaches
+Target: within 3 control periods after the shift the controller reaches
 >= 90% of ``static-best``'s goodput (the per-period mean after the shift), and no
 request is lost to a switch (drains finish in-flight work; failures are counted).
 

@@ -1,4 +1,4 @@
-"""Role switching under load (issue 12, item 3) on the live mock cluster.
+"""Role switching under load on the live mock cluster.
 
 ``pdserve up --engine mock --switchable`` (2 prefill + 2 decode workers) serves a closed
 loop of ``--users`` clients replaying the trace. Phase A (the baseline of the same run)

@@ -1,4 +1,4 @@
-"""Fault substitution on the live mock cluster (P/D-Serve §1.4; issue 12).
+"""Fault substitution on the live mock cluster (P/D-Serve §1.4).
 
 For each fault (SIGKILL of a prefill, a decode, the kvstore, the gateway) a fresh
 ``pdserve up --engine mock`` cluster (2 prefill + 2 decode) serves a closed loop of

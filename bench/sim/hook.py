@@ -12,7 +12,7 @@ one process, ``--workers 1``; a shard's groups otherwise, so cross-group moves n
 the snapshot. It returns the reassignments to make now, possibly none.
 
 A ``Reassign(instance_id, role, group)`` is applied with drain semantics, as the live
-role switch does (issue 12 §3): the instance leaves routing at once (no new request is
+role switch does (docs/operations.md): the instance leaves routing at once (no new request is
 sent to it), its in-flight work finishes (a prefill's busy slots and local FIFO, a
 decode's batch), and only then does it join ``group`` (default: its own) as ``role``
 (``"prefill"`` or ``"decode"``) and become routable there, after

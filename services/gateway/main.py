@@ -58,7 +58,7 @@ class GatewayConfig(ServiceConfig, ModelConfig):
     # comma-separated; empty: no key needed (health and /metrics stay open)
     api_key: str = ""
     reflection: bool = True  # gRPC server reflection (grpcurl list); off hides the API
-    # > 0: run the P/D ratio controller every this many seconds (issue 12); one gateway
+    # > 0: run the P/D ratio controller every this many seconds (docs/control-plane.md); one gateway
     # replica leads (a Redis lease), it acts on role-switchable workers (pdserve up
     # --switchable), every replica feeds it per-group request stats
     control_period_s: float = 0.0

@@ -120,7 +120,7 @@ class Progress:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    # The P/D ratio controller (issue 12), when this gateway runs one: every finished
+    # The P/D ratio controller (docs/control-plane.md), when this gateway runs one: every finished
     # request adds to its per-group period stats.
     control: ControlLoop | None = None
 

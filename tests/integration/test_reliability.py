@@ -1,4 +1,4 @@
-"""Issue 11 through in-process services: internal identity, bounded input, KV released
+"""Reliability through in-process services: internal identity, bounded input, KV released
 right after a cancel in every handoff window (held there on purpose by fault points),
 and internal calls that are bounded and authenticated."""
 

@@ -1,4 +1,4 @@
-"""Issue 11 units: bounded user strings, internal-id safety of the kvstore's lifecycle,
+"""Reliability units: bounded user strings, internal-id safety of the kvstore's lifecycle,
 wire bounds, fault points, the cluster token check and the OTel detach-noise filter."""
 
 from __future__ import annotations
