@@ -13,11 +13,11 @@ NVIDIA's own index, and the ``certifi`` it pins is not published); this works::
     pip download --no-deps ai-dynamo==1.6.1 -d dynwhl
     pip install --no-deps dynwhl/ai_dynamo-1.6.1-py3-none-any.whl
 
-(pip warns that aisimulate is missing; the mocker and the frontend do not need it.) No etcd or NATS: file discovery, TCP request
-plane, ZMQ events, all on loopback. The mockers run at ``--speedup-ratio 100`` (engine time
-about 0; "0" behaved like 1 here). Dynamo has only an HTTP door, so its client is an
-httpx SSE stream of ``/v1/completions`` (pdserve's is grpc.aio); both clients run in the
-bench process.
+(pip warns that aisimulate is missing; the mocker and the frontend do not need it.)
+No etcd or NATS: file discovery, TCP request plane, ZMQ events, all on loopback. The mockers
+run at ``--speedup-ratio 100`` (engine time about 0; "0" behaved like 1 here). Dynamo has
+only an HTTP door, so its client is an httpx SSE stream of ``/v1/completions`` (pdserve's is
+grpc.aio); both clients run in the bench process.
 """
 
 from __future__ import annotations
