@@ -28,10 +28,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.cluster.registry import InstanceInfo, Registration, connect
 from services.common import faultpoints
 from services.common.auth import ClusterTokenInterceptor, token_interceptors
 from services.common.config import ServiceConfig
-from services.common.metrics import (
+from services.observe.metrics import (
     Labels,
     MetricsServer,
     Source,
@@ -39,7 +40,6 @@ from services.common.metrics import (
     register_source,
     serve_metrics,
 )
-from services.common.registry import InstanceInfo, Registration, connect
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -214,7 +214,7 @@ def run_main(
 ) -> None:
     """A service's ``main``: config, logging, telemetry, then serve until a signal."""
     from services.common.config import load_config
-    from services.common.telemetry import setup_telemetry
+    from services.observe.telemetry import setup_telemetry
 
     cfg = load_config(cfg_cls, sys.argv[1:] if argv is None else argv, prog=f"pdserve-{role}")
     setup_logging(cfg.log_level)  # type: ignore[attr-defined]

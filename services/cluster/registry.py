@@ -37,7 +37,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from services.common.keys import EPOCH_KEY, GROUPS_KEY, instance_key, members_key
+from services.cluster.keys import EPOCH_KEY, GROUPS_KEY, instance_key, members_key
 from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import time
 import weakref
 from typing import Any
 
-from services.common.keys import (
+from services.cluster.keys import (
     free_key,
     gateways_key,
     offered_key,

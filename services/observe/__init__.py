@@ -1,0 +1,2 @@
+"""What operators see of every process: OpenTelemetry traces (``telemetry``) and
+Prometheus metrics with the /metrics server (``metrics``)."""
