@@ -31,7 +31,7 @@ from tests.faults.harness import ProcCluster, generate
 
 
 def data_port(c: ProcCluster) -> int:
-    from services.common.registry import connect, list_instances
+    from services.cluster.registry import connect, list_instances
 
     async def find() -> str:
         client = connect(c.redis.url)

@@ -56,7 +56,7 @@ import grpc
 import numpy as np
 
 from pdserve.v1 import kvstore_service_pb2, kvstore_service_pb2_grpc
-from services.common.redis_embed import EmbeddedRedis
+from services.cluster.redis_embed import EmbeddedRedis
 from services.kv import KvTransferConfig, fetch_kv, push_kv
 from services.kv.layout import HEADER_BYTES, KvMeta, encode_header
 from services.kv.rdma import mooncake_importable, wire_protocol

@@ -154,8 +154,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from services.cluster.registry import connect, list_instances
     from services.common.config import env_str
-    from services.common.registry import connect, list_instances
 
     url = args.redis_url or env_str("REDIS_URL")
     if not url:

@@ -48,9 +48,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cluster.redis_embed import EmbeddedRedis, redis_server_binary
 from services.common.auth import CLUSTER_TOKEN_HEADER
 from services.common.config import env_str
-from services.common.redis_embed import EmbeddedRedis, redis_server_binary
 
 STABLE_S = 30.0  # a child that lived this long restarts after the base backoff again
 WORKER_ROLES = ("prefill", "decode", "idle")
@@ -465,7 +465,7 @@ class Launcher:
             return spec
         import redis
 
-        from services.common.keys import GROUPS_KEY, instance_key, members_key
+        from services.cluster.keys import GROUPS_KEY, instance_key, members_key
 
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=1,

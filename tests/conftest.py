@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.common.redis_embed import EmbeddedRedis
-from services.common.telemetry import setup_telemetry
+from services.cluster.redis_embed import EmbeddedRedis
 from services.engine.prepare import ensure_prepared
+from services.observe.telemetry import setup_telemetry
 
 SPANS = InMemorySpanExporter()
 MARKED_DIRS = ("unit", "integration", "e2e", "faults")

@@ -69,7 +69,7 @@ from bench.sim.state import (
     Prefill,
     Req,
 )
-from services.common import slotoffer
+from services.cluster import slotoffer
 from services.engine.mock import LatencyModel
 from services.gateway import scheduling as sched
 

@@ -51,8 +51,8 @@ def add_parser(sub: Any) -> None:
 async def _address(args: argparse.Namespace) -> str:
     if args.admin:
         return str(args.admin)
+    from services.cluster.registry import connect, list_instances
     from services.common.config import env_str
-    from services.common.registry import connect, list_instances
 
     url = args.redis_url or env_str("REDIS_URL")
     if not url:

@@ -26,9 +26,9 @@ import grpc
 from pdserve.v1 import admin_service_pb2 as apb
 from pdserve.v1 import admin_service_pb2_grpc as apb_grpc
 from services.admin.ops import Events, GroupOps
+from services.cluster.registry import InstanceInfo
 from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import FailedPrecondition, PdserveError, abort_with
-from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tasks import cancel_and_wait
 from services.control.actuator import ActuatorError

@@ -30,8 +30,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve.v1 import admin_service_pb2 as apb
+from services.cluster.registry import InstanceInfo, list_instances
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.registry import InstanceInfo, list_instances
 from services.common.runtime import new_channel
 from services.control.actuator import ActuatorError, State
 from services.control.actuators_local import IDLE, WorkerActuator, mark_removed

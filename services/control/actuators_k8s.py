@@ -36,7 +36,7 @@ from lightkube.config.models import Cluster, User
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.types import PatchType
 
-from services.common.registry import list_instances
+from services.cluster.registry import list_instances
 from services.control.actuator import (
     ActuatorError,
     Capabilities,

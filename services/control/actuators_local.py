@@ -20,9 +20,9 @@ import grpc
 
 from pdserve.v1 import admin_service_pb2 as apb
 from pdserve.v1 import admin_service_pb2_grpc as apb_grpc
+from services.cluster.keys import instance_key, members_key
+from services.cluster.registry import InstanceInfo, list_instances
 from services.common.errors import error_info
-from services.common.keys import instance_key, members_key
-from services.common.registry import InstanceInfo, list_instances
 from services.common.runtime import new_channel
 from services.control.actuator import (
     ActuatorError,

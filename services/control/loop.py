@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.registry import InstanceInfo, list_instances
+from services.cluster.registry import InstanceInfo, list_instances
 from services.common.tasks import cancel_and_wait
 from services.control.actuator import Actuator, ActuatorError, StaleFence, plan_for
 from services.control.controller import FleetView, GroupView, Member, Obs, RatioController

@@ -34,6 +34,7 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import decode_service_pb2 as pb
 from pdserve.v1 import decode_service_pb2_grpc as pb_grpc
+from services.cluster.registry import InstanceInfo, RegistryView
 from services.common import faultpoints
 from services.common.config import ConfigError
 from services.common.errors import (
@@ -44,20 +45,19 @@ from services.common.errors import (
     ResourceExhausted,
     abort_with,
 )
-from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
-from services.common.telemetry import (
-    ATTR_COMPLETION_TOKENS,
-    ATTR_KV_BYTES,
-    ATTR_REQUEST_ID,
-    tracer,
-)
 from services.decode.steploop import DecodeSequence, StepLoop
 from services.engine.paged import PoolExhausted
 from services.engine.worker import WorkerConfig, worker_info
 from services.kv import fetch_kv, transfer_load
 from services.kv.layout import KvFormatError, decode_header
 from services.kv.wire import MAX_REQUEST_ID_BYTES
+from services.observe.telemetry import (
+    ATTR_COMPLETION_TOKENS,
+    ATTR_KV_BYTES,
+    ATTR_REQUEST_ID,
+    tracer,
+)
 
 if TYPE_CHECKING:
     from services.engine.base import Runner

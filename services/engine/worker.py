@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from services.cluster.registry import InstanceInfo
 from services.common.config import ModelConfig, ServiceConfig
-from services.common.registry import InstanceInfo
 from services.common.runtime import ServiceRuntime, host_id
 from services.kv.config import KvTransferConfig
 from services.kv.negotiate import client_transports

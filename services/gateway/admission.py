@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.v1 import prefill_service_pb2, prefill_service_pb2_grpc
+from services.cluster.registry import InstanceInfo
 from services.common.errors import (
     DeadlineExceeded,
     PdserveError,
@@ -34,8 +35,6 @@ from services.common.errors import (
     error_info,
     from_rpc_error,
 )
-from services.common.metrics import RequestMetrics
-from services.common.registry import InstanceInfo
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.policy import Candidate
 from services.gateway.scheduling import (
@@ -45,6 +44,7 @@ from services.gateway.scheduling import (
     may_retry,
     prefill_order,
 )
+from services.observe.metrics import RequestMetrics
 
 
 @dataclass
@@ -81,7 +81,7 @@ class PrefillAdmission:
         self.filler = BatchFiller()
         self.stats = AdmissionStats()
         self._tick = itertools.count()
-        self.metrics: RequestMetrics | None = None  # Prometheus (services/common/metrics.py)
+        self.metrics: RequestMetrics | None = None  # Prometheus (services/observe/metrics.py)
         # Re-reads the registry: an offer can come from a prefill that joined the group
         # after this gateway's last poll (servicer sets it to its view's refresh).
         self.refresh_view: Callable[[], Awaitable[object]] | None = None

@@ -8,7 +8,7 @@
   pdserve:{<group>}:qstate      channel: "1" when the queue turns non-empty, "0" empty
 
 A request that every prefill rejected enters the ZSET; its own gateway keeps the client
-stream. A prefill that frees a slot runs the OFFER script (``services.common.slotoffer``):
+stream. A prefill that frees a slot runs the OFFER script (``services.cluster.slotoffer``):
 one round trip marks the group's earliest-deadline entry as offered and publishes the
 offer to that entry's gateway, which wakes exactly that waiter. There is no polling on
 this path: a slow poll (``poll_s``) remains only as a safety net, on which the head of
@@ -38,8 +38,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from services.common import slotoffer
-from services.common.keys import (
+from services.cluster import slotoffer
+from services.cluster.keys import (
     QUEUE_STATE_PATTERN,
     gateways_key,
     group_of_channel,

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+from services.cluster.registry import InstanceInfo, RegistryView
 from services.common.auth import ApiKeyInterceptor, parse_keys, server_credentials
 from services.common.config import ConfigError, ModelConfig, ServiceConfig
-from services.common.metrics import PREFIX, Labels, RequestMetrics
-from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.http import HttpDoor
@@ -32,6 +31,7 @@ from services.gateway.scheduling import Policy
 from services.gateway.servicer import GenerationServicer
 from services.model.info import ModelInfo
 from services.model.tokenizer import TextTokenizer
+from services.observe.metrics import PREFIX, Labels, RequestMetrics
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 log = logging.getLogger(__name__)

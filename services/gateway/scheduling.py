@@ -179,7 +179,7 @@ def offer_to(entries: Sequence[Waiting], offered_until: Mapping[str, float],
     """Whom a freed prefill slot is offered to: the earliest-deadline live entry (by
     ``queue_key``) that holds no unexpired offer; None when no one waits (the slot is then
     remembered briefly for a newcomer). The live queue runs this rule atomically in Redis
-    (``services.common.slotoffer``'s OFFER script, which also skips entries of dead
+    (``services.cluster.slotoffer``'s OFFER script, which also skips entries of dead
     gateways); the simulator runs it here, and an integration test holds the two equal."""
     live = [e for e in entries if may_offer(e, offered_until, now_ms)]
     return min(live, key=queue_key) if live else None

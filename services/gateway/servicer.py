@@ -34,6 +34,7 @@ from pdserve.v1 import (
 )
 from pdserve.v1 import generation_service_pb2 as pb
 from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
+from services.cluster.registry import InstanceInfo, RegistryView
 from services.common import faultpoints
 from services.common.errors import (
     DeadlineExceeded,
@@ -44,17 +45,7 @@ from services.common.errors import (
     abort_with,
     from_rpc_error,
 )
-from services.common.metrics import Labels, RequestMetrics
-from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import new_channel
-from services.common.telemetry import (
-    ATTR_CLIENT_REQUEST_ID,
-    ATTR_COMPLETION_TOKENS,
-    ATTR_PROMPT_TOKENS,
-    ATTR_REQUEST_ID,
-    ATTR_SCENARIO,
-    tracer,
-)
 from services.control.loop import ControlLoop
 from services.gateway import assist
 from services.gateway.admission import PrefillAdmission
@@ -64,6 +55,15 @@ from services.gateway.scheduling import Policy
 from services.gateway.validation import ValidRequest, validate
 from services.model.info import ModelInfo
 from services.model.tokenizer import Detokenizer, TextTokenizer
+from services.observe.metrics import Labels, RequestMetrics
+from services.observe.telemetry import (
+    ATTR_CLIENT_REQUEST_ID,
+    ATTR_COMPLETION_TOKENS,
+    ATTR_PROMPT_TOKENS,
+    ATTR_REQUEST_ID,
+    ATTR_SCENARIO,
+    tracer,
+)
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)

@@ -34,7 +34,6 @@ from opentelemetry import trace
 
 from pdserve.v1 import common_pb2
 from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
 from services.kv.base import KvLease, KvTransport, Reservation, TransferError
 from services.kv.config import KvTransferConfig
 from services.kv.layout import HEADER_BYTES, KvFormatError, byte_view, decode_header
@@ -47,6 +46,7 @@ from services.kv.rdma import (
 from services.kv.shm import ShmTransport
 from services.kv.tcp import TcpTransport
 from services.kv.wire import FLAG_FALLBACK, FLAG_RETRYABLE
+from services.observe.telemetry import ATTR_KV_FALLBACK, ATTR_KV_TRANSPORT
 
 if TYPE_CHECKING:
     import numpy as np

@@ -33,19 +33,19 @@ import grpc
 from pdserve.v1 import common_pb2
 from pdserve.v1 import kvstore_service_pb2 as pb
 from pdserve.v1 import kvstore_service_pb2_grpc as pb_grpc
+from services.cluster.registry import InstanceInfo, RegistryView
 from services.common import faultpoints
 from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import PdserveError, abort_with
-from services.common.registry import InstanceInfo, RegistryView
 from services.common.runtime import ServiceRuntime, host_id, run_main
 from services.common.tasks import cancel_and_wait
-from services.common.telemetry import ATTR_REQUEST_ID, tracer
 from services.kv import KvTransferConfig
 from services.kv.negotiate import rdma_usable
 from services.kvstore.dataserver import DataServer
 from services.kvstore.faults import Faults
 from services.kvstore.memory import SegmentPool, heap_segment, memfd_segment, memfd_supported
 from services.kvstore.store import KvStore
+from services.observe.telemetry import ATTR_REQUEST_ID, tracer
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)

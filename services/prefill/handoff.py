@@ -20,14 +20,14 @@ import grpc
 from pdserve.v1 import common_pb2, kvstore_service_pb2
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1.kvstore_service_pb2_grpc import KvStoreServiceStub as KvStoreStub
+from services.cluster.registry import RegistryView
 from services.common.errors import Unavailable, error_info, from_rpc_error
-from services.common.registry import RegistryView
 from services.common.runtime import host_id, new_channel
-from services.common.telemetry import ATTR_KV_BYTES, ATTR_REQUEST_ID, tracer
 from services.engine.worker import ModelThread, WorkerConfig
 from services.kv import push_kv
 from services.kv.layers import LayerPush
 from services.kv.layout import kv_nbytes
+from services.observe.telemetry import ATTR_KV_BYTES, ATTR_REQUEST_ID, tracer
 from services.prefill.estimator import PrefillEstimator, reservation_lease_ms
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, fields
 
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
+from services.cluster.registry import RegistryView
 from services.common.config import ConfigError
-from services.common.registry import RegistryView
 from services.common.runtime import ServiceRuntime, run_main
 from services.engine.worker import ModelThread, WorkerConfig, worker_info
 from services.prefill.handoff import Handoff

@@ -31,13 +31,14 @@ import grpc
 
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1 import prefill_service_pb2_grpc as pb_grpc
-from services.common import faultpoints, slotoffer
+from services.cluster import slotoffer
+from services.common import faultpoints
 from services.common.errors import DeadlineExceeded, InvalidArgument, PdserveError, abort_with
 from services.common.runtime import ServiceRuntime
-from services.common.telemetry import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, tracer
 from services.engine.worker import ModelThread, WorkerConfig, now_ms
 from services.kv import transfer_load
 from services.kv.wire import MAX_REQUEST_ID_BYTES
+from services.observe.telemetry import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, tracer
 from services.prefill.estimator import PrefillEstimator
 from services.prefill.handoff import Handoff
 
@@ -227,7 +228,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
     def _announce_free_slot(self) -> None:
         """Offer the freed slot to the earliest-deadline request waiting in this group's
         forwarding queue: one Redis round trip, which wakes exactly that request's gateway
-        (services/common/slotoffer.py). Without Redis, gateways fall back to local waiting."""
+        (services/cluster/slotoffer.py). Without Redis, gateways fall back to local waiting."""
         async def publish() -> None:
             with contextlib.suppress(Exception):
                 await slotoffer.offer_slot(self.runtime.redis, self.cfg.group,

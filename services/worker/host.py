@@ -43,9 +43,9 @@ from grpc_health.v1 import health_pb2
 from pdserve.v1 import admin_service_pb2 as apb
 from pdserve.v1 import decode_service_pb2 as dpb
 from pdserve.v1 import prefill_service_pb2 as ppb
+from services.cluster.registry import InstanceInfo, Registration, RegistryView
 from services.common.config import ENV_PREFIX, ConfigError, as_env, load_config
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.common.registry import InstanceInfo, Registration, RegistryView
 from services.common.runtime import ServiceRuntime
 from services.decode.main import SERVICE as DECODE_SERVICE
 from services.decode.main import DecodeConfig, DecodeServicer

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.v1 import generation_service_pb2 as gen_pb
 from pdserve.v1 import generation_service_pb2_grpc as gen_grpc
-from services.common.metrics import PREFIX
+from services.observe.metrics import PREFIX
 from tests.certs import make_ca
 from tests.e2e.conftest import UpProcess, start_up
 

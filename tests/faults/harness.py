@@ -38,8 +38,8 @@ from pdserve.v1 import (
     prefill_service_pb2,
     prefill_service_pb2_grpc,
 )
+from services.cluster.redis_embed import EmbeddedRedis
 from services.common.errors import error_info
-from services.common.redis_embed import EmbeddedRedis
 
 HUNG_GRACE_S = 5.0  # a request still running at its deadline + this is hung
 KV_SETTLE_S = 1.0  # "right after the load": the release RPCs are in flight this long at most

@@ -61,7 +61,7 @@ def _data_port(cluster: ProcCluster) -> int:
     """The kvstore's tcp data port, from its registry record."""
     import asyncio
 
-    from services.common.registry import connect, list_instances
+    from services.cluster.registry import connect, list_instances
 
     async def find() -> str:
         client = connect(cluster.redis.url)

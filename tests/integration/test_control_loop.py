@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.keys import GROUPS_KEY, instance_key, members_key
-from services.common.registry import InstanceInfo, connect, list_instances
+from services.cluster.keys import GROUPS_KEY, instance_key, members_key
+from services.cluster.registry import InstanceInfo, connect, list_instances
 from services.control.actuator import Capabilities, InstanceStatus, StaleFence, State
 from services.control.leader import (
     FENCE_KEY,

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.common import slotoffer
-from services.common.keys import gateways_key, offered_key, queue_key
-from services.common.registry import connect
+from services.cluster import slotoffer
+from services.cluster.keys import gateways_key, offered_key, queue_key
+from services.cluster.registry import connect
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.scheduling import Waiting, offer_to
 

@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
-from services.common import slotoffer
-from services.common.keys import wake_channel_prefix
-from services.common.registry import connect
+from services.cluster import slotoffer
+from services.cluster.keys import wake_channel_prefix
+from services.cluster.registry import connect
 from services.gateway.fwdqueue import ForwardingQueue
 
 pytestmark = pytest.mark.integration

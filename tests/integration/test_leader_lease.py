@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.registry import connect
+from services.cluster.registry import connect
 from services.control.actuator import (
     Capabilities,
     Decision,

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.metrics import PREFIX, SCRAPED
+from services.observe.metrics import PREFIX, SCRAPED
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from services.common import slotoffer
-from services.common.keys import instance_key
-from services.common.redis_embed import EmbeddedRedisCluster
-from services.common.registry import (
+from services.cluster import slotoffer
+from services.cluster.keys import instance_key
+from services.cluster.redis_embed import EmbeddedRedisCluster
+from services.cluster.registry import (
     InstanceInfo,
     Registration,
     RegistryView,

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from services.common.redis_embed import EmbeddedRedis
-from services.common.registry import (
+from services.cluster.redis_embed import EmbeddedRedis
+from services.cluster.registry import (
     SOCKET_TIMEOUT_S,
     InstanceInfo,
     Registration,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.common.redis_embed import redis_server_binary
+from services.cluster.redis_embed import redis_server_binary
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.registry import (
+from services.cluster.registry import (
     InstanceInfo,
     Registration,
     RegistryView,

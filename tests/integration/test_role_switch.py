@@ -15,8 +15,8 @@ import pytest
 from pdserve.v1 import admin_service_pb2 as apb
 from pdserve.v1 import admin_service_pb2_grpc as apb_grpc
 from pdserve.v1 import decode_service_pb2, decode_service_pb2_grpc
+from services.cluster.registry import connect, list_instances
 from services.common.errors import error_info
-from services.common.registry import connect, list_instances
 from services.common.runtime import ServiceRuntime, new_channel
 from services.worker import main as worker_main
 from services.worker.host import HostConfig, RoleHost

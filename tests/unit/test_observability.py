@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.common.config import field_docs
-from services.common.metrics import PREFIX, SCRAPED
+from services.observe.metrics import PREFIX, SCRAPED
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""services.common.registry: InstanceInfo serialization and the Redis key layout."""
+"""services.cluster.registry: InstanceInfo serialization and the Redis key layout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.common.registry import GROUPS_KEY, InstanceInfo, instance_key, members_key
+from services.cluster.registry import GROUPS_KEY, InstanceInfo, instance_key, members_key
 
 pytestmark = pytest.mark.unit
 

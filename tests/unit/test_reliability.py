@@ -12,7 +12,6 @@ from pdserve.v1 import generation_service_pb2 as gen_pb
 from services.common import faultpoints
 from services.common.auth import ClusterTokenInterceptor, token_ok
 from services.common.errors import InvalidArgument, quote
-from services.common.telemetry import CrossContextDetachFilter
 from services.gateway.validation import (
     GREEDY_EPSILON,
     MAX_REQUEST_ID_BYTES,
@@ -25,6 +24,7 @@ from services.kv.wire import Op, pack_req
 from services.kvstore.store import KvStore, State
 from services.model.info import ModelInfo
 from services.model.tokenizer import TextTokenizer
+from services.observe.telemetry import CrossContextDetachFilter
 
 pytestmark = pytest.mark.unit
 INTERNAL = "0123456789abcdef0123456789abcdef"
@@ -173,7 +173,7 @@ async def test_a_span_generator_closed_from_another_task_logs_no_detach_error(
     cancelled gRPC stream does). OTel then fails to reset its context token."""
     import asyncio
 
-    from services.common.telemetry import tracer
+    from services.observe.telemetry import tracer
 
     async def handler():  # type: ignore[no-untyped-def]
         with tracer("t").start_as_current_span("stream"):
