@@ -60,7 +60,11 @@ VOCAB = 256  # the mock cloud's token ids stay in the tiny tokenizer's range
 # in wall time; results are reported in model time (wall / SCALE).
 SCALE = [1.0]
 COLLAPSE = 0.5  # the capacity search stops doubling below this attainment
-TPOT_JUDGE = ["max"]  # "max" (the issue's bound) or "p99" (set by pd_device.main)
+TPOT_JUDGE = ["max"]  # "max" (the issue's bound), "p99" or "p99cap" (pd_device.main)
+# p99cap: a chat's p99 gap <= 50 ms and its max <= STALL_CAP x 50 ms. With p99 alone one
+# long stall passes (run 2: a cloud_only chat waited 11 s for a decode slot, and passed);
+# the host's own stalls stayed under ~160 ms of model time in these runs.
+STALL_CAP = 4.0
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,12 @@ class ChatResult:
         chat's p99 gap (isolated host stalls pass; see the module docstring)."""
         from services.device.controller import percentile
 
+        top = max(self.gaps, default=0.0)
         if TPOT_JUDGE[0] == "p99":
             return percentile(self.gaps, 99)
-        return max(self.gaps, default=0.0)
+        if TPOT_JUDGE[0] == "p99cap":  # ... and no single stall beyond what the host causes
+            return percentile(self.gaps, 99) if top <= STALL_CAP * 50.0 else top
+        return top
 
 
 def run_chat(stub: pb_grpc.DeviceServiceStub, chat: Chat, mode: str, device: int,
