@@ -245,7 +245,8 @@ def subprocess_gateway(policy: str, port: int, redis_url: str, profile: str,
     return subprocess.Popen(
         [sys.executable, "-m", "services.gateway", "--port", str(port), "--scheduler", policy,
          "--model", f"mock:{profile}", "--group", GROUPS[0], "--instance-id",
-         f"gateway-{policy}", "--registry-poll-s", "0.1"],
+         f"gateway-{policy}", "--registry-poll-s", "0.1",
+         "--http-port", "-1"],  # no HTTP door: all would bind 8000
         env={**os.environ, **env, "PDSERVE_REDIS_URL": redis_url},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
