@@ -106,6 +106,9 @@ class LoadIndex(Mapping[str, int]):
         # Read lazily: a caller may update the index between two items (a simulated TRY
         # round spans events); a bucket emptied meanwhile is skipped.
         for c in sorted(self._buckets):
+            if self._ids is not ids:  # reset meanwhile: old positions mean nothing now
+                yield from self.ranked(tie_break)
+                return
             b = self._buckets.get(c)
             if not b:
                 continue
@@ -113,10 +116,16 @@ class LoadIndex(Mapping[str, int]):
             # Indexing, not slicing: the first item must not cost a copy of the bucket.
             j = k
             while j < len(b):
+                if self._ids is not ids:
+                    yield from self.ranked(tie_break)
+                    return
                 yield ids[b[j]]
                 j += 1
             j = 0
             while j < k and j < len(b):
+                if self._ids is not ids:
+                    yield from self.ranked(tie_break)
+                    return
                 yield ids[b[j]]
                 j += 1
 

@@ -58,6 +58,18 @@ def test_ranked_survives_updates_between_items() -> None:
     assert set(rest) <= {"b", "c", "d"} and "d" in rest
 
 
+def test_ranked_survives_a_reset_between_items() -> None:
+    # The simulator's controller moves an instance into the pool mid TRY round: positions
+    # past the old membership raised IndexError (bench/ratio_shift.py --quick), or the
+    # old order ended early, as here.
+    idx = LoadIndex(["a", "b"], {"a": 0, "b": 1})
+    it = idx.ranked(0)
+    assert next(it) == "a"
+    idx.reset(["c", "d", "e", "a"], {"a": 3})
+    rest = list(it)
+    assert set(rest) <= {"a", "c", "d", "e"} and rest[:3] == ["c", "d", "e"]
+
+
 def test_decodes_with_degraded_transfers_rank_after_healthy_ones() -> None:
     cands = [Candidate("slow", slots=8, kv_fallback_rate=0.9),
              Candidate("ok", slots=8, kv_fallback_rate=KV_FALLBACK_DEGRADED),
