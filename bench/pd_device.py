@@ -567,16 +567,17 @@ def main() -> int:
     out["time_scale"] = k
     print(f"\n{json.dumps(out)}  [{time.monotonic() - t0:.0f} s; machine shared, one run; "
           f"times in model ms, wall / {k:g}]")
-    for p in plots(rows, q, Path(args.plots)) if rows else ():
-        print(f"plot: {p}")
-    if fleet_out.get("gain_vs_length"):
-        print("plot: " + fleet.plot(fleet_out["gain_vs_length"], fleet_out,
-                                    str(Path(args.plots) / "pd-device-fleet.png")))
     if args.json:
         Path(args.json).write_text(json.dumps(out))
         Path(args.json).with_suffix(".detail.json").write_text(
             json.dumps({"summary": out, "rows": rows, "quality": q, "fleet": fleet_out,
                         "cloud_profile": plan["cloud"], "args": vars(args)}, indent=1))
+    for p in plots(rows, q, Path(args.plots)) if rows else ():
+        print(f"plot: {p}")
+    if fleet_out.get("gain_vs_length"):
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        print("plot: " + fleet.plot(fleet_out["gain_vs_length"], fleet_out,
+                                    str(Path(args.plots) / "pd-device-fleet.png")))
     return 0
 
 
