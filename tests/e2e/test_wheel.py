@@ -10,6 +10,7 @@ this way are not run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_install_serves_the_mock_engine(tmp_path: Path) -> None:
+    # Build from a clean copy of the sources: setuptools builds in-tree, and a build/ left
+    # in the checkout by an earlier build could hold stale modules.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "out", "img"))
     dist = tmp_path / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(dist), str(ROOT)], capture_output=True, text=True, timeout=300)
+         "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = dist.glob("pdserve-*.whl")
 
