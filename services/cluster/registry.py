@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -42,6 +43,19 @@ from services.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (aioredis.RedisError, OSError)
+
+
+def _credentials_refused(e: BaseException) -> bool:
+    """Redis said no to the URL's credentials (redis-py's retry wraps the
+    AuthenticationError in a ConnectionError, so look down the chain)."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.exceptions.AuthenticationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 # Bounded calls: a dead Redis fails fast (callers degrade), a hung one within these.
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
@@ -152,6 +166,12 @@ class Registration:
         try:
             await self.beat()
         except REDIS_ERRORS as e:
+            if _credentials_refused(e):
+                # Wrong or missing credentials are a setting to fix, not an outage to ride
+                # out: the instance does not start.
+                log.error("Redis refused this instance's credentials: check the password in "
+                          "PDSERVE_REDIS_URL (redis://:PASSWORD@host:port/0)")
+                raise
             log.warning("registry unreachable at start, serving and retrying: %s", e)
             self.failing = True
         self._task = asyncio.create_task(self._loop(), name=f"heartbeat-{self._info.instance_id}")

@@ -23,7 +23,7 @@ def locked_redis(tmp_path: Path) -> Iterator[str]:
     sock = tmp_path / "redis.sock"
     proc = subprocess.Popen(
         [redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "",
-         "--appendonly", "no", "--notify-keyspace-events", "KEA", "--requirepass", PASSWORD,
+         "--appendonly", "no", "--requirepass", PASSWORD,
          "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 10
