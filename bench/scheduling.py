@@ -184,6 +184,9 @@ def main() -> int:
     try:
         redis_url = next(line.split("redis ")[-1] for line in cluster.read().splitlines()
                          if "redis unix" in line or "redis redis" in line)
+        # The workers refuse internal RPCs without the cluster's token (pdserve up writes it).
+        token = (cluster.log_dir / "cluster-token").read_text().strip()
+        env = {**env, "PDSERVE_CLUSTER_TOKEN": token}
         for policy in policies:
             if policy == "forward":
                 continue
