@@ -97,6 +97,9 @@ def layout(sim: Simulator, splits: dict[str, tuple[int, int]], spare_group: str)
 
 def one(run: int, lat: LatencyModel, args: argparse.Namespace, slo: Slo) -> list[Arm]:
     tr = load_trace(args.trace)
+    if not any(r.hash_ids for r in tr):  # an Azure CSV: every request would be group 0
+        raise SystemExit(f"{args.trace}: hot_groups needs a trace with hash_ids (Mooncake-style"
+                         " .jsonl); a request's group is its prompt's first block")
     if args.requests:
         start = (run * 997) % max(1, len(tr) - args.requests)
         tr = tr[start: start + args.requests]
