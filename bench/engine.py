@@ -216,6 +216,10 @@ def prefix_replay(trace: Path, prefills: int, groups: int, cache_blocks: int,
     from services.engine.prefix import PrefixCache
     from services.model.profile import profile_path
 
+    if trace.suffix != ".jsonl":
+        raise SystemExit(f"{trace}: the prefix replay needs shared-prefix hash_ids "
+                         "(a Mooncake-style .jsonl trace)")
+
     rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
     rows = rows[:limit] if limit else rows
     lat = LatencyModel.from_profile(json.loads(profile_path(profile).read_text()))
@@ -279,7 +283,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and trace rows")
     ap.add_argument("--json", type=Path, help="write the ratios here")
     ap.add_argument("--plot", type=Path,
-                    default=Path(__file__).resolve().parent.parent / "docs/img/engine_decode.png")
+                    default=Path(__file__).resolve().parent / "out" / "engine_decode.png")
     ap.add_argument("--prompt-tokens", type=int, default=251)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for both engines (0: one per core)")

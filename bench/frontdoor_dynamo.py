@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from bench.common import free_port
+from services.model.info import KNOWN, cache_root
 
-MODEL_DIR = Path.home() / ".cache" / "pdserve" / "models" / "smollm2-135m-instruct-v1"
+MODEL_DIR = cache_root() / "models" / KNOWN["smollm2"]  # PDSERVE_CACHE_DIR honoured
 MODEL = "smollm2"
 
 
