@@ -393,7 +393,8 @@ def main() -> int:
     ap.add_argument("--rtt-ms", type=float, default=50.0)
     ap.add_argument("--bandwidth-mbps", type=float, default=20.0)
     ap.add_argument("--min-quality", type=float, default=0.8)
-    ap.add_argument("--plots", default=str(ROOT / "docs/img"))
+    ap.add_argument("--plots", default=str(ROOT / "bench/out"),
+                    help="where the PNGs go (docs/img holds the committed ones)")
     ap.add_argument("--skip-quality", action="store_true",
                     help="rho = 1 only (no quality table; the optimiser never refines)")
     fl = ap.add_argument_group("fleet (bench/pd_device_fleet.py)")
@@ -519,7 +520,7 @@ def main() -> int:
                 for m in ("pd_device", "cloud_only")}
         return busy["pd_device"] / busy["cloud_only"] if busy["cloud_only"] else 0.0
 
-    # Max displayed gap by mode and prompt bucket, every single-device request (issue 16).
+    # Max displayed gap by mode and prompt bucket, every single-device request.
     by_mode = {m: {str(b): max((g for r in results if r.mode == m and r.req.bucket == b
                                 for g in r.gaps), default=0.0) for b in buckets}
                for m in MODES}

@@ -1,7 +1,7 @@
 """The settings optimiser: per request, choose (N, rho, tau) (pure, no I/O).
 
-Timeline of one pd_device request (times from the user's enter, ms; papers.md §2.2,
-made concrete here and in docs/pd-device.md):
+Timeline of one pd_device request (times from the user's enter, ms; P/D-Device's
+timeline as docs/pd-device.md makes it concrete):
 
   A_1    = RTT + upload(n) + TTFT_c(n)          the cloud's first token reaches the device
   D_j    = A_1 + (j - 1) * tau                  display time of token j (controller pace)
