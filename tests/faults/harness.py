@@ -163,8 +163,10 @@ class ProcCluster:
         self.extra = dict(env or {})
         # prefill-0 takes one request at a time, so the gateway's batch filler spills the
         # rest onto prefill-1 (the victim of the prefill cases) instead of packing one.
+        # decode-0 batches 3: the victim decode-1 can rank last (a restarted decode that
+        # fell back to tcp reports kv_fallback_rate > 0.2) and would otherwise take nothing.
         self.proc_env = proc_env if proc_env is not None else {
-            "prefill-0": {"PDSERVE_SLOTS": "1"}}
+            "prefill-0": {"PDSERVE_SLOTS": "1"}, "decode-0": {"PDSERVE_SLOTS": "3"}}
         self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
