@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
 
 from bench.sim import hook
 from bench.sim.decode import FluidDecode
@@ -26,13 +25,11 @@ from bench.sim.state import (
 from services.gateway import policy as pol
 from services.gateway import scheduling as sched
 
-if TYPE_CHECKING:
-    from bench.sim.core import Simulator as _Base
-else:
-    _Base = object
+# The classes below are mixins of ``core.Simulator``: they use its state and event loop
+# and import nothing of core (core imports them), so the two files form no import cycle.
 
 
-class DecodeSide(_Base):
+class DecodeSide:
     # -- decode ---------------------------------------------------------------------------
     def _to_decode(self, r: Req) -> None:
         g, gw = r.group, r.gw
@@ -153,7 +150,7 @@ class DecodeSide(_Base):
             self._fetch(r, d)
 
 
-class ControlSide(_Base):
+class ControlSide:
     # -- control hook ---------------------------------------------------------------------
     def _control(self, _: object) -> None:
         assert self.control is not None
@@ -248,7 +245,7 @@ class _Const(dict[str, int]):
 _NO_FALLBACK: dict[str, float] = {}  # the simulated transports never fall back
 
 
-class BaselineSide(_Base):
+class BaselineSide:
     """The queueing baselines (one prefill, its local FIFO) and the ends a deadline or a
     client cancel bring, whatever the request's state."""
 

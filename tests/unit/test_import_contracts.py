@@ -44,25 +44,12 @@ def _module(path: Path) -> str:
     return ".".join(parts)
 
 
-def _type_only(tree: ast.Module) -> set[int]:
-    """ids of the nodes under ``if TYPE_CHECKING:``: annotations only, never run."""
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for stmt in node.body:
-                skip.update(id(n) for n in ast.walk(stmt))
-    return skip
-
-
 def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports at run time, at any depth (function-level imports
-    included; imports under ``if TYPE_CHECKING:`` are annotations and do not count)."""
+    """Every module ``path`` imports, at any depth (function-level and type-checking
+    imports included)."""
     tree = ast.parse(path.read_text(), str(path))
-    skip = _type_only(tree)
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
