@@ -26,6 +26,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_up(proc: subprocess.Popen[bytes]) -> int:
+    """Stop a ``pdserve up`` we started: SIGTERM (it stops its children in order), then
+    SIGKILL after 60 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 class UpCluster:
     """`pdserve up` in a subprocess; stopped with SIGTERM to the PID it started."""
 
@@ -57,15 +70,9 @@ class UpCluster:
         return (self.log_dir / "up.out").read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_up(self.proc)
         self.out.close()
-        return int(self.proc.returncode)
+        return code
 
     def __enter__(self) -> UpCluster:
         self.wait()

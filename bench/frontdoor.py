@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, stop_up  # noqa: E402
 
 PROFILE = ROOT / "bench" / "profiles" / "instant.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -123,13 +123,7 @@ class Cluster:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_up(self.proc)
         self.out.close()
 
 
