@@ -48,7 +48,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cluster.redis_embed import EmbeddedRedis, redis_server_binary
+from services.cluster.redis_embed import EmbeddedRedis
 from services.common.auth import CLUSTER_TOKEN_HEADER
 from services.common.config import env_str
 
@@ -83,31 +83,8 @@ class SupervisedRedis(EmbeddedRedis):
     """The embedded redis-server, also bound to the launcher's life (parent-death
     signal), so a killed launcher leaves no redis-server behind."""
 
-    def start(self, timeout_s: float = 10.0) -> str:
-        import redis
-
-        args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket),
-                "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                "--dir", str(self.dir)]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(bound_to_launcher(args), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see "
-                                   f"{self.dir / 'redis.log'}")
-            try:
-                client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
-                client.ping()
-                client.close()
-                return self.url
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start within {timeout_s}s")
+    def launch_argv(self, args: list[str]) -> list[str]:
+        return bound_to_launcher(args)
 
 
 @dataclass(frozen=True)

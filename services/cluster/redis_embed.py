@@ -47,6 +47,10 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
+    def launch_argv(self, args: list[str]) -> list[str]:
+        """How redis-server is started (the launcher binds it to its own life)."""
+        return args
+
     def start(self, timeout_s: float = 10.0) -> str:
         args = [
             redis_server_binary(),
@@ -58,24 +62,23 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
         ]
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "redis.log", "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.dir / "redis.log", "ab") as log:  # a restart appends
+            self.proc = subprocess.Popen(self.launch_argv(args), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"redis-server exited with {self.proc.returncode}; see {self.dir / 'redis.log'}"
                 )
-            if self.socket.exists():
-                try:
-                    client = redis.Redis(unix_socket_path=str(self.socket))
-                    client.ping()
-                    client.close()
-                    return self.url
-                except redis.ConnectionError:
-                    pass
-            time.sleep(0.02)
+            try:
+                client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+                client.ping()
+                client.close()
+                return self.url
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not start within {timeout_s}s")
 
