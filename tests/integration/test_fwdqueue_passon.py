@@ -36,11 +36,10 @@ async def test_an_offer_arriving_after_its_waiter_left_goes_to_the_next_waiter_a
         # r0 was admitted and left gateway A; an OFFER that Redis ran before r0's LEAVE
         # still reaches A: published exactly as the OFFER script publishes it.
         gone = slotoffer.member("r0", gw_a)
-        t0 = time.monotonic()
         await client.publish(wake_channel_prefix(g) + gw_a,
                              f"{gone}\np0\n{slotoffer.now_ms()}")
         assert await asyncio.wait_for(b.wait(g, "r1"), 2) == "p0"
-        assert time.monotonic() - t0 < SAFETY_POLL_S / 2  # the offer, not the safety poll
+        # The passed-on offer woke it, not the (5 s) safety poll:
         assert a.stats.offers_passed_on == 1 and b.stats.safety_polls == 0
         await b.leave(g, "r1")
         await b.settled()

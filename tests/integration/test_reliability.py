@@ -203,11 +203,10 @@ async def test_data_channel_idle_timeout_and_per_peer_limit(redis_url: str) -> N
             socks.append(s)
         # The third is over the per-peer limit: closed on accept.
         assert await asyncio.wait_for(loop.sock_recv(socks[2], 16), 2) == b""
-        # The first two never send a header: closed after data_idle_s, not 60 s.
-        t0 = time.monotonic()
+        # The first two never send a header: closed after data_idle_s (0.3 s), well inside
+        # the 5 s this waits, where the transfer bound (60 s) would not have closed them.
         for s in socks[:2]:
             assert await asyncio.wait_for(loop.sock_recv(s, 16), 5) == b""
-        assert time.monotonic() - t0 < 3
         # A header with a 65,535-byte request id is a protocol error, not a 64 KiB read.
         s = socket.create_connection(("127.0.0.1", svc.data.port))
         s.setblocking(False)
