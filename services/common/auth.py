@@ -129,10 +129,10 @@ def token_ok(value: str | None, tokens: Sequence[str]) -> bool:
 
 
 class _TokenMetadata:
-    """Adds the cluster token to every call of a channel."""
+    """Adds one metadata pair (the cluster token by default) to every call of a channel."""
 
-    def __init__(self, token: str) -> None:
-        self.pair = (CLUSTER_TOKEN_HEADER, token)
+    def __init__(self, token: str, header: str = CLUSTER_TOKEN_HEADER) -> None:
+        self.pair = (header, token)
 
     def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         md = grpc.aio.Metadata(*(details.metadata or ()), self.pair)
@@ -157,6 +157,29 @@ class _StreamToken(_TokenMetadata, grpc.aio.UnaryStreamClientInterceptor):
 def token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
     """Client interceptors that send ``token`` on every call (none without a token)."""
     return [_UnaryToken(token), _StreamToken(token)] if token else []
+
+
+def api_key_interceptors(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send ``authorization: Bearer <key>`` (none without a key)."""
+    value = f"Bearer {key}"
+    return [_UnaryToken(value, AUTH_HEADER), _StreamToken(value, AUTH_HEADER)] if key else []
+
+
+def gateway_channel(address: str, tls_ca: str = "", api_key: str = "",
+                    tls_server_name: str = "",
+                    options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """A client's channel to a gateway's public door: TLS when ``tls_ca`` (a PEM of the CA
+    that signed the gateway's certificate) is set, the API key on every call when set.
+
+    ``tls_server_name`` is the name the certificate must carry when ``address`` is not
+    it (a device dialling the gateway through its local WAN relay)."""
+    interceptors = api_key_interceptors(api_key) or None
+    if not tls_ca:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    opts = [*options, ("grpc.ssl_target_name_override", tls_server_name)] \
+        if tls_server_name else list(options)
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(
+        Path(tls_ca).read_bytes()), options=opts, interceptors=interceptors)
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:

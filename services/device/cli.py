@@ -40,6 +40,9 @@ def add_parser(sub: Any) -> None:
     chat.add_argument("--timeout", type=float, default=300.0)
     prof = dsub.add_parser("profile", help="measure the optimiser profile")
     prof.add_argument("--cloud", required=True, help="gateway address")
+    prof.add_argument("--tls-ca", default="", help="PEM of the CA of a TLS gateway (default: "
+                      "plaintext)")
+    prof.add_argument("--api-key", default="", help="API key of a keyed gateway (default: none)")
     prof.add_argument("--model", default="smollm2")
     prof.add_argument("--speed-factor", type=float, default=1.0)
     prof.add_argument("--sizes", default="64,256,1024", help="prompt lengths to measure")
@@ -109,10 +112,10 @@ def describe(s: Any, pb: Any, common_pb2: Any) -> str:
 
 
 async def _profile(args: argparse.Namespace) -> int:
-    import grpc
 
     from pdserve.v1 import generation_service_pb2 as gpb
     from pdserve.v1 import generation_service_pb2_grpc as gpb_grpc
+    from services.common.auth import gateway_channel
     from services.device.engine import TorchDevice
     from services.device.planning import measure_device
     from services.engine.worker import ModelThread
@@ -124,7 +127,7 @@ async def _profile(args: argparse.Namespace) -> int:
     device = await thread.run(measure_device, engine, sizes)
     thread.shutdown()
     ttft, gaps, t2 = [], [], []
-    async with grpc.aio.insecure_channel(args.cloud) as channel:
+    async with gateway_channel(args.cloud, args.tls_ca, args.api_key) as channel:
         stub = gpb_grpc.GenerationServiceStub(channel)
         for n in sizes:
             t0 = time.monotonic()

@@ -27,7 +27,8 @@ from typing import Any
 
 import grpc
 
-from services.common.runtime import new_channel
+from services.common.auth import gateway_channel
+from services.common.runtime import CHANNEL_OPTIONS
 from services.device.optimizer import Constraints
 from services.device.planning import Planner, load_plan_profile, measure_device
 from services.device.session import default_stub_factory
@@ -94,6 +95,11 @@ def _device_curve(cfg: Any, engine: Any) -> dict[str, Any]:
     return measure_device(engine)
 
 
+def _host(address: str) -> str:
+    """The host of ``host:port`` (brackets of an IPv6 literal removed)."""
+    return address.rpartition(":")[0].strip("[]") or address
+
+
 async def build_device(cfg: Any, info: ModelInfo, index: int,
                        constraints: Constraints) -> EmulatedDevice:
     """Device ``index`` of ``cfg.fleet_size``: engine warmed up, planner, link to the cloud."""
@@ -116,6 +122,11 @@ async def build_device(cfg: Any, info: ModelInfo, index: int,
             if index == 0 or cfg.fleet_size <= 4:
                 log.info("device %d: WAN relay %s -> %s (rtt %g ms, %g Mbit/s)", index,
                          target, cfg.cloud_address, rtt, cfg.wan_bandwidth_mbps)
-        dev.channel = new_channel(target)
+        # Through the relay the device dials 127.0.0.1:port; TLS still checks the gateway's
+        # own name, so the certificate is the one the real phone would see.
+        dev.channel = gateway_channel(
+            target, cfg.cloud_tls_ca, cfg.cloud_api_key,
+            tls_server_name=_host(cfg.cloud_address) if target != cfg.cloud_address else "",
+            options=CHANNEL_OPTIONS)
         dev.stub = default_stub_factory(dev.channel)
     return dev

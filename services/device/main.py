@@ -6,7 +6,8 @@ Lifecycle of the process:
      profile mock at its own speed) on its own model thread, warmed up; its optimiser
      profiles (a profile file, or measure the device now).
   2. If a cloud is configured, each device starts its own WAN relay (RTT, bandwidth)
-     toward the gateway and opens its own channel through it.
+     toward the gateway and opens its own channel through it (TLS with
+     ``cloud_tls_ca``, the API key with ``cloud_api_key``, as any client of the door).
   3. Bind gRPC (DeviceService, health, reflection), turn SERVING. A device is a client
      of the cloud: it does not register in Redis.
   4. On SIGTERM: NOT_SERVING, in-flight chats finish within the grace period, the relays
@@ -23,6 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -51,6 +53,8 @@ class DeviceConfig(ServiceConfig, ModelConfig):
     """Settings of the emulated device."""
 
     cloud_address: str = ""  # the pdserve gateway (host:port); empty: device_only
+    cloud_tls_ca: str = ""  # PEM of the CA that signed the gateway's certificate; empty: plaintext
+    cloud_api_key: str = ""  # sent as "Authorization: Bearer <key>" to a keyed gateway
     mode: str = "pd_device"  # default mode: pd_device | cloud_only | device_only
     engine: str = "torch"  # torch: the real model, stretched; mock: a latency profile
     speed_factor: float = 1.0  # k: the device is k times slower than this host (torch)
@@ -93,6 +97,8 @@ class DeviceConfig(ServiceConfig, ModelConfig):
                 or self.time_scale <= 0 or self.pace_step_ms <= 0:
             raise ConfigError("need fleet_size >= 1, fleet_spread >= 0, cloud_stall_s > 0, "
                               "time_scale > 0, pace_step_ms > 0")
+        if self.cloud_tls_ca and not Path(self.cloud_tls_ca).is_file():
+            raise ConfigError(f"cloud_tls_ca: no such file {self.cloud_tls_ca!r}")
         if self.fleet_size > 1 and self.engine != "mock":
             raise ConfigError("fleet_size > 1 needs engine mock: torch devices in one "
                               "process would share this host's cores, which phones do not")
