@@ -472,13 +472,24 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
     def _cached(self, p: Prefill, r: Req) -> int:
         cache = p.cache
         hit = 0
-        for h in r.hash_ids:
-            if h not in cache:
+        ids = r.hash_ids
+        # One pass: the leading hits move to the LRU's end, then every id from the first miss
+        # on is (re)inserted at the end; the same order as "count the leading hits, then
+        # touch every id", since touching an id never changes whether another is cached.
+        it = iter(ids)
+        move = cache.move_to_end
+        for h in it:
+            if h in cache:
+                hit += 1
+                move(h)
+            else:
+                cache[h] = None
                 break
-            hit += 1
-        for h in r.hash_ids:
-            cache[h] = None
-            cache.move_to_end(h)
+        for h in it:
+            if h in cache:
+                move(h)
+            else:
+                cache[h] = None
         while len(cache) > self._cache_cap:
             cache.popitem(last=False)
         return min(hit * HASH_BLOCK_TOKENS, (r.n - 1) // 64 * 64)
