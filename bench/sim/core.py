@@ -38,6 +38,7 @@ the clock, each request's timestamps, and pool membership over time.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import random
@@ -200,13 +201,25 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
         heap, pop = self._heap, heapq.heappop
         audit = self.audit
         events = 0
-        while heap:
-            t, _, fn, arg = pop(heap)
-            if audit is not None:
-                audit.clock(t, self.now)
-            self.now = t
-            fn(arg)
-            events += 1
+        # The loop makes no reference cycles (a request, its events and its stats are freed
+        # by reference counting; tests/unit/test_sim_invariants.py checks it), so the cyclic
+        # collector only spends time here: 13% of a fleet run, walking live heap entries
+        # and requests. It is off while the loop runs, unless a control callback (code
+        # outside the simulator) runs inside it.
+        gc_paused = self.control is None and gc.isenabled()
+        if gc_paused:
+            gc.disable()
+        try:
+            while heap:
+                t, _, fn, arg = pop(heap)
+                if audit is not None:
+                    audit.clock(t, self.now)
+                self.now = t
+                fn(arg)
+                events += 1
+        finally:
+            if gc_paused:
+                gc.enable()
         self.stats.events += events
         for g in self.groups.values():
             g.account(self.now)

@@ -13,6 +13,7 @@ run on 1 and 2 workers gives identical figures).
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import resource
@@ -108,11 +109,21 @@ def _worker(args: tuple[FleetSpec, list[int], float]) -> tuple[Stats, float, flo
     spec, groups, compress = args
     k = spec.chunk_groups if spec.chunk_groups > 0 else len(groups)
     stats, wall, cpu = Stats(), 0.0, 0.0
-    for i in range(0, len(groups), k):
-        st, w, c, _ = run_groups(spec, groups[i:i + k], compress)
-        stats.merge(st)
-        wall += w
-        cpu += c
+    # The trace and the modules stay for the whole run: out of the cyclic collector's way
+    # (its full passes walked them for every chunk). A chunk's pools and groups refer to
+    # each other, so they are collected once the chunk is done.
+    _trace(spec.trace)
+    gc.freeze()
+    try:
+        for i in range(0, len(groups), k):
+            st, w, c, sim = run_groups(spec, groups[i:i + k], compress)
+            del sim
+            gc.collect()
+            stats.merge(st)
+            wall += w
+            cpu += c
+    finally:
+        gc.unfreeze()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return stats, wall, cpu, rss_mb
 
