@@ -44,6 +44,7 @@ import itertools
 import random
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 
 from bench.sim import hook
 from bench.sim.decode import FluidDecode
@@ -485,26 +486,28 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
     def _cached(self, p: Prefill, r: Req) -> int:
         cache = p.cache
         hit = 0
-        ids = r.hash_ids
         # One pass: the leading hits move to the LRU's end, then every id from the first miss
         # on is (re)inserted at the end; the same order as "count the leading hits, then
         # touch every id", since touching an id never changes whether another is cached.
-        it = iter(ids)
-        move = cache.move_to_end
+        # A plain dict keeps insertion order: delete and re-insert moves a key to the end,
+        # and the least recently used are its first keys (faster than an OrderedDict here).
+        it = iter(r.hash_ids)
         for h in it:
             if h in cache:
                 hit += 1
-                move(h)
+                del cache[h]
+                cache[h] = None
             else:
                 cache[h] = None
                 break
+        pop = cache.pop
         for h in it:
-            if h in cache:
-                move(h)
-            else:
-                cache[h] = None
-        while len(cache) > self._cache_cap:
-            cache.popitem(last=False)
+            pop(h, None)
+            cache[h] = None
+        excess = len(cache) - self._cache_cap
+        if excess > 0:
+            for h in list(islice(cache, excess)):
+                del cache[h]
         return min(hit * HASH_BLOCK_TOKENS, (r.n - 1) // 64 * 64)
 
     def _prefill_failed(self, r: Req) -> None:

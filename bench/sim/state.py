@@ -4,7 +4,7 @@ group (its pools, each gateway's ``LoadIndex`` of them, its queues and counters)
 from __future__ import annotations
 
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 
 from bench.sim.decode import FluidDecode
@@ -50,7 +50,7 @@ class Prefill:
         self.busy = 0
         self.fifo: deque[Req] = deque()
         self.estimator = est.PrefillEstimator()
-        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.cache: dict[int, None] = {}  # prefix-cache LRU, least recent first
         self.live = True
         self.drain: tuple[str, str] | None = None
 
