@@ -44,6 +44,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from services.engine import attend
 from services.engine.kv import _TORCH_DTYPES
 from services.engine.paged import BlockAllocator, BlockTable
 from services.engine.sampling import Sampling, sample
@@ -145,13 +146,24 @@ class _Lanes:
 
 
 @dataclass
+class _Runs:
+    """The sequences read by the compiled kernel (``engine.attend``): batch 0..n-1, each
+    one run of slots ``starts[i] .. starts[i] + lengths[i] - 1`` (this step's included)."""
+
+    n: int
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclass
 class _StepContext:
     pool: KvPool
-    slots: torch.Tensor  # [B] slot of each sequence's new token
+    slots: torch.Tensor  # slot of the new token of each sequence after the runs' ones
     # Per sequence read one by one, computed once per step (not per layer): its batch
     # position and (first slot, tokens) for a contiguous table, else (None, slot indices).
     reads: list[tuple[int, int | None, int | torch.Tensor]]
     lanes: _Lanes | None
+    runs: _Runs | None = None
 
     def kv(self, layer: int, start: int | None, n: int | torch.Tensor,
            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +195,18 @@ def _paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = module.layer_idx
     store = ctx.pool.storage[layer]
-    store[0].index_copy_(1, ctx.slots, key[:, :, 0].transpose(0, 1))
-    store[1].index_copy_(1, ctx.slots, value[:, :, 0].transpose(0, 1))
     b, heads, _, d = query.shape
     out = query.new_empty((b, 1, heads, d))  # what sdpa_attention_forward returns
+    runs = ctx.runs
+    first = runs.n if runs is not None else 0  # the kernel writes the runs' new K/V itself
+    if first < b:
+        store[0].index_copy_(1, ctx.slots, key[first:, :, 0].transpose(0, 1))
+        store[1].index_copy_(1, ctx.slots, value[first:, :, 0].transpose(0, 1))
+    if runs is not None:
+        n = runs.n
+        out[:n, 0] = attend.decode_attention(
+            query[:n, :, 0], key[:n, :, 0], value[:n, :, 0], store, runs.starts,
+            runs.lengths, kwargs.get("scaling") or d ** -0.5)
     ln = ctx.lanes
     if ln is not None:
         k, v = ctx.lane_kv(layer)
@@ -227,18 +247,29 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     for s in seqs:
         if s.length + 1 > s.table.capacity:
             raise IndexError(f"{s.table.owner} has no reserved slot for token {s.length}")
-    # Lane sequences first, in lane order (see _paged_attention); the answer is put back in
-    # the caller's order at the end.
-    lanes_of = [pool.lane_of(s.table) for s in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: (lanes_of[i] is None, lanes_of[i] or 0, i))
+    # The kernel's sequences (one run of slots each) or else the lane sequences, in lane
+    # order, go first (see _paged_attention); the answer is put back in the caller's
+    # order at the end.
+    kernel = attend.available()
+    if kernel:
+        first = [s.table.run_start is None for s in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: (first[i], i))
+    else:
+        lanes_of = [pool.lane_of(s.table) for s in seqs]
+        order = sorted(range(len(seqs)),
+                       key=lambda i: (lanes_of[i] is None, lanes_of[i] or 0, i))
     seqs = [seqs[i] for i in order]
     tokens = [tokens[i] for i in order]
     params = [params[i] for i in order]
-    ctx = _StepContext(pool, torch.tensor([s.table.slot(s.length) for s in seqs],
-                                          dtype=torch.long), [], _lanes(pool, seqs))
-    in_lanes = len(ctx.lanes.row) if ctx.lanes is not None else 0
+    runs = _runs(seqs) if kernel else None
+    done = runs.n if runs is not None else 0
+    ctx = _StepContext(pool, torch.tensor([s.table.slot(s.length) for s in seqs[done:]],
+                                          dtype=torch.long), [],
+                       None if kernel else _lanes(pool, seqs), runs)
+    if ctx.lanes is not None:
+        done = len(ctx.lanes.row)
     for i, s in enumerate(seqs):
-        if i < in_lanes:
+        if i < done:
             continue
         start, n = s.table.run_start, s.length + 1
         ctx.reads.append((i, start, n) if start is not None else
@@ -253,6 +284,21 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
         s.length += 1
         chosen[order[b]] = sample(logits[b], params[b], s.length)
     return chosen
+
+
+def _runs(seqs: list[PagedSeq]) -> _Runs | None:
+    """The leading sequences whose table is one run of slots (decode_batch sorts them
+    first): the kernel reads exactly their tokens, from one sequence up."""
+    starts = []
+    for s in seqs:
+        start = s.table.run_start
+        if start is None:
+            break
+        starts.append(start)
+    if not starts:
+        return None
+    lengths = [s.length + 1 for s in seqs[:len(starts)]]
+    return _Runs(len(starts), np.array(starts, np.int64), np.array(lengths, np.int64))
 
 
 def _lanes(pool: KvPool, seqs: list[PagedSeq]) -> _Lanes | None:

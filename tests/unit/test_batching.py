@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.decode.steploop import DecodeSequence, StepLoop
+from services.engine import attend
 from services.engine.paged import BlockTable
 from services.engine.pool import KvPool
 from services.engine.runner import ModelRunner
@@ -37,6 +38,16 @@ def plain_model():  # type: ignore[no-untyped-def]
 
     path = ModelInfo.load("tiny").path
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=["kernel", "sdpa"])
+def attention(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Both read paths of the step: the compiled kernel (engine.attend), and SDPA (lanes
+    and one by one), which serves when the kernel cannot compile."""
+    assert attend.available()
+    if request.param == "sdpa":
+        monkeypatch.setattr(attend, "_kernel", None)
+    return str(request.param)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -109,7 +120,7 @@ def test_recv_scatter_refuses_what_does_not_fit(runner: ModelRunner) -> None:
 
 @pytest.mark.parametrize("fragmented", [False, True])
 def test_mixed_batch_is_token_identical_to_generate(
-    runner: ModelRunner, plain_model, fragmented: bool  # type: ignore[no-untyped-def]
+    runner: ModelRunner, plain_model, fragmented: bool, attention: str  # type: ignore[no-untyped-def]
 ) -> None:
     assert runner.pool is not None
     max_new = 16
@@ -139,7 +150,7 @@ def test_mixed_batch_is_token_identical_to_generate(
 
 
 def test_lane_batch_and_one_by_one_reads_in_one_step_are_token_identical(
-    runner: ModelRunner, plain_model  # type: ignore[no-untyped-def]
+    runner: ModelRunner, plain_model, attention: str  # type: ignore[no-untyped-def]
 ) -> None:
     """Lane-aligned sequences (one padded attention call) and a long one that spans lanes
     (read on its own) share steps; sequences leave at different steps, so the lane rows
