@@ -49,3 +49,23 @@ def test_the_reservation_lease_covers_the_compute_ahead() -> None:
     assert est.upper_ms(4096) == 8192.0
     assert reservation_lease_ms(30.0, est, 4096) == 30_000 + 2 * 8192
     assert est.lower_bound_ms(4096) == 2048.0  # deadlines still use the optimistic bound
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+def test_the_kept_lowest_rate_is_the_windows_minimum(window: int) -> None:
+    """``lower_bound_ms`` keeps the window's lowest rate instead of scanning the window:
+    it must be exactly ``tokens * min(last window rates)`` after any sequence, including
+    repeated minima leaving the window and reads between observations or not."""
+    import random
+    from collections import deque
+
+    rng = random.Random(window)
+    est = PrefillEstimator(window=window)
+    seen: deque[float] = deque(maxlen=window)
+    for i in range(3000):
+        tokens, ms = rng.choice([0, 1, 7, 100]), rng.choice([0.0, 1.0, 2.0, 3.0, rng.random()])
+        est.observe(tokens, ms)
+        if tokens > 0 and ms > 0:
+            seen.append(ms / tokens)
+        if i % 3:  # reads at some points only: the kept value must survive unread steps
+            assert est.lower_bound_ms(1000) == (1000 * min(seen) if seen else 0.0)
