@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sim.fleet import (
+    CONTROL_CHUNK_GROUPS,
     FleetResult,
     FleetSpec,
     groups_for,
@@ -50,7 +51,13 @@ def spec_from(args: argparse.Namespace) -> FleetSpec:
                     control_period_ms=args.control_period_s * 1e3 if args.control else 0.0)
     return FleetSpec(cfg, args.trace, args.duration_s * 1e3, args.compress, args.utilisation,
                      args.max_prompt, args.profile, args.workers, args.control,
-                     args.hot_every, args.hot_factor, args.chunk_groups)
+                     args.hot_every, args.hot_factor, chunk_groups(args))
+
+
+def chunk_groups(args: argparse.Namespace) -> int:
+    if args.chunk_groups is not None:
+        return int(args.chunk_groups)
+    return CONTROL_CHUNK_GROUPS if args.control else FleetSpec.chunk_groups
 
 
 def line(r: FleetResult, base: FleetResult | None) -> str:
@@ -174,9 +181,10 @@ def main() -> int:
     ap.add_argument("--compress", type=float, default=0.0, help="explicit compression")
     ap.add_argument("--max-prompt", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunk-groups", type=int, default=16,
-                    help="groups a worker simulates at once (0: all; a controller moving "
-                         "instances between groups sees one chunk)")
+    ap.add_argument("--chunk-groups", type=int, default=None,
+                    help=f"groups a worker simulates at once (0: all; a controller moving "
+                         f"instances between groups sees one chunk). Default "
+                         f"{FleetSpec.chunk_groups}, {CONTROL_CHUNK_GROUPS} with --control")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", default="", help="MODULE:FACTORY of a control callback")
     ap.add_argument("--control-period-s", type=float, default=10.0)
