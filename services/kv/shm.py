@@ -36,15 +36,16 @@ from collections import OrderedDict
 import numpy as np
 
 from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.connpool import POOL
 from services.kv.wire import (
     DONE_RELEASED,
     RESP,
     Op,
-    connect_unix,
     pack_req,
     pack_resp,
     read_resp,
     recv_exact,
+    wait_readable,
 )
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,7 @@ async def send_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: by
 
 async def recv_resp_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[int, int]:
     """Read one RESP that carries a descriptor; returns (nbytes, fd)."""
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), readable)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
+    await wait_readable(loop, sock)
     msg, fds, _, _ = socket.recv_fds(sock, RESP.size, 1)
     if not msg:
         raise TransferError("kvstore closed the shm channel", Status.BROKEN)
@@ -221,10 +212,11 @@ class ShmLease(KvLease):
     """A fetched memfd mapping; ``release`` unmaps it and tells the kvstore it may reuse
     the pages, ``abort`` leaves them to the kvstore to close (never reused)."""
 
-    def __init__(self, sock: socket.socket, mm: mmap.mmap) -> None:
+    def __init__(self, sock: socket.socket, mm: mmap.mmap, address: str) -> None:
         super().__init__(memoryview(mm))  # mapped with exactly the staged size
         self._sock: socket.socket | None = sock
         self._mm = mm
+        self._address = address
 
     async def release(self, timeout_s: float = 5.0) -> None:
         sock, self._sock = self._sock, None
@@ -240,18 +232,23 @@ class ShmLease(KvLease):
         if not unmapped:
             log.warning("shm fetch: the KV mapping is still referenced at release; the "
                         "kvstore will close the buffer instead of reusing it")
+        done = False
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(timeout_s):
                 await loop.sock_sendall(sock, pack_resp(
                     Status.OK, DONE_RELEASED if unmapped else 0))
                 await read_resp(loop, sock)
+            done = True
         except (OSError, TransferError, TimeoutError) as e:
             # The KV is copied out and its entry CONSUMED: only the pages' reuse is lost
             # (the kvstore closes the memfd instead).
             log.warning("shm fetch: confirming the release failed: %s", e or "timed out")
         finally:
-            sock.close()
+            if done:  # the fetch's last exchange completed: the connection is clean
+                POOL.give_back("unix", self._address, sock)
+            else:
+                sock.close()
 
     def abort(self) -> None:
         sock, self._sock = self._sock, None
@@ -269,11 +266,12 @@ class ShmTransport(KvTransport):
     async def put(self, address: str, handle: str, request_id: str, data: memoryview,
                   flags: int = 0, block_bytes: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        sock = await connect_unix(address)
+        sock: socket.socket | None = None
+        done = False
         try:
-            await loop.sock_sendall(sock, pack_req(Op.PUT_SHM, handle, request_id, len(data),
-                                                   0, flags))
-            nbytes, fd = await recv_resp_fd(loop, sock)
+            sock, (nbytes, fd) = await POOL.open_exchange(
+                "unix", address, pack_req(Op.PUT_SHM, handle, request_id, len(data), 0, flags),
+                lambda s: recv_resp_fd(loop, s))
             if nbytes != len(data):
                 os.close(fd)
                 raise TransferError(f"kvstore offered {nbytes} bytes for {len(data)}",
@@ -295,10 +293,16 @@ class ShmTransport(KvTransport):
                 self._fill(fd, data)
             await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE
             await read_resp(loop, sock)
+            done = True
         except OSError as e:
             raise TransferError(f"KV push over shm failed: {e}") from e
         finally:
-            sock.close()
+            if sock is not None:
+                # Only a push whose every exchange completed carries the next one.
+                if done:
+                    POOL.give_back("unix", address, sock)
+                else:
+                    sock.close()
 
     @staticmethod
     def _fill(fd: int, data: memoryview) -> None:
@@ -308,10 +312,11 @@ class ShmTransport(KvTransport):
     async def open_get(self, address: str, handle: str, request_id: str, flags: int = 0,
                        block_bytes: int = 0) -> KvLease:
         loop = asyncio.get_running_loop()
-        sock = await connect_unix(address)
+        sock: socket.socket | None = None
         try:
-            await loop.sock_sendall(sock, pack_req(Op.GET_SHM, handle, request_id, 0, 0, flags))
-            nbytes, fd = await recv_resp_fd(loop, sock)
+            sock, (nbytes, fd) = await POOL.open_exchange(
+                "unix", address, pack_req(Op.GET_SHM, handle, request_id, 0, 0, flags),
+                lambda s: recv_resp_fd(loop, s))
             mm = _map(fd, nbytes, writable_shared=False)
             try:
                 await loop.sock_sendall(sock, pack_resp(Status.OK))  # DONE: mapped
@@ -320,12 +325,14 @@ class ShmTransport(KvTransport):
                 mm.close()
                 raise
         except OSError as e:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise TransferError(f"KV fetch over shm failed: {e}") from e
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
-        return ShmLease(sock, mm)
+        return ShmLease(sock, mm, address)
 
     async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
                   block_bytes: int = 0) -> memoryview:

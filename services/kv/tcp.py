@@ -23,10 +23,10 @@ import socket
 import numpy as np
 
 from services.kv.base import KvLease, KvTransport, Status, TransferError
+from services.kv.connpool import POOL
 from services.kv.layout import byte_view
 from services.kv.wire import (
     Op,
-    connect_tcp,
     pack_req,
     pack_resp,
     read_resp,
@@ -122,21 +122,27 @@ class TcpTransport(KvTransport):
     async def put(self, address: str, handle: str, request_id: str, data: memoryview,
                   flags: int = 0, block_bytes: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        sock = await connect_tcp(address)
+        sock: socket.socket | None = None
+        done = False
         try:
             op = Op.PUT_BLOCKS if block_bytes else Op.PUT
-            await loop.sock_sendall(sock, pack_req(op, handle, request_id, len(data),
-                                                   block_bytes, flags))
-            await read_resp(loop, sock)  # the one metadata exchange
+            sock, _ = await POOL.open_exchange(  # the one metadata exchange
+                "tcp", address, pack_req(op, handle, request_id, len(data), block_bytes, flags),
+                lambda s: read_resp(loop, s))
             if block_bytes:
                 await send_blocks(loop, sock, data, block_bytes)
             else:
                 await loop.sock_sendall(sock, data)
             await read_resp(loop, sock)
+            done = True
         except OSError as e:
             raise TransferError(f"KV push to {address} failed: {e}") from e
         finally:
-            sock.close()
+            if sock is not None:
+                if done:  # every exchange completed: it may carry the next transfer
+                    POOL.give_back("tcp", address, sock)
+                else:
+                    sock.close()
 
     async def get(self, address: str, handle: str, request_id: str, flags: int = 0,
                   block_bytes: int = 0) -> memoryview:
@@ -152,12 +158,13 @@ class TcpTransport(KvTransport):
                    block_bytes: int, pooled: list[mmap.mmap] | None) -> memoryview:
         """``pooled``: receive into a ``RECV_POOL`` buffer (appended to the list)."""
         loop = asyncio.get_running_loop()
-        sock = await connect_tcp(address)
+        sock: socket.socket | None = None
+        done = False
         try:
             op = Op.GET_BLOCKS if block_bytes else Op.GET
-            await loop.sock_sendall(sock, pack_req(op, handle, request_id, 0, block_bytes,
-                                                   flags))
-            nbytes, info = await read_resp(loop, sock)
+            sock, (nbytes, info) = await POOL.open_exchange(
+                "tcp", address, pack_req(op, handle, request_id, 0, block_bytes, flags),
+                lambda s: read_resp(loop, s))
             if pooled is not None:
                 pooled.append(RECV_POOL.take(nbytes))
                 view = memoryview(pooled[0])[:nbytes]
@@ -167,9 +174,14 @@ class TcpTransport(KvTransport):
                 await recv_blocks(loop, sock, view, int(info or block_bytes))
             else:
                 await recv_into(loop, sock, view)
+            done = True
             return view
         except OSError as e:
             raise TransferError(f"KV fetch from {address} failed: {e}") from e
         finally:
-            with contextlib.suppress(OSError):
-                sock.close()
+            if sock is not None:
+                if done:  # the whole payload arrived: nothing of it is left on the wire
+                    POOL.give_back("tcp", address, sock)
+                else:
+                    with contextlib.suppress(OSError):
+                        sock.close()

@@ -1,6 +1,8 @@
 """The data-channel wire protocol, shared by every transport's client and the kvstore server.
 
-One transfer per connection (TCP, or a Unix socket for ``shm``); little-endian:
+Transfers run one at a time on a connection (TCP, or a Unix socket for ``shm``); after
+one that completed OK the connection may carry the next REQ (``connpool``), after any
+error it is closed. Little-endian:
 
   client -> server  REQ   magic "PDKT", version u8, op u8, flags u8, handle 16 bytes,
                           request_id length u16, nbytes u64, block_bytes u64, then request_id
@@ -109,6 +111,21 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket,
         got += r
         if progress is not None:
             progress()
+
+
+async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until ``sock`` has bytes (or EOF) to read, without reading them."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

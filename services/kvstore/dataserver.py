@@ -8,11 +8,15 @@
         stays open until the decode says it has copied the KV out (RELEASED), and only
         then does the memfd go back to the pool.
 
-Every transfer is bounded by ``max_transfer_s``: a peer that stalls or vanishes ends its
-transfer (and a push returns its bytes to the lifecycle) instead of holding them. A
-connection must send its request header within ``idle_s`` and a push's payload must keep
-moving (no ``idle_s`` without a byte); one peer address holds at most ``max_conns_per_peer``
-connections at once (more are closed on accept), so idle sockets cannot pile up. Fault
+A connection carries transfers one after another (clients pool their connections,
+``services.kv.connpool``): after one that completed OK it waits up to ``idle_s`` for the
+next header; any failure or refusal closes it, so a connection in doubt never carries
+another request. Every transfer is bounded by ``max_transfer_s``: a peer that stalls or
+vanishes ends its transfer (and a push returns its bytes to the lifecycle) instead of
+holding them. A connection must send its request header within ``idle_s`` and a push's
+payload must keep moving (no ``idle_s`` without a byte); one peer address holds at most
+``max_conns_per_peer`` connections at once (a new one past that evicts a connection idle
+between transfers, else it is closed on accept), so idle sockets cannot pile up. Fault
 injection (``faults``) happens here, on the server side of every transport.
 """
 
@@ -104,6 +108,8 @@ class DataServer:
         self._per_peer: Counter[str] = Counter()
         self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
         self._conns: set[asyncio.Task[None]] = set()
+        self._idle: dict[str, set[asyncio.Task[None]]] = {}  # peer -> between transfers
+        self._evicted: set[asyncio.Task[None]] = set()
         self._pushes: dict[str, asyncio.Task[None]] = {}  # handle -> connection pushing it
         self._tmpdir = ""
         self.port = 0
@@ -140,45 +146,95 @@ class DataServer:
             conn, addr = await loop.sock_accept(lsock)
             conn.setblocking(False)
             peer = str(addr[0]) if kind == "tcp" else "unix"
-            if self._per_peer[peer] >= self.max_conns_per_peer:
+            if self._per_peer[peer] >= self.max_conns_per_peer and not self._evict_idle(peer):
                 self.counters["refused.per_peer_limit"] += 1
                 conn.close()
                 continue
             if kind == "tcp":
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._per_peer[peer] += 1
-            task = asyncio.create_task(self._serve(conn, kind))
+            task = asyncio.create_task(self._serve(conn, kind, peer))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
             task.add_done_callback(functools.partial(self._left, peer))
+            # Closed even when the task is cancelled before it first ran (close()).
+            task.add_done_callback(lambda _t, c=conn: c.close())
 
     def _left(self, peer: str, _task: object = None) -> None:
         self._per_peer[peer] -= 1
         if self._per_peer[peer] <= 0:
             del self._per_peer[peer]
 
-    async def _serve(self, conn: socket.socket, kind: str) -> None:
+    def _evict_idle(self, peer: str) -> bool:
+        """At the per-peer limit, a connection kept open between transfers gives way to a
+        new one (its client sees it closed and dials afresh)."""
+        idle = self._idle.get(peer)
+        if not idle:
+            return False
+        task = idle.pop()
+        self._evicted.add(task)
+        task.cancel()
+        self.counters["evicted.idle"] += 1
+        return True
+
+    async def _serve(self, conn: socket.socket, kind: str, peer: str = "") -> None:
+        """Serve transfers on ``conn`` one after another until the client closes it, one
+        fails, or it sits idle for ``idle_s`` between two (a client's pool reuses it)."""
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        idle = self._idle.setdefault(peer, set())
+        try:
+            first = b""
+            while True:
+                if not await self._serve_one(loop, conn, kind, first):
+                    return
+                # Between transfers: idle, and evictable at the per-peer limit.
+                if me is not None:
+                    idle.add(me)
+                try:
+                    async with asyncio.timeout(self.idle_s):
+                        first = await loop.sock_recv(conn, REQ.size)
+                except TimeoutError:
+                    return
+                except asyncio.CancelledError:
+                    if me is not None and me in self._evicted:
+                        self._evicted.discard(me)
+                        me.uncancel()
+                        return
+                    raise
+                finally:
+                    idle.discard(me)  # type: ignore[arg-type]
+                if not first:
+                    return  # the client closed it between transfers: a clean end
+        except (TransferError, OSError) as e:
+            log.info("data channel transfer ended early: %s", e)
+        finally:
+            conn.close()
+
+    async def _serve_one(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                         kind: str, first: bytes) -> bool:
+        """One transfer (``first``: header bytes already read); True when it completed OK
+        and the connection may carry the next one."""
         try:
             async with asyncio.timeout(self.max_transfer_s) as bound:
                 async with asyncio.timeout(self.idle_s):  # the header comes at once or never
-                    raw = await recv_exact(loop, conn, REQ.size)
+                    raw = first + await recv_exact(loop, conn, REQ.size - len(first))
                 magic, version, op, flags, handle_b, rid_len, nbytes, block = REQ.unpack(raw)
                 if magic != MAGIC or version != VERSION or op not in Op._value2member_map_ \
                         or not 0 < rid_len <= MAX_REQUEST_ID_BYTES:
                     await loop.sock_sendall(conn, pack_resp(Status.PROTOCOL, 0,
                                                             "bad request header or version"))
-                    return
+                    return False
                 op = Op(op)
                 transport = OP_TRANSPORT[op]
                 if (transport == "shm") != (kind == "shm") or (
                         transport == "rdma" and self.rdma_engine is None):
                     await loop.sock_sendall(conn, pack_resp(
                         Status.UNSUPPORTED, 0, f"{op.name} is not served on this {kind} socket"))
-                    return
+                    return False
                 if transport in ("shm", "rdma") and self.faults.take(f"refuse_{transport}",
                                                                      transport):
-                    return  # injected: the fast path dies before any byte moves
+                    return False  # injected: the fast path dies before any byte moves
                 async with asyncio.timeout(self.idle_s):
                     request_id = (await recv_exact(loop, conn, rid_len)).decode(
                         errors="replace")
@@ -192,36 +248,37 @@ class DataServer:
                     self.counters[f"{key}.layered"] += 1
                 try:
                     if put:
-                        await self._put(loop, conn, op, transport, handle, request_id, nbytes,
-                                        block, flags, bound)
+                        ok = await self._put(loop, conn, op, transport, handle, request_id,
+                                             nbytes, block, flags, bound)
                     else:
-                        lent = await self._get(loop, conn, op, transport, handle, request_id,
-                                               block)
+                        ok, lent = await self._get(loop, conn, op, transport, handle,
+                                                   request_id, block)
                 except BaseException:
                     self.counters[f"{key}.failed"] += 1
                     raise
                 self.counters[f"{key}.ok"] += 1
                 if lent is not None:
-                    await self._until_released(loop, conn, lent)
-        except (TransferError, OSError, TimeoutError) as e:
+                    ok = await self._until_released(loop, conn, lent)
+                return ok
+        except TimeoutError as e:
             log.info("data channel transfer ended early: %s", e or "timed out")
-        finally:
-            conn.close()
+            return False
 
     # -- push ---------------------------------------------------------------------------------
     async def _put(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
                    transport: str, handle: str, request_id: str, nbytes: int, block: int,
-                   flags: int, bound: asyncio.Timeout) -> None:
+                   flags: int, bound: asyncio.Timeout) -> bool:
+        """True when the push completed and was confirmed (OK)."""
         if op is Op.PUT_LAYERS and (block <= 0 or nbytes <= HEADER_BYTES
                                     or (nbytes - HEADER_BYTES) % block):
             await loop.sock_sendall(conn, pack_resp(
                 Status.PROTOCOL, 0, f"{nbytes} bytes are not whole layers of {block}"))
-            return
+            return False
         try:
             target = self._handler.begin_put(handle, request_id, nbytes, takeover=True)
         except TransferError as e:
             await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
-            return
+            return False
         generation = self._handler.generation_of(handle)
         me = asyncio.current_task()
         old = self._pushes.get(handle)
@@ -251,6 +308,7 @@ class DataServer:
                     await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
         if ok:
             await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes))
+        return ok
 
     async def _recv_payload(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                             target: memoryview, block: int, transport: str,
@@ -281,14 +339,14 @@ class DataServer:
     # -- fetch --------------------------------------------------------------------------------
     async def _get(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,
                    transport: str, handle: str, request_id: str,
-                   block: int) -> Segmented | None:
-        """Serve one fetch; returns the memfd segment a shm consumer still maps (its
-        entry is CONSUMED; the caller waits for the release), else None."""
+                   block: int) -> tuple[bool, Segmented | None]:
+        """Serve one fetch; returns whether it was served, and the memfd segment a shm
+        consumer still maps (its entry is CONSUMED; the caller waits for the release)."""
         try:
             source = self._handler.begin_get(handle, request_id)
         except TransferError as e:
             await loop.sock_sendall(conn, pack_resp(Status(max(e.status, 1)), 0, str(e)))
-            return None
+            return False, None
         ok = False
         lent: Segmented | None = None
         try:
@@ -322,18 +380,21 @@ class DataServer:
             if lent is not None:
                 self._handler.give_back(lent)  # the consumer is gone: shared, so closed
             if isinstance(e, OSError):
-                return None
+                return False, None
             raise
-        return lent
+        return True, lent
 
     async def _until_released(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                              seg: Segmented) -> None:
+                              seg: Segmented) -> bool:
         """A shm consumer maps the segment until its restore has copied the KV out; then it
         says RELEASED and the pool may reuse the pages. Anything else (the decode was
         cancelled or died, the transfer bound ran out) leaves the segment shared: it is
-        closed, never reused under a reader that may still be live."""
+        closed, never reused under a reader that may still be live. True when the
+        exchange completed (the connection may carry another transfer)."""
+        answered = False
         try:
             released, _ = await read_resp(loop, conn, "client")
+            answered = True
             if released == DONE_RELEASED:
                 seg.shared = False
         except (TransferError, OSError) as e:
@@ -342,8 +403,11 @@ class DataServer:
             # Counted either way: "released" went back to the pool, "unreleased" was closed.
             self.counters["shm.get.released" if not seg.shared else "shm.get.unreleased"] += 1
             self._handler.give_back(seg)
-        with contextlib.suppress(OSError):
+        try:
             await loop.sock_sendall(conn, pack_resp(Status.OK))
+        except OSError:
+            return False
+        return answered
 
     def _maybe_corrupt(self, source: memoryview, transport: str) -> None:
         if self.faults.take("corrupt_header", transport):
