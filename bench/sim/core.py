@@ -44,6 +44,7 @@ import itertools
 import random
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Sequence
+from heapq import heappush
 from itertools import islice
 
 from bench.sim import hook
@@ -109,6 +110,7 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
         self._on_end: Callable[[int], None] | None = None
         self._window: tuple[float, float] | None = None
         self._kv_ms_per_token = cfg.kv_bytes_per_token / (cfg.kv_gbps * 1e6)
+        self._half_rtt = cfg.rtt_ms / 2
         self._dslots = _Const(cfg.decode_slots)  # every decode has the same b_d
         self._cache_cap = max(1, cfg.prefix_cache_blocks * 64 // HASH_BLOCK_TOKENS)
         for gi in (range(cfg.groups) if group_ids is None else group_ids):
@@ -257,8 +259,10 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
     def _arrive_stream(self, arg: object) -> None:
         (i, spec), items = arg  # type: ignore[misc]
         nxt = next(items, None)
-        if nxt is not None:
-            self.at(nxt[1].arrival_ms, self._arrive_stream, (nxt, items))
+        if nxt is not None:  # self.at, inlined on the hot paths (once per event)
+            t = nxt[1].arrival_ms
+            heappush(self._heap, (t if t > self.now else self.now, next(self._seq),
+                                  self._arrive_stream, (nxt, items)))
         else:
             self.sources_left -= 1
         self._arrive(i, spec)
@@ -327,8 +331,8 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
                 continue  # the index changed since the round began
             r.asked.add(pid)
             idx.add(pid, 1)
-            self.at(self.now + delay + self.cfg.rtt_ms / 2, self._at_prefill,
-                    (r, g.prefills[pid]))
+            heappush(self._heap, (self.now + delay + self._half_rtt, next(self._seq),
+                                  self._at_prefill, (r, g.prefills[pid])))
             return
         if not r.queued:  # every prefill rejected: wait in the group's queue
             self._enqueue(r)
@@ -481,7 +485,9 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
         r.t_first = r.t_done + cfg.rtt_ms / 2
         push = (r.n * self._kv_ms_per_token + cfg.kv_fixed_ms)
         g.parea += compute + push  # the slot is held until the KV push ends
-        self.at(r.t_done + push, self._handoff, r)
+        t = r.t_done + push
+        heappush(self._heap, (t if t > self.now else self.now, next(self._seq), self._handoff,
+                              r))
 
     def _cached(self, p: Prefill, r: Req) -> int:
         cache = p.cache

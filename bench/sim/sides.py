@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import heapq
+from heapq import heappush
 
 from bench.sim import hook
 from bench.sim.decode import FluidDecode
@@ -68,7 +69,8 @@ class DecodeSide:
         if self.audit:
             self.audit.transfer(r.idx, "fetch", "start")
         hop = (r.n * self._kv_ms_per_token + self.cfg.kv_fixed_ms) if self.cfg.fetch else 0.0
-        self.at(self.now + hop, self._join, r)
+        t = self.now + hop  # self.at, inlined
+        heappush(self._heap, (t if t > self.now else self.now, next(self._seq), self._join, r))
 
     def _join(self, r: Req) -> None:
         d = r.dec
@@ -98,8 +100,9 @@ class DecodeSide:
     def _reschedule(self, d: FluidDecode) -> None:
         d.version += 1
         t = d.next_finish_ms()
-        if t is not None:
-            self.at(t, self._decode_tick, (d, d.version))
+        if t is not None:  # self.at, inlined
+            heappush(self._heap, (t if t > self.now else self.now, next(self._seq),
+                                  self._decode_tick, (d, d.version)))
 
     def _decode_tick(self, arg: object) -> None:
         d, version = arg  # type: ignore[misc]

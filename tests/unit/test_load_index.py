@@ -97,3 +97,15 @@ def test_a_newcomer_probes_only_when_everyone_ahead_holds_an_offer() -> None:
     assert probe_on_enter(ahead, {"r1": 500.0, "r2": 500.0}, now_ms=60.0)
     assert not probe_on_enter(ahead, {"r1": 500.0}, now_ms=60.0)  # r2 waits without one
     assert probe_on_enter([], {}, now_ms=60.0)
+
+
+def test_a_bucket_of_one_emptied_while_a_ranking_is_read_is_skipped() -> None:
+    """``ranked`` is read lazily while the index changes (a simulated TRY round spans
+    events): a bucket emptied meanwhile must not yield its old member, also when it held
+    only one (``add`` empties such a bucket without a search, in place)."""
+    idx = LoadIndex(["p0", "p1", "p2"], {"p2": 1})
+    ranking = idx.ranked(1)
+    assert next(ranking) == "p1"
+    idx.add("p0", 1)
+    idx.add("p1", 1)  # the 0-stream bucket held only p1: now empty
+    assert list(ranking) == ["p1", "p2", "p0"]  # the 1-stream bucket, rotated; no stale p1
