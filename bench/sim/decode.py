@@ -46,10 +46,12 @@ class FluidDecode:
                 + self.beta_unit * self.B * self.V)
 
     def advance(self, now: float) -> None:
-        if self.B and now > self.tv:
+        B = self.B
+        if B and now > self.tv:
             t = (now - self.tv) / self.scale
-            s0 = self._s0()
-            beta = self.beta_unit * self.B
+            bu = self.beta_unit
+            s0 = self.d0 + self.d1 * (B - 1) + bu * self.sumbase + bu * B * self.V  # _s0()
+            beta = bu * B
             if beta > 0.0:
                 self.V += (math.sqrt(s0 * s0 + 2.0 * beta * t) - s0) / beta
             else:
@@ -74,10 +76,11 @@ class FluidDecode:
 
     def next_finish_ms(self) -> float | None:
         """Virtual time of the next member's finish, with the batch as it is now."""
-        while self.heap and getattr(self.heap[0][2], "gone", False):
-            heapq.heappop(self.heap)  # cancelled members left already
-        if not self.heap:
+        heap = self.heap
+        while heap and getattr(heap[0][2], "gone", False):
+            heapq.heappop(heap)  # cancelled members left already
+        if not heap:
             return None
-        dv = max(0.0, self.heap[0][0] - self.V)
+        dv = max(0.0, heap[0][0] - self.V)
         beta = self.beta_unit * self.B
         return self.tv + (dv * self._s0() + 0.5 * beta * dv * dv) * self.scale

@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # A decode whose KV fetches fell back from the negotiated transport more often than this
 # (``kv_fallback_rate`` in its registry load) ranks after the healthy ones with a free
@@ -74,6 +75,12 @@ class LoadIndex(Mapping[str, int]):
 
     def __contains__(self, iid: object) -> bool:
         return iid in self._pos
+
+    def get(self, iid: str, default: Any = None) -> Any:
+        """``Mapping.get`` without its two Python calls (``pick_decodes`` reads the counts
+        through it, per candidate)."""
+        i = self._pos.get(iid)
+        return default if i is None else self._counts[i]
 
     @property
     def ids(self) -> list[str]:
