@@ -13,8 +13,13 @@ The batched step (``decode_batch``) runs ONE forward over all active sequences, 
 fed one token at its own position. Projections, MLP and LM head see ``[B, 1, hidden]``
 (the weights are read once per step, which is what makes decode batching pay on a
 memory-bound CPU; ``engine.packed`` makes those reads faster). Attention is ours: a
-transformers attention function registered as ``pdserve_paged`` writes each sequence's
-new K/V into its slot, then reads:
+transformers attention function registered as ``pdserve_paged``. Every sequence whose
+table is one run of slots (the allocator's first choice) is served by ONE call per layer
+of a compiled kernel (``engine.attend``): it writes each sequence's new K/V into its
+slot and reads exactly that sequence's tokens, no padding and no mask. The rest (a
+fragmented table) is read one by one with transformers' own SDPA. When the kernel is
+unavailable (``attend.available()``), the step writes the new K/V with ``index_copy_``
+and reads with SDPA:
 
 - the sequences that start on a lane boundary (``paged``: the allocator's first choice
   for a table that fits a lane) as ONE padded batch: the lanes are at a fixed stride in
@@ -279,10 +284,13 @@ def decode_batch(model: torch.nn.Module, pool: KvPool, tokens: list[int],
     out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,
                 **{_CTX_KWARG: ctx})
     logits = out.logits[:, -1]
+    # Greedy rows in one argmax over the batch (the same first-max index as per row).
+    greedy = logits.argmax(-1).tolist() if any(p.temperature <= 0.0 for p in params) else []
     chosen = [0] * len(seqs)
     for b, s in enumerate(seqs):
         s.length += 1
-        chosen[order[b]] = sample(logits[b], params[b], s.length)
+        chosen[order[b]] = greedy[b] if params[b].temperature <= 0.0 else \
+            sample(logits[b], params[b], s.length)
     return chosen
 
 
