@@ -33,59 +33,61 @@ log = logging.getLogger(__name__)
 
 try:
     import numba
+    from numba import prange
 except ImportError:  # pragma: no cover - a pinned dependency; SDPA serves without it
     numba = None  # type: ignore[assignment]
+    prange = range  # type: ignore[misc]
 
 _kernel: Any = None
 _checked = False
+_OPTIONS: dict[str, Any] = {
+    "parallel": True, "nogil": True, "boundscheck": False,
+    # Reassociation lets LLVM vectorize the head_dim dot products. No nnan/ninf: every
+    # score is finite and the softmax subtracts the max.
+    "fastmath": {"reassoc", "contract"},
+}
 
 
-if numba is not None:
-    @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False,
-                # Reassociation lets LLVM vectorize the head_dim dot products; no
-                # nnan/ninf: every score is finite and the softmax subtracts the max.
-                fastmath={"reassoc", "contract"})
-    def _attend(q: Any, k_new: Any, v_new: Any, kv: Any, starts: Any, lengths: Any,
-                scale: Any, out: Any) -> None:  # pragma: no cover - compiled
-        # q, out [B, H, G, D]; k_new, v_new [B, H, D]; kv [2, H, slots, D] (one layer).
-        # Sequence b holds slots starts[b] .. starts[b] + lengths[b] - 1, the last one
-        # being this step's token.
-        nb, nh, ng, nd = q.shape
-        for t in numba.prange(nb * nh):
-            b = t // nh
-            h = t % nh
-            s0 = starts[b]
-            n = lengths[b]
-            last = s0 + n - 1
-            for d in range(nd):
-                kv[0, h, last, d] = k_new[b, h, d]
-                kv[1, h, last, d] = v_new[b, h, d]
-            sc = np.empty((ng, n), np.float32)
-            for w in range(n):
-                for g in range(ng):
-                    acc = np.float32(0.0)
-                    for d in range(nd):
-                        acc += q[b, h, g, d] * kv[0, h, s0 + w, d]
-                    sc[g, w] = acc * scale
+def _attend_py(q: Any, k_new: Any, v_new: Any, kv: Any, starts: Any, lengths: Any,
+               scale: Any, out: Any) -> None:  # pragma: no cover - compiled by numba
+    # q, out [B, H, G, D]; k_new, v_new [B, H, D]; kv [2, H, slots, D] (one layer).
+    # Sequence b holds slots starts[b] .. starts[b] + lengths[b] - 1, the last one
+    # being this step's token.
+    nb, nh, ng, nd = q.shape
+    for t in prange(nb * nh):
+        b = t // nh
+        h = t % nh
+        s0 = starts[b]
+        n = lengths[b]
+        last = s0 + n - 1
+        for d in range(nd):
+            kv[0, h, last, d] = k_new[b, h, d]
+            kv[1, h, last, d] = v_new[b, h, d]
+        sc = np.empty((ng, n), np.float32)
+        for w in range(n):
             for g in range(ng):
-                m = sc[g, 0]
-                for w in range(1, n):
-                    m = max(m, sc[g, w])
-                tot = np.float32(0.0)
-                for w in range(n):
-                    e = np.exp(sc[g, w] - m)
-                    sc[g, w] = e
-                    tot += e
+                acc = np.float32(0.0)
                 for d in range(nd):
-                    out[b, h, g, d] = 0.0
-                for w in range(n):
-                    p = sc[g, w]
-                    for d in range(nd):
-                        out[b, h, g, d] += p * kv[1, h, s0 + w, d]
-                inv = np.float32(1.0) / tot
+                    acc += q[b, h, g, d] * kv[0, h, s0 + w, d]
+                sc[g, w] = acc * scale
+        for g in range(ng):
+            m = sc[g, 0]
+            for w in range(1, n):
+                m = max(m, sc[g, w])
+            tot = np.float32(0.0)
+            for w in range(n):
+                e = np.exp(sc[g, w] - m)
+                sc[g, w] = e
+                tot += e
+            for d in range(nd):
+                out[b, h, g, d] = 0.0
+            for w in range(n):
+                p = sc[g, w]
                 for d in range(nd):
-                    out[b, h, g, d] *= inv
-
+                    out[b, h, g, d] += p * kv[1, h, s0 + w, d]
+            inv = np.float32(1.0) / tot
+            for d in range(nd):
+                out[b, h, g, d] *= inv
 
 
 def available() -> bool:
@@ -97,16 +99,21 @@ def available() -> bool:
             log.warning("numba is not installed: decode attention uses SDPA")
             return False
         try:
+            try:
+                kernel = numba.njit(cache=True, **_OPTIONS)(_attend_py)
+            except RuntimeError as e:  # no writable cache location: compile per process
+                log.info("decode attention kernel not cached: %s", e)
+                kernel = numba.njit(**_OPTIONS)(_attend_py)
             # A zero query weighs both slots equally: the mean of a zero V and a one V.
             q = np.zeros((1, 1, 1, 16), np.float32)
             new = np.ones((1, 1, 16), np.float32)
             kv = np.zeros((2, 1, 4, 16), np.float32)
             out = np.empty_like(q)
-            _attend(q, new, new, kv, np.zeros(1, np.int64), np.full(1, 2, np.int64),
-                    np.float32(1.0), out)
+            kernel(q, new, new, kv, np.zeros(1, np.int64), np.full(1, 2, np.int64),
+                   np.float32(1.0), out)
             if not np.allclose(out, 0.5):
                 raise RuntimeError(f"self-check gave {out.ravel()[:4]}")
-            _kernel = _attend
+            _kernel = kernel
         except Exception as e:  # no LLVM target, a failed compile: serve with SDPA
             log.warning("decode attention kernel unavailable, using SDPA: %s", e)
     return _kernel is not None
