@@ -3,9 +3,11 @@ simulator's time grows from 100 to 10,000 instances.
 
 Every group replays its own rotated copy of the trace, time-compressed so that the trace
 alone would keep ``--utilisation`` of the group's prefill slots busy (bench/sim/arrivals.py);
-the measured utilisation is printed. Groups run in ``--workers`` processes.
+the measured utilisation is printed. Groups run in ``--workers`` processes, one group at a
+time each (a group's working set stays in the CPU's caches).
 
-  python bench/sim_fleet.py --instances 10000 --duration-s 3600          # the 1 h run
+  python bench/sim_fleet.py --trace bench/data/mooncake_synthetic_trace.jsonl \
+      --instances 10000 --duration-s 3600  # the 1 h run: 23.8 M requests, 6.5 min on 2 cores
   python bench/sim_fleet.py --scaling 100,1000,2500,5000,10000 --duration-s 60
   python bench/sim_fleet.py --quick                                      # CI-sized
   python bench/sim_fleet.py --instances 1000 --duration-s 120 --policies forward,los-queue \
