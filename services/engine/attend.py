@@ -99,6 +99,9 @@ def available() -> bool:
             log.warning("numba is not installed: decode attention uses SDPA")
             return False
         try:
+            # omp (or tbb): safe when two step threads of one process call the kernel at
+            # once (in-process test clusters); numba's workqueue fallback would abort.
+            numba.config.THREADING_LAYER = "threadsafe"
             try:
                 kernel = numba.njit(cache=True, **_OPTIONS)(_attend_py)
             except RuntimeError as e:  # no writable cache location: compile per process

@@ -79,3 +79,30 @@ def test_decode_batch_reads_runs_with_the_kernel_and_the_rest_one_by_one(monkeyp
     runner.decode_batch([*toks, first], [*seqs, frag], [Sampling()] * 4)
     layers = runner.info.num_layers
     assert calls == [3] * layers  # one call per layer, for the three runs
+
+
+def test_two_threads_may_call_the_kernel_at_once() -> None:
+    """Two decode step threads in one process (in-process test clusters) share the
+    kernel: a threadsafe layer, and each call's answer is its own."""
+    import threading
+
+    pools = [torch.randn(2, 3, 256, 64) for _ in range(2)]
+    qs = [torch.randn(4, 9, 64) for _ in range(2)]
+    new = torch.zeros(4, 3, 64)
+    starts, lengths = np.array([0, 60, 120, 180], np.int64), np.array([50, 9, 60, 1], np.int64)
+    want = [attend.decode_attention(q, new, new, p.clone(), starts, lengths, 0.125)
+            for q, p in zip(qs, pools, strict=True)]
+    got: list[list[torch.Tensor]] = [[], []]
+
+    def worker(i: int) -> None:
+        for _ in range(50):
+            got[i].append(attend.decode_attention(qs[i], new, new, pools[i], starts, lengths,
+                                                  0.125))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 50 and all(torch.equal(o, want[i]) for o in got[i])
