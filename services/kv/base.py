@@ -45,12 +45,14 @@ class Status(enum.IntEnum):
     IO_ERROR = 5
     UNSUPPORTED = 6  # the server cannot serve this op (e.g. shm for a heap buffer)
     CORRUPT = 7
+    REFUSED = 8  # a RESERVE the kvstore refused: info is "<grpc code>|<reason>|<message>"
     CONNECT = 64  # local: could not reach the peer at all
     BROKEN = 65  # local: the connection or the library failed mid-way
 
 
 # Refusals about the KV itself: retrying on another path cannot help.
-FINAL_STATUSES = frozenset({Status.NOT_FOUND, Status.BAD_STATE, Status.SIZE_MISMATCH})
+FINAL_STATUSES = frozenset({Status.NOT_FOUND, Status.BAD_STATE, Status.SIZE_MISMATCH,
+                            Status.REFUSED})
 
 
 class TransferError(Exception):

@@ -28,6 +28,11 @@ Ops (each starts with REQ -> RESP, the single metadata exchange):
   PUT_RDMA / GET_RDMA  RESP info is "segment|address" of the kvstore's registered buffer; the
                      client moves the bytes with its Mooncake engine (one-sided write / read)
                      and answers DONE.
+  RESERVE            Unix socket only (``reserve``): ReserveKv without a gRPC call, for a
+                     prefill on the kvstore's host. The handle is zeros, ``nbytes`` the KV
+                     size, ``block_bytes`` the lease in ms; the request id is followed by
+                     u16 length + owner (the gateway id). RESP info is the base64 of a
+                     ReserveKvResponse, or with status REFUSED "<code>|<reason>|<message>".
 """
 
 from __future__ import annotations
@@ -65,11 +70,12 @@ class Op(enum.IntEnum):
     PUT_RDMA = 7
     GET_RDMA = 8
     PUT_LAYERS = 9
+    RESERVE = 10
 
 
 OP_TRANSPORT = {Op.PUT: "tcp", Op.GET: "tcp", Op.PUT_BLOCKS: "tcp", Op.GET_BLOCKS: "tcp",
                 Op.PUT_SHM: "shm", Op.GET_SHM: "shm", Op.PUT_RDMA: "rdma", Op.GET_RDMA: "rdma",
-                Op.PUT_LAYERS: "tcp"}
+                Op.PUT_LAYERS: "tcp", Op.RESERVE: "shm"}
 
 
 def pack_req(op: Op, handle: str, request_id: str, nbytes: int = 0, block_bytes: int = 0,

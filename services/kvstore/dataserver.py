@@ -23,18 +23,22 @@ injection (``faults``) happens here, on the server side of every transport.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
 
+from services.common.errors import PdserveError
 from services.common.tasks import cancel_and_wait
 from services.kv.base import Status, TransferError
 from services.kv.layout import HEADER_BYTES, KvFormatError, decode_header
@@ -77,6 +81,10 @@ class Segmented(Protocol):
     def close(self) -> None: ...
 
 
+# (request_id, nbytes, lease_ms, owner) -> (ReserveKvResponse bytes, undo)
+Reserver = Callable[[str, int, int, str], Awaitable[tuple[bytes, Callable[[], None]]]]
+
+
 class DataHandler(Protocol):
     """What the server needs from the kvstore's lifecycle (``KvStore`` implements it)."""
 
@@ -115,6 +123,9 @@ class DataServer:
         self.port = 0
         self.unix_path = ""
         self.rdma_engine: Any = None  # a rdma.MooncakeEngine when rdma is served
+        # ReserveKv over the Unix socket (the kvstore's servicer sets it): the serialized
+        # ReserveKvResponse and how to undo it, or a PdserveError.
+        self.reserver: Reserver | None = None
         # "<transport>.<put|get>.<ok|failed|fallback>" -> count, for stats and the scheduler.
         self.counters: Counter[str] = Counter()
 
@@ -232,6 +243,8 @@ class DataServer:
                     await loop.sock_sendall(conn, pack_resp(
                         Status.UNSUPPORTED, 0, f"{op.name} is not served on this {kind} socket"))
                     return False
+                if op is Op.RESERVE:
+                    return await self._reserve(loop, conn, rid_len, nbytes, block)
                 if transport in ("shm", "rdma") and self.faults.take(f"refuse_{transport}",
                                                                      transport):
                     return False  # injected: the fast path dies before any byte moves
@@ -263,6 +276,36 @@ class DataServer:
         except TimeoutError as e:
             log.info("data channel transfer ended early: %s", e or "timed out")
             return False
+
+    # -- reserve (ReserveKv on the Unix socket) ----------------------------------------------
+    async def _reserve(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                       rid_len: int, nbytes: int, lease_ms: int) -> bool:
+        async with asyncio.timeout(self.idle_s):
+            request_id = (await recv_exact(loop, conn, rid_len)).decode(errors="replace")
+            (olen,) = struct.unpack("<H", await recv_exact(loop, conn, 2))
+            owner = (await recv_exact(loop, conn, olen)).decode(errors="replace")
+        if self.reserver is None:
+            await loop.sock_sendall(conn, pack_resp(Status.UNSUPPORTED, 0,
+                                                    "RESERVE is not served here"))
+            return False
+        try:
+            answer, undo = await self.reserver(request_id, nbytes, lease_ms, owner)
+        except PdserveError as e:
+            self.counters["reserve.refused"] += 1
+            await loop.sock_sendall(conn, pack_resp(
+                Status.REFUSED, 0, f"{e.code.name}|{e.reason}|{e.message}"))
+            return True  # answered in full: the connection is clean
+        except BaseException:
+            self.counters["reserve.failed"] += 1
+            raise
+        try:
+            await loop.sock_sendall(conn, pack_resp(Status.OK, nbytes,
+                                                    base64.b64encode(answer).decode()))
+        except BaseException:
+            undo()  # the caller never got the handle: nobody else could release it
+            raise
+        self.counters["reserve.ok"] += 1
+        return True
 
     # -- push ---------------------------------------------------------------------------------
     async def _put(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, op: Op,

@@ -23,9 +23,10 @@ Lifecycle of the process:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -44,7 +45,7 @@ from services.kv.negotiate import rdma_usable
 from services.kvstore.dataserver import DataServer
 from services.kvstore.faults import Faults
 from services.kvstore.memory import SegmentPool, heap_segment, memfd_segment, memfd_supported
-from services.kvstore.store import KvStore
+from services.kvstore.store import Entry, KvStore
 from services.observe.telemetry import ATTR_REQUEST_ID, tracer
 
 log = logging.getLogger(__name__)
@@ -99,30 +100,46 @@ class KvStoreServicer(pb_grpc.KvStoreServiceServicer):
         with _tracer.start_as_current_span("kvstore.reserve") as span:
             span.set_attribute(ATTR_REQUEST_ID, request.request_id[:128])
             try:
-                entry = self.store.reserve(
-                    request.request_id, request.nbytes, request.lease_ms / 1000.0,
-                    owner=request.owner)
+                entry = await self._reserve(request.request_id, request.nbytes,
+                                            request.lease_ms, request.owner)
             except PdserveError as e:
                 await abort_with(context, e)
-            # The caller may go away before it reads the handle (cancelled while reserving,
-            # or it died): nobody else can ever release this entry, so do it now rather
-            # than when the lease ends.
-            try:
-                await faultpoints.pause("kvstore.reserve")
-            except BaseException:
-                self._abandoned(entry.handle, entry.request_id)
-                raise
             context.add_done_callback(
                 lambda ctx, h=entry.handle, r=entry.request_id:
                 ctx.cancelled() and self._abandoned(h, r))  # type: ignore[func-returns-value]
-            lease_left = entry.lease_expires - self.store.clock()
-            return pb.ReserveKvResponse(
-                handle=entry.handle,
-                data_address=self.data_address,
-                transport="tcp",  # the transport of data_address; endpoints has them all
-                lease_expires_unix_ms=int((time.time() + lease_left) * 1000),
-                endpoints=self.endpoints,
-            )
+            return self._answer(entry)
+
+    async def reserve_on_data_channel(self, request_id: str, nbytes: int, lease_ms: int,
+                                      owner: str) -> tuple[bytes, Callable[[], None]]:
+        """ReserveKv for a same-host prefill on the data server's Unix socket (one round
+        trip on a pooled connection instead of a gRPC call); the data server undoes it
+        when the answer cannot be delivered."""
+        entry = await self._reserve(request_id, nbytes, lease_ms, owner)
+        return self._answer(entry).SerializeToString(), functools.partial(
+            self._abandoned, entry.handle, entry.request_id)
+
+    async def _reserve(self, request_id: str, nbytes: int, lease_ms: int,
+                       owner: str) -> Entry:
+        entry = self.store.reserve(request_id, nbytes, lease_ms / 1000.0, owner=owner)
+        # The caller may go away before it reads the handle (cancelled while reserving,
+        # or it died): nobody else can ever release this entry, so do it now rather
+        # than when the lease ends.
+        try:
+            await faultpoints.pause("kvstore.reserve")
+        except BaseException:
+            self._abandoned(entry.handle, entry.request_id)
+            raise
+        return entry
+
+    def _answer(self, entry: Entry) -> pb.ReserveKvResponse:
+        lease_left = entry.lease_expires - self.store.clock()
+        return pb.ReserveKvResponse(
+            handle=entry.handle,
+            data_address=self.data_address,
+            transport="tcp",  # the transport of data_address; endpoints has them all
+            lease_expires_unix_ms=int((time.time() + lease_left) * 1000),
+            endpoints=self.endpoints,
+        )
 
     def _abandoned(self, handle: str, request_id: str) -> None:
         if self.store.release(handle, request_id) is not None:
@@ -192,6 +209,7 @@ class KvStoreService:
         self.servicer = KvStoreServicer(self.store, self.runtime.instance_id, data_address,
                                         endpoints, self.data)
         servicer = self.servicer
+        self.data.reserver = servicer.reserve_on_data_channel
         await self.runtime.start(lambda s: pb_grpc.add_KvStoreServiceServicer_to_server(
             servicer, s))
         if self.cfg.redis_url:

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+from opentelemetry import trace
 
 from pdserve.v1 import common_pb2, kvstore_service_pb2
 from pdserve.v1 import prefill_service_pb2 as pb
 from pdserve.v1.kvstore_service_pb2_grpc import KvStoreServiceStub as KvStoreStub
 from services.cluster.registry import RegistryView
-from services.common.errors import Unavailable, error_info, from_rpc_error
+from services.common.errors import PdserveError, Unavailable, error_info, from_rpc_error
 from services.common.runtime import host_id, new_channel
 from services.engine.worker import ModelThread, WorkerConfig
-from services.kv import push_kv
+from services.kv import TransferError, push_kv
 from services.kv.layers import LayerPush
 from services.kv.layout import kv_nbytes
+from services.kv.reserve import reserve_over_channel
 from services.observe.telemetry import ATTR_KV_BYTES, ATTR_REQUEST_ID, tracer
 from services.prefill.estimator import PrefillEstimator, reservation_lease_ms
 
@@ -34,7 +37,9 @@ if TYPE_CHECKING:
     from services.engine.base import KvState, Runner
     from services.engine.kv import LayerPacker
 
+log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+RESERVE_TIMEOUT_S = 10.0
 ATTR_KV_LAYERED = "pdserve.kv.layered"
 
 
@@ -107,6 +112,11 @@ class Staged:
                 handle=self.res.handle, request_id=self.rid, reason=reason), timeout=5))
 
 
+def traced() -> bool:
+    """True when this request's spans are recorded (an exporter is set up)."""
+    return trace.get_current_span().is_recording()
+
+
 class Handoff:
     """Chooses a kvstore of the group and reserves there."""
 
@@ -116,6 +126,8 @@ class Handoff:
         self.kv_lease_s = kv_lease_s
         self.view: RegistryView | None = None
         self._channels: dict[str, KvStoreStub] = {}
+        self._unix_paths: dict[str, str] = {}  # kvstore address -> its Unix socket here
+        self._unreachable: set[str] = set()  # Unix sockets that failed from here
         self._background: set[asyncio.Task[None]] = set()
 
     def _kvstore(self, avoid: str = "") -> tuple[str, KvStoreStub]:
@@ -143,10 +155,11 @@ class Handoff:
         n = len(request.prompt_token_ids)
         nbytes = kv_nbytes(info.num_layers, info.num_kv_heads, info.head_dim, n, info.kv_dtype)
         address, kvstore = self._kvstore()
+        req = kvstore_service_pb2.ReserveKvRequest(
+            request_id=rid, nbytes=nbytes, owner=request.gateway_id,
+            lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n))
         for attempt in range(2):
-            call = asyncio.ensure_future(kvstore.ReserveKv(kvstore_service_pb2.ReserveKvRequest(
-                request_id=rid, nbytes=nbytes, owner=request.gateway_id,
-                lease_ms=reservation_lease_ms(self.kv_lease_s, estimator, n)), timeout=10))
+            call = asyncio.ensure_future(self._reserve_call(address, kvstore, req))
             try:
                 # Shielded: cancelled while the kvstore reserves, we still learn the handle
                 # and release it at once (else it would be held until its lease ends).
@@ -155,11 +168,6 @@ class Handoff:
                 self._release_when_reserved(call, kvstore, rid)
                 raise
             except grpc.aio.AioRpcError as e:
-                err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
-                if err.reason == "KV_CAPACITY" and \
-                        request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
-                    return pb.PrefillRejected(reason=pb.REJECT_REASON_KV_CAPACITY,
-                                              message=err.message)
                 if error_info(e) is None:  # no answer from the kvstore itself
                     if attempt == 0 and self.view is not None:
                         await self.view.refresh()
@@ -167,12 +175,52 @@ class Handoff:
                         if retry[0] != address:
                             address, kvstore = retry
                             continue
-                    err = Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
+                    raise Unavailable(f"the kvstore at {address} is unreachable: {e.details()}",
                                       reason="KVSTORE_UNAVAILABLE",
-                                      metadata={"request_id": rid, "kvstore": address})
-                raise err from e
+                                      metadata={"request_id": rid, "kvstore": address}) from e
+                err = from_rpc_error(e, "reserving KV at the kvstore", request_id=rid)
+                return self._refused(request, err)
+            except PdserveError as err:  # refused over the Unix socket
+                err.message = f"reserving KV at the kvstore: {err.message}"
+                err.metadata["request_id"] = rid
+                return self._refused(request, err)
             return Staged(self.cfg, self.runner, self.thread, rid, address, kvstore, res)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _refused(request: pb.PrefillRequest, err: PdserveError) -> pb.PrefillRejected:
+        """A full kvstore is a rejection the gateway forwards around (when the request
+        may be rejected); any other refusal is the request's error."""
+        if err.reason == "KV_CAPACITY" and \
+                request.admission_mode == pb.ADMISSION_MODE_REJECT_IF_BUSY:
+            return pb.PrefillRejected(reason=pb.REJECT_REASON_KV_CAPACITY, message=err.message)
+        raise err
+
+    async def _reserve_call(self, address: str, kvstore: KvStoreStub,
+                            req: kvstore_service_pb2.ReserveKvRequest,
+                            ) -> kvstore_service_pb2.ReserveKvResponse:
+        """On the kvstore's Unix socket when it runs on this host (``services.kv.reserve``:
+        no gRPC call), else, or when that fails to connect, over gRPC. A traced request
+        uses gRPC, so the reservation's spans join its trace."""
+        path = self._unix_paths.get(address)
+        if path and not traced():
+            try:
+                async with asyncio.timeout(RESERVE_TIMEOUT_S):
+                    return await reserve_over_channel(path, req.request_id, req.nbytes,
+                                                      req.lease_ms, req.owner)
+            except (TransferError, TimeoutError) as e:
+                # Not tried again: a restarted kvstore has a new socket, learnt from the
+                # gRPC answer; one this process cannot reach stays on gRPC.
+                log.info("reserving on %s failed (%s); asking over gRPC", path, e)
+                self._unix_paths.pop(address, None)
+                self._unreachable.add(path)
+        res = await kvstore.ReserveKv(req, timeout=RESERVE_TIMEOUT_S)
+        if "shm" in self.cfg.transports:
+            me = host_id()
+            self._unix_paths[address] = next(
+                (ep.address for ep in res.endpoints if ep.transport == "shm"
+                 and ep.host_id == me and ep.address not in self._unreachable), "")
+        return res
 
     def _release_when_reserved(self, call: asyncio.Future[kvstore_service_pb2.ReserveKvResponse],
                                kvstore: KvStoreStub, rid: str) -> None:

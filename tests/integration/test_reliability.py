@@ -124,12 +124,11 @@ WINDOWS = ["kvstore.reserve", "prefill.before_reserve", "prefill.after_reserve",
 PAUSE_S = 1.5
 
 
-@pytest.mark.parametrize("point", WINDOWS)
-async def test_cancel_in_each_handoff_window_holds_no_kv(one_decode: Cluster,
-                                                         point: str) -> None:
+async def cancel_at(c: Cluster, point: str) -> None:
+    """Send a request, hold it at fault point ``point`` and cancel it there."""
     faultpoints.install(f"{point}=0.6")
     try:
-        call = one_decode.stub.Generate(generation_service_pb2.GenerateRequest(
+        call = c.stub.Generate(generation_service_pb2.GenerateRequest(
             prompt="window " * 20, max_tokens=8))
         reader = asyncio.ensure_future(call.read())
         t0 = time.monotonic()
@@ -140,6 +139,12 @@ async def test_cancel_in_each_handoff_window_holds_no_kv(one_decode: Cluster,
         await asyncio.gather(reader, return_exceptions=True)
     finally:
         faultpoints.install("")
+
+
+@pytest.mark.parametrize("point", WINDOWS)
+async def test_cancel_in_each_handoff_window_holds_no_kv(one_decode: Cluster,
+                                                         point: str) -> None:
+    await cancel_at(one_decode, point)
     # Zero right after the pause ends (the lease is 30 s): not freed by the sweeper.
     held, took = await _kv_idle(one_decode, PAUSE_S + 1.0)
     assert held == 0, f"{held} bytes still held {took:.1f} s after a cancel at {point}"

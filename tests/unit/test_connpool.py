@@ -184,3 +184,39 @@ async def test_the_server_closes_connections_idle_between_transfers() -> None:
     finally:
         POOL.clear()
         await n.server.close()
+
+
+async def test_reserve_is_served_on_the_unix_socket_only(node: Node) -> None:
+    from pdserve.v1 import kvstore_service_pb2
+    from services.common.errors import PdserveError, ResourceExhausted
+    from services.kv.base import Status, TransferError
+    from services.kv.reserve import reserve_over_channel
+    from services.kv.wire import Op, pack_req, read_resp
+
+    async def reserver(rid: str, nbytes: int, lease_ms: int, owner: str):  # type: ignore[no-untyped-def]
+        if nbytes > 1000:
+            raise ResourceExhausted("full", reason="KV_CAPACITY")
+        e = node.store.reserve(rid, nbytes, lease_ms / 1e3, owner=owner)
+        res = kvstore_service_pb2.ReserveKvResponse(handle=e.handle, endpoints=node.eps)
+        return res.SerializeToString(), lambda: node.store.release(e.handle, rid)
+
+    node.server.reserver = reserver
+    res = await reserve_over_channel(node.server.unix_path, "rsv", 512, 2000, "gw-1")
+    entry = node.store.entries[res.handle]
+    assert (entry.nbytes, entry.owner) == (512, "gw-1") and list(res.endpoints) == node.eps
+    with pytest.raises(PdserveError) as ei:  # a refusal keeps its code and reason
+        await reserve_over_channel(node.server.unix_path, "rsv2", 4096, 2000, "gw-1")
+    assert ei.value.reason == "KV_CAPACITY" and ei.value.code.name == "RESOURCE_EXHAUSTED"
+    # Over tcp (reachable from other hosts, with no cluster token): refused.
+    loop = asyncio.get_running_loop()
+    sock = await POOL.dial("tcp", node.eps[-1].address)
+    try:
+        await loop.sock_sendall(sock, pack_req(Op.RESERVE, "00" * 16, "rsv3", 64, 0)
+                                + b"\0\0")
+        with pytest.raises(TransferError) as te:
+            await read_resp(loop, sock)
+        assert te.value.status == Status.UNSUPPORTED
+    finally:
+        sock.close()
+    node.store.release(res.handle, "rsv")
+    assert node.server.counters["reserve.ok"] == 1
