@@ -81,6 +81,10 @@ class Segmented(Protocol):
     def close(self) -> None: ...
 
 
+def _close(conn: socket.socket, _task: object = None) -> None:
+    conn.close()
+
+
 # (request_id, nbytes, lease_ms, owner) -> (ReserveKvResponse bytes, undo)
 Reserver = Callable[[str, int, int, str], Awaitable[tuple[bytes, Callable[[], None]]]]
 
@@ -169,7 +173,7 @@ class DataServer:
             task.add_done_callback(self._conns.discard)
             task.add_done_callback(functools.partial(self._left, peer))
             # Closed even when the task is cancelled before it first ran (close()).
-            task.add_done_callback(lambda _t, c=conn: c.close())
+            task.add_done_callback(functools.partial(_close, conn))
 
     def _left(self, peer: str, _task: object = None) -> None:
         self._per_peer[peer] -= 1
@@ -214,7 +218,7 @@ class DataServer:
                         return
                     raise
                 finally:
-                    idle.discard(me)  # type: ignore[arg-type]
+                    idle.discard(me)
                 if not first:
                     return  # the client closed it between transfers: a clean end
         except (TransferError, OSError) as e:
