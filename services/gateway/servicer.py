@@ -336,21 +336,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         p.kv_transfer_ms = kv_ready
 
         finish = common_pb2.FINISH_REASON_LENGTH
+        tail_ids: list[int] = []
+        tail_text = ""
         if detok.stopped or first in self.info.eos_token_ids:
             finish = common_pb2.FINISH_REASON_STOP
         elif req.max_tokens > 1:
             try:
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    async for ids, text, reason in self._decode(req, group, sampling, first,
-                                                                detok, p):
+                    async for ids, text, reason, last in self._decode(req, group, sampling,
+                                                                      first, detok, p):
                         p.token_times.extend([time.monotonic()] * len(ids))
-                        if ids or text:
+                        if last:  # the decode's last batch goes out with the final message
+                            tail_ids, tail_text = ids, text
+                        elif ids or text:
                             yield pb.GenerateResponse(token_ids=ids, text=text)
                         finish = reason
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed while decoding") from None
-        yield pb.GenerateResponse(text=detok.flush(), finish_reason=finish,
-                                  timings=p.timings(),
+        # The last tokens, finish reason and timings in one message (one message fewer per
+        # request than sending the tokens and then the end apart).
+        yield pb.GenerateResponse(token_ids=tail_ids, text=tail_text + detok.flush(),
+                                  finish_reason=finish, timings=p.timings(),
                                   request_id=req.client_request_id or req.request_id,
                                   prompt_tokens=len(req.prompt_ids))
 
@@ -394,7 +400,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _decode(
         self, req: ValidRequest, group: str, sampling: common_pb2.SamplingParams, first: int,
         detok: Detokenizer, p: Progress,
-    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason]]:
+    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason, bool]]:
+        """Token batches with their finish reason, and whether the batch is the last."""
         assert p.kv is not None
         dreq = decode_service_pb2.DecodeRequest(
             request_id=req.request_id, kv=p.kv, first_token_id=first, sampling=sampling,
@@ -417,7 +424,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _decode_round(
         self, dreq: decode_service_pb2.DecodeRequest, group: str, detok: Detokenizer,
         p: Progress,
-    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason] | None]:
+    ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason, bool] | None]:
         """Try each decode once. Yields token batches, then None once served; ends
         without None when every decode was full."""
         last_error: PdserveError | None = None
@@ -435,11 +442,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         p.kv_fetch_fallback = msg.kv_fallback
                     text = detok.add(msg.token_ids)
                     if detok.stopped:
-                        yield list(msg.token_ids), text, common_pb2.FINISH_REASON_STOP
+                        yield list(msg.token_ids), text, common_pb2.FINISH_REASON_STOP, True
                         yield None
                         return
-                    yield list(msg.token_ids), text, msg.finish_reason or \
-                        common_pb2.FINISH_REASON_LENGTH
+                    yield (list(msg.token_ids), text,
+                           msg.finish_reason or common_pb2.FINISH_REASON_LENGTH,
+                           bool(msg.finish_reason))
                 yield None
                 return
             except grpc.aio.AioRpcError as e:
