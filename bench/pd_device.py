@@ -545,6 +545,7 @@ def main() -> int:
         out[key] = w.get("cloud_throughput_gain", 0.0)
         out[f"devices_carried_{wl}"] = w.get("carried", {})
         out[f"live_chats_per_s_gain_{wl}"] = w.get("live_chats_per_s_gain", 0.0)
+        out[f"device_view_gain_{wl}"] = w.get("device_view_gain", 0.0)
     print(f"modelled over all {sum(model_modes.values())} trace requests: plans {model_modes}, "
           f"cloud busy pd_device/cloud_only {model_ratio:.2f}")
     print("\nbucket workload | TTFT ms dev/cloud/pd | max TPOT ms pd | busy ms cloud/pd | gain")
@@ -562,7 +563,8 @@ def main() -> int:
         w = fleet_out.get(wl)
         if w:
             print(f"fleet {wl}: devices carried {w['carried']}, cloud throughput gain "
-                  f"{w.get('cloud_throughput_gain', 0):.2f}x (slots / busy per chat), live "
+                  f"{w.get('cloud_throughput_gain', 0):.2f}x (slots / slot-seconds per chat,"
+                  f" the tighter pool), device view {w.get('device_view_gain', 0):.2f}x, live "
                   f"chats/s {w.get('live_chats_per_s_gain', 0):.2f}x, devices "
                   f"{w.get('devices_gain', 0):.2f}x, busy/request {w.get('busy_per_request_ms')}")
     out["time_scale"] = k

@@ -48,14 +48,22 @@ def test_capacity_search_survives_a_noisy_small_probe_and_bisects() -> None:
     assert best is not None and best.devices == 8 and len(probes) == 4
 
 
-def test_cloud_throughput_gain_is_the_ratio_of_slots_over_busy() -> None:
+def test_cloud_throughput_gain_is_the_tighter_pool_of_slots_over_slot_seconds() -> None:
+    # cloud_only: decode holds 2.4 s a chat -> 2 / 2.4 chats/s; pd_device: the prefill
+    # (0.1 s) is tighter than its decode (0.08 s) -> 2 / 0.1. The device's view (busy
+    # 2500 / 250 ms, queueing included) is reported beside it.
     res = {"at_capacity": {
-        "cloud_only": {"devices": 3, "chats_per_s": 0.35, "cloud_busy_ms": 2500.0},
-        "pd_device": {"devices": 8, "chats_per_s": 0.55, "cloud_busy_ms": 250.0}}}
+        "cloud_only": {"devices": 3, "chats_per_s": 0.35, "cloud_busy_ms": 2500.0,
+                       "cloud_prefill_slot_ms": 90.0, "cloud_decode_slot_ms": 2400.0},
+        "pd_device": {"devices": 8, "chats_per_s": 0.55, "cloud_busy_ms": 250.0,
+                      "cloud_prefill_slot_ms": 100.0, "cloud_decode_slot_ms": 80.0}}}
     cloud_capacity(res, slots=2)
-    assert res["cloud_throughput_gain"] == pytest.approx(10.0)
-    assert res["at_capacity"]["cloud_only"]["cloud_capacity_chats_per_s"] == pytest.approx(0.8)
-    assert res["at_capacity"]["pd_device"]["slot_utilisation"] == pytest.approx(0.55 * 0.25 / 2)
+    assert res["cloud_throughput_gain"] == pytest.approx(24.0)
+    assert res["device_view_gain"] == pytest.approx(10.0)
+    assert res["at_capacity"]["cloud_only"]["cloud_capacity_chats_per_s"] == \
+        pytest.approx(2 / 2.4)
+    assert res["at_capacity"]["pd_device"]["slot_utilisation"]["prefill"] == \
+        pytest.approx(0.55 * 0.1 / 2)
     assert res["live_chats_per_s_gain"] == pytest.approx(0.55 / 0.35)
     assert res["devices_gain"] == pytest.approx(8 / 3)
 
