@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from services.engine import attend
 from services.engine.kv import (
     LayerPacker,
     cache_from_layers,
@@ -160,6 +161,7 @@ class ModelRunner:
     def attach_pool(self, pool_tokens: int, block_tokens: int) -> KvPool:
         """Give this runner a paged KV pool of ``pool_tokens`` slots and batch-decode over it."""
         use_paged_attention(self.model)
+        attend.available()  # compile (or load) the attention kernel now, not in the 1st step
         self.pool = KvPool(self.config, -(-pool_tokens // block_tokens), block_tokens)
         return self.pool
 
