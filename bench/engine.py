@@ -20,6 +20,7 @@ Every figure is a ratio measured in this one run (the machine is 2 shared cores)
    the peer's serving packages go to a private ``pip --target`` folder).
 
   python bench/engine.py [--model smollm2] [--quick] [--skip-serve] [--json FILE]
+                         [--attention kernel|sdpa]
 """
 
 from __future__ import annotations
@@ -300,7 +301,14 @@ def main() -> None:
                     help="where the peer's serving packages are installed (pip --target)")
     ap.add_argument("--parts", default="prefix,prefill,decode,serve",
                     help="comma list of the parts to run")
+    ap.add_argument("--attention", choices=("kernel", "sdpa"), default="kernel",
+                    help="decode attention: the compiled kernel (engine.attend), or the SDPA "
+                         "fallback (lanes), for an A/B of the two")
     args = ap.parse_args()
+    if args.attention == "sdpa":
+        from services.engine import attend
+
+        attend.disable()
     parts = set(args.parts.split(","))
     result: dict[str, Any] = {}
 
@@ -387,7 +395,8 @@ def _run_decode(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  greedy tokens of 3 of the 16 streams identical to batch-1 generate: {same}")
     plot(scaling, args.plot)
     print(f"plot: {args.plot}")
-    return {"decode16_identical_to_generate": same,
+    return {"decode_attention": args.attention,
+            "decode16_identical_to_generate": same,
             "decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
             # Median over rounds of (padded round time / our round before it).
             "decode16_vs_padded_hf16": scaling[16]["ours_over_padded_paired"],
