@@ -5,8 +5,8 @@ Every figure is a ratio measured in this one run (the machine is 2 shared cores)
 1. Decode tokens/s at 1, 4, 8 and 16 concurrent streams (SmolLM2 by default, prompts
    of 201-301 tokens, 64 new tokens): our batched paged decode (``decode_batch``: one
    forward per step over the paged pool) against our own single stream, and against
-   a left-padded HF ``generate`` batch of the same prompts in the same process (its
-   decode time = generate(64 new) - generate(1 new), i.e. without its prefill).
+   a left-padded HF batch of the same prompts in the same process, stepped as
+   ``generate`` steps (decode only, no prefill). Each round visits every batch size.
 2. Prefill batching: four prompts of different lengths one after another against one
    padded batch of four (the measurement behind prefill's no-batching default).
 3. The prefix cache on the Mooncake trace (``hash_ids`` are 512-token blocks): the
@@ -54,64 +54,47 @@ def _lengths(n: int, center: int, spread: int = 50) -> list[int]:
 
 def decode_scaling(spec: str, streams: list[int], new_tokens: int, center: int,
                    threads: int, rounds: int, bar: Any) -> dict[int, dict[str, Any]]:
-    """Per-step decode time at each batch size, ours and a padded HF batch, alternating
-    ``rounds`` times so that machine noise hits both; medians."""
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    """Per-step decode time at each batch size, ours and a padded HF batch; medians.
 
+    Every round visits every batch size in turn (ours, then the padded batch right after
+    it), so a slow spell of the shared host hits all of them, not the one batch size that
+    happened to run then (the single stream ran first and alone, and its speed moved
+    30-45 ms a step between runs while the 16-stream step held). Each batch size has its
+    own pool of the same size, and all are set up before the first round."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.engine.pool import KvPool, decode_batch
     from services.engine.runner import ModelRunner
     from services.engine.sampling import Sampling
 
     runner = ModelRunner(spec, threads=threads)
-    pool = runner.attach_pool(max(streams) * (center + 60 + new_tokens + 16), 16)
+    pool_tokens = max(streams) * (center + 60 + new_tokens + 16)
+    runner.attach_pool(pool_tokens, 16)  # our attention, and the kernel compiled
     hf = AutoModelForCausalLM.from_pretrained(runner.path, dtype=torch.float32).eval()
     pad = runner.info.eos_token_ids[0] if runner.info.eos_token_ids else 0
     per_round = max(1, (new_tokens - 1) // rounds)
-    out: dict[int, dict[str, Any]] = {}
-    for b in streams:
-        prompts = [prompt_ids(n, runner.info.vocab_size, seed=i)
-                   for i, n in enumerate(_lengths(b, center))]
-        seqs, toks = [], []
-        for p in prompts:  # prefill and RecvScatter are not timed: decode only
-            first, cache = runner.prefill(p, Sampling())
-            _, buf = runner.pack(cache, False)
-            _, seq = runner.restore_paged(memoryview(buf),
-                                          pool.allocate("b", len(p) + new_tokens + 1))
-            seqs.append(seq)
-            toks.append(first)
-        # The padded baseline: what generate() runs per step (left-padded batch over a
-        # DynamicCache, attention mask, per-row positions), without generate's own
-        # per-step overhead, so it is if anything a stricter baseline than generate.
-        width = max(map(len, prompts))
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.inference_mode():
-            hf_cache = DynamicCache(config=hf.config)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            o = hf(input_ids=ids, attention_mask=mask, position_ids=pos,
-                   past_key_values=hf_cache, use_cache=True, logits_to_keep=1)
-            hf_tok = o.logits[:, -1].argmax(-1, keepdim=True)
-            hf_pos = torch.tensor([[len(p)] for p in prompts])
-        ours_t, hf_t = [], []
-        produced = [[t] for t in toks]
-        for _ in range(rounds):
+    cases = {b: _DecodeCase(runner, hf, pad, b, center, new_tokens,
+                            KvPool(runner.config, -(-pool_tokens // 16), 16))
+             for b in streams}
+    greedy = Sampling()
+    for _ in range(rounds):
+        for b, c in cases.items():
             t0 = time.perf_counter()
             for _ in range(per_round):
-                toks = runner.decode_batch(toks, seqs, [Sampling()] * b)
-                for got, t in zip(produced, toks, strict=True):
+                c.toks = decode_batch(runner.model, c.pool, c.toks, c.seqs, [greedy] * b)
+                for got, t in zip(c.produced, c.toks, strict=True):
                     got.append(t)
-            ours_t.append((time.perf_counter() - t0) / per_round)
+            c.ours_t.append((time.perf_counter() - t0) / per_round)
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(per_round):
-                    mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], 1)
-                    o = hf(input_ids=hf_tok, attention_mask=mask, position_ids=hf_pos,
-                           past_key_values=hf_cache, use_cache=True, logits_to_keep=1)
-                    hf_tok, hf_pos = o.logits[:, -1].argmax(-1, keepdim=True), hf_pos + 1
-            hf_t.append((time.perf_counter() - t0) / per_round)
+            for _ in range(per_round):
+                c.hf_step()
+            c.hf_t.append((time.perf_counter() - t0) / per_round)
             bar.update(1)
-        for s in seqs:
-            pool.free(s.table)
+    out: dict[int, dict[str, Any]] = {}
+    for b, c in cases.items():
+        for seq in c.seqs:
+            c.pool.free(seq.table)
         # Token identity: the first sequences of the largest batch against batch-1 greedy
         # ``generate`` (stock attention and linear layers).
         same = None
@@ -119,20 +102,74 @@ def decode_scaling(spec: str, streams: list[int], new_tokens: int, center: int,
             with torch.inference_mode():
                 same = all(
                     hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
-                                dtype=torch.long), max_new_tokens=len(produced[i]),
-                                do_sample=False)[0, len(p):].tolist() == produced[i]
-                    for i, p in enumerate(prompts[:3]))
+                                dtype=torch.long), max_new_tokens=len(c.produced[i]),
+                                do_sample=False)[0, len(p):].tolist() == c.produced[i]
+                    for i, p in enumerate(c.prompts[:3]))
         out[b] = {"identical_to_generate": same,
-                  "ours_tok_s": b / statistics.median(ours_t),
-                  "padded_hf_tok_s": b / statistics.median(hf_t),
-                  "ours_step_ms": 1e3 * statistics.median(ours_t),
-                  "padded_hf_step_ms": 1e3 * statistics.median(hf_t),
+                  "ours_tok_s": b / statistics.median(c.ours_t),
+                  "padded_hf_tok_s": b / statistics.median(c.hf_t),
+                  "ours_step_ms": 1e3 * statistics.median(c.ours_t),
+                  "padded_hf_step_ms": 1e3 * statistics.median(c.hf_t),
                   # Each of our rounds against the padded round right after it: the load
                   # on a shared host moves within seconds, and a spike in one round of
                   # two moved a median of separate rounds by 2x.
                   "ours_over_padded_paired": statistics.median(
-                      h / o for o, h in zip(ours_t, hf_t, strict=True))}
+                      h / o for o, h in zip(c.ours_t, c.hf_t, strict=True)),
+                  "ours_step_s_rounds": c.ours_t}
     return out
+
+
+class _DecodeCase:
+    """One batch size of ``decode_scaling``: ``b`` prompts prefilled and scattered into
+    their own pool (not timed: decode only), and the same prompts as a left-padded HF
+    batch over a DynamicCache with mask and per-row positions: what generate() runs per
+    step, without generate's own per-step overhead (a stricter baseline than generate)."""
+
+    def __init__(self, runner: Any, hf: Any, pad: int, b: int, center: int,
+                 new_tokens: int, pool: Any) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        from services.engine.pool import PagedSeq
+        from services.engine.sampling import Sampling
+
+        self.hf, self.pool = hf, pool
+        self.prompts = [prompt_ids(n, runner.info.vocab_size, seed=i)
+                        for i, n in enumerate(_lengths(b, center))]
+        self.seqs: list[PagedSeq] = []
+        self.toks: list[int] = []
+        for p in self.prompts:
+            first, cache = runner.prefill(p, Sampling())
+            _, buf = runner.pack(cache, False)
+            table = pool.allocate("b", len(p) + new_tokens + 1)
+            meta = pool.scatter(memoryview(buf), table, runner.fingerprint)
+            self.seqs.append(PagedSeq(table, meta.num_tokens))
+            self.toks.append(first)
+        self.produced = [[t] for t in self.toks]
+        self.ours_t: list[float] = []
+        self.hf_t: list[float] = []
+        width = max(map(len, self.prompts))
+        self.mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in self.prompts])
+        with torch.inference_mode():
+            self.hf_cache = DynamicCache(config=hf.config)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in self.prompts])
+            pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            o = hf(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                   past_key_values=self.hf_cache, use_cache=True, logits_to_keep=1)
+            self.hf_tok = o.logits[:, -1].argmax(-1, keepdim=True)
+            self.hf_pos = torch.tensor([[len(p)] for p in self.prompts])
+
+    def hf_step(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            b = self.mask.shape[0]
+            self.mask = torch.cat([self.mask, torch.ones((b, 1), dtype=self.mask.dtype)], 1)
+            o = self.hf(input_ids=self.hf_tok, attention_mask=self.mask,
+                        position_ids=self.hf_pos, past_key_values=self.hf_cache,
+                        use_cache=True, logits_to_keep=1)
+            self.hf_tok = o.logits[:, -1].argmax(-1, keepdim=True)
+            self.hf_pos = self.hf_pos + 1
 
 
 def prefill_batching(spec: str, lengths: list[int], rounds: int) -> dict[str, float]:
@@ -392,12 +429,21 @@ def _run_decode(args: argparse.Namespace) -> dict[str, Any]:
               f"{s['padded_hf_tok_s']:15.1f}  {s['ours_tok_s'] / s['padded_hf_tok_s']:11.2f}"
               f"  {s['ours_over_padded_paired']:13.2f}")
     same = scaling[16]["identical_to_generate"]
+    paired = statistics.median(16 * o1 / o16 for o1, o16 in zip(
+        scaling[1]["ours_step_s_rounds"], scaling[16]["ours_step_s_rounds"], strict=True))
+    print(f"  16 streams vs 1, median of the rounds' own ratios: {paired:.2f}")
     print(f"  greedy tokens of 3 of the 16 streams identical to batch-1 generate: {same}")
     plot(scaling, args.plot)
     print(f"plot: {args.plot}")
     return {"decode_attention": args.attention,
             "decode16_identical_to_generate": same,
             "decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
+            # Median over rounds of that round's 16-stream against its 1-stream tokens/s
+            # (the two ran seconds apart in every round).
+            "decode16_vs_decode1_paired": statistics.median(
+                16 * o1 / o16 for o1, o16 in zip(scaling[1]["ours_step_s_rounds"],
+                                                 scaling[16]["ours_step_s_rounds"],
+                                                 strict=True)),
             # Median over rounds of (padded round time / our round before it).
             "decode16_vs_padded_hf16": scaling[16]["ours_over_padded_paired"],
             "decode16_vs_padded_hf16_separate":
