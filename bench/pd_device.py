@@ -379,6 +379,9 @@ def plots(rows: list[dict[str, Any]], q: dict[str, dict[str, float]], out: Path)
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the cloud and the device process this bench started
+    # are stopped by their context managers instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run: 2 buckets, tiny quality")
     ap.add_argument("--json", default="")
@@ -427,6 +430,8 @@ def main() -> int:
                     help="no single-device TTFT/TPOT requests (fleet only)")
     fl.add_argument("--fleet-workloads", default="trace,chat")
     fl.add_argument("--skip-fault", action="store_true")
+    fl.add_argument("--cost-chats", type=int, default=16,
+                    help="chats of the paired cost probe (both modes, the same chats)")
     fl.add_argument("--fault-devices", type=int, default=0,
                     help="only the cloud-kill measurement, with this many devices")
     ap.add_argument("--time-scale", type=float, default=2.0,
@@ -564,7 +569,9 @@ def main() -> int:
         if w:
             print(f"fleet {wl}: devices carried {w['carried']}, cloud throughput gain "
                   f"{w.get('cloud_throughput_gain', 0):.2f}x (slots / slot-seconds per chat,"
-                  f" the tighter pool), device view {w.get('device_view_gain', 0):.2f}x, live "
+                  f" the tighter pool, same chats), at capacity "
+                  f"{w.get('cloud_throughput_gain_at_capacity', 0):.2f}x, device view "
+                  f"{w.get('device_view_gain', 0):.2f}x, live "
                   f"chats/s {w.get('live_chats_per_s_gain', 0):.2f}x, devices "
                   f"{w.get('devices_gain', 0):.2f}x, busy/request {w.get('busy_per_request_ms')}")
     out["time_scale"] = k

@@ -66,6 +66,7 @@ TPOT_JUDGE = ["max"]  # "max" (the issue's bound), "p99" or "p99cap" (pd_device.
 # long stall passes (run 2: a cloud_only chat waited 11 s for a decode slot, and passed);
 # the host's own stalls stayed under ~160 ms of model time in these runs.
 STALL_CAP = 4.0
+COST_DEVICES = 2  # the paired cost probe's devices: light load, no queueing to speak of
 
 
 @dataclass(frozen=True)
@@ -387,39 +388,50 @@ def plot(lengths: list[dict[str, Any]], fleet: dict[str, Any], out: str) -> str:
 
 
 def cloud_capacity(res: dict[str, Any], slots: int) -> None:
-    """The gain figures of one workload, from each mode's probe at its capacity.
+    """The gain figures of one workload.
 
     - ``cloud_throughput_gain``: each mode's cloud capacity in chats per second is the
       tighter of its two pools, ``slots`` over the slot-seconds one chat held there
-      (prefill, decode), read from the cloud itself (``CloudOccupancy``) under fleet load
-      at that mode's capacity; the gain is pd_device's over cloud_only's. It is the cloud
-      throughput when the cloud is the bottleneck, and it leaves out what is not the
-      cloud's work: the WAN, and time a chat waited for a slot.
-    - ``device_view_gain``: the same with the device's view of the cloud time per chat
-      (request sent -> answer or cancel, one slot pool): it counts queueing and
-      grows with load, so it understates the mode measured at the higher load.
+      (prefill, decode), read from the cloud itself (``CloudOccupancy``) while both modes
+      served the same chats (``res["cost"]``); the gain is pd_device's over
+      cloud_only's. It is the cloud throughput when the cloud is the bottleneck, and it
+      leaves out what is not the cloud's work: the WAN, and time a chat waited for a slot.
+    - ``cloud_throughput_gain_at_capacity``: the same from each mode's probe at its
+      capacity (different chats per mode, and the load of that point).
+    - ``device_view_gain``: slots over the device's view of the cloud time per chat
+      (request sent -> answer or cancel, one pool) at each capacity: it counts queueing.
     - ``live_chats_per_s_gain`` and ``devices_gain``: what the fleet really completed and
       how many devices met their targets at each mode's capacity. ``slot_utilisation``
-      says whether the cloud or something else (the host emulating the phones, queueing
-      on few slots) ended the search.
+      says whether the cloud or something else ended the search.
     """
     co, pd = res["at_capacity"]["cloud_only"], res["at_capacity"]["pd_device"]
+
+    def pools(p: dict[str, Any]) -> dict[str, float]:
+        return {k: max(1e-6, p[f"cloud_{k}_slot_ms"] / 1e3) for k in ("prefill", "decode")}
+
     for p in (co, pd):
-        busy_s = max(1e-6, p["cloud_busy_ms"] / 1e3)
-        held = {k: max(1e-6, p[f"cloud_{k}_slot_ms"] / 1e3) for k in ("prefill", "decode")}
+        held = pools(p)
         p["slot_utilisation"] = {k: p["chats_per_s"] * v / slots for k, v in held.items()}
         p["cloud_capacity_chats_per_s"] = min(slots / v for v in held.values())
-        p["device_view_capacity_chats_per_s"] = slots / busy_s
-    res["cloud_throughput_gain"] = pd["cloud_capacity_chats_per_s"] / \
+        p["device_view_capacity_chats_per_s"] = slots / max(1e-6, p["cloud_busy_ms"] / 1e3)
+    res["cloud_throughput_gain_at_capacity"] = pd["cloud_capacity_chats_per_s"] / \
         co["cloud_capacity_chats_per_s"]
+    cost = res.get("cost")
+    if cost:
+        cap = {m: min(slots / v for v in pools(cost[m]).values()) for m in cost}
+        res["cloud_capacity_chats_per_s"] = cap
+        res["cloud_throughput_gain"] = cap["pd_device"] / cap["cloud_only"]
+    else:
+        res["cloud_throughput_gain"] = res["cloud_throughput_gain_at_capacity"]
     res["device_view_gain"] = pd["device_view_capacity_chats_per_s"] / \
         co["device_view_capacity_chats_per_s"]
     res["live_chats_per_s_gain"] = pd["chats_per_s"] / co["chats_per_s"]
     res["devices_gain"] = pd["devices"] / co["devices"]
+    src = cost or {"cloud_only": co, "pd_device": pd}
     res["busy_per_request_ms"] = {m: {"device_view": p["cloud_busy_ms"],
                                       "prefill_slot": p["cloud_prefill_slot_ms"],
                                       "decode_slot": p["cloud_decode_slot_ms"]}
-                                  for m, p in (("cloud_only", co), ("pd_device", pd))}
+                                  for m, p in src.items()}
 
 
 def kill_gateway_at(log_dir: str, after_s: float) -> Callable[[float], None]:
@@ -504,6 +516,21 @@ def run(address: str, args: Any, up_log_dir: str, ttft_target_ms: float,
             res["carried"][mode] = best.devices if best else 0
             res["probes"][mode] = [p.summary() for p in probes]
             res["at_capacity"][mode] = best.summary() if best else None
+        # The cloud's cost per chat, paired: both modes run the SAME chats (the first
+        # COST_DEVICES x cost_chats of the workload) at a light load, and the cloud's own
+        # occupancy is read. The capacity probes above drew different chats per N (the
+        # first N x per_device), so their per-chat costs also differ by the sample.
+        per = max(1, math.ceil((4 if quick else args.cost_chats) / COST_DEVICES))
+        res["cost"] = {}
+        for mode in ("cloud_only", "pd_device"):
+            cp = drive(address, mode, COST_DEVICES, chats, per, args.think_s,
+                       f"{name}/{mode}/cost", ttft_target_ms, tpot_max_ms,
+                       occupancy=occupancy)
+            res["cost"][mode] = cp.summary()
+            print(f"    cost, {mode:10} {len(cp.results)} chats: cloud slots held per chat: "
+                  f"prefill {cp.cloud_slot_s['prefill'] * 1e3:.0f} ms, decode "
+                  f"{cp.cloud_slot_s['decode'] * 1e3:.0f} ms (device view "
+                  f"{res['cost'][mode]['cloud_busy_ms']:.0f} ms)", flush=True)
         p = drive(address, "device_only", min(4, args.fleet_size), chats, args.per_device,
                   args.think_s, f"{name}/device_only", ttft_target_ms, tpot_max_ms)
         p.passed = p.attainment >= args.attainment

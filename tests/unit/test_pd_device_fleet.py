@@ -59,6 +59,7 @@ def test_cloud_throughput_gain_is_the_tighter_pool_of_slots_over_slot_seconds() 
                       "cloud_prefill_slot_ms": 100.0, "cloud_decode_slot_ms": 80.0}}}
     cloud_capacity(res, slots=2)
     assert res["cloud_throughput_gain"] == pytest.approx(24.0)
+    assert res["cloud_throughput_gain_at_capacity"] == pytest.approx(24.0)
     assert res["device_view_gain"] == pytest.approx(10.0)
     assert res["at_capacity"]["cloud_only"]["cloud_capacity_chats_per_s"] == \
         pytest.approx(2 / 2.4)
@@ -80,3 +81,22 @@ def test_a_chat_meets_its_targets_only_when_complete_on_time_and_smooth() -> Non
     assert not chat(gaps=[40.0] * 8 + [60.0]).meets(1500, 50)
     assert not chat(tokens=9).meets(1500, 50)
     assert not chat(fallback="cloud UNAVAILABLE").meets(1500, 50)
+
+
+def test_the_gain_comes_from_the_paired_cost_probe_when_there_is_one() -> None:
+    # Both modes served the same chats in the cost probe: cloud_only's decode held 3 s a
+    # chat, pd_device's prefill 0.05 s (its tighter pool) -> 2 / 3 vs 2 / 0.05 = 60x,
+    # while the capacity probes (other chats) say 24x.
+    res = {"at_capacity": {
+        "cloud_only": {"devices": 3, "chats_per_s": 0.35, "cloud_busy_ms": 2500.0,
+                       "cloud_prefill_slot_ms": 90.0, "cloud_decode_slot_ms": 2400.0},
+        "pd_device": {"devices": 8, "chats_per_s": 0.55, "cloud_busy_ms": 250.0,
+                      "cloud_prefill_slot_ms": 100.0, "cloud_decode_slot_ms": 80.0}},
+        "cost": {"cloud_only": {"cloud_busy_ms": 3100.0, "cloud_prefill_slot_ms": 40.0,
+                                "cloud_decode_slot_ms": 3000.0},
+                 "pd_device": {"cloud_busy_ms": 200.0, "cloud_prefill_slot_ms": 50.0,
+                               "cloud_decode_slot_ms": 30.0}}}
+    cloud_capacity(res, slots=2)
+    assert res["cloud_throughput_gain"] == pytest.approx(60.0)
+    assert res["cloud_throughput_gain_at_capacity"] == pytest.approx(24.0)
+    assert res["busy_per_request_ms"]["pd_device"]["prefill_slot"] == 50.0
