@@ -101,7 +101,7 @@ def available() -> bool:
         try:
             # omp (or tbb): safe when two step threads of one process call the kernel at
             # once (in-process test clusters); numba's workqueue fallback would abort.
-            numba.config.THREADING_LAYER = "threadsafe"
+            numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]
             try:
                 kernel = numba.njit(cache=True, **_OPTIONS)(_attend_py)
             except RuntimeError as e:  # no writable cache location: compile per process
