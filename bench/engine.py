@@ -95,10 +95,10 @@ def decode_scaling(spec: str, streams: list[int], new_tokens: int, center: int,
     for b, c in cases.items():
         for seq in c.seqs:
             c.pool.free(seq.table)
-        # Token identity: the first sequences of the largest batch against batch-1 greedy
-        # ``generate`` (stock attention and linear layers).
+        # Token identity: the single stream, and the first sequences of the largest batch,
+        # against batch-1 greedy ``generate`` (stock attention and linear layers).
         same = None
-        if b == max(streams):
+        if b in (1, max(streams)):
             with torch.inference_mode():
                 same = all(
                     hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
@@ -432,11 +432,13 @@ def _run_decode(args: argparse.Namespace) -> dict[str, Any]:
     paired = statistics.median(16 * o1 / o16 for o1, o16 in zip(
         scaling[1]["ours_step_s_rounds"], scaling[16]["ours_step_s_rounds"], strict=True))
     print(f"  16 streams vs 1, median of the rounds' own ratios: {paired:.2f}")
-    print(f"  greedy tokens of 3 of the 16 streams identical to batch-1 generate: {same}")
+    print(f"  greedy tokens of 3 of the 16 streams identical to batch-1 generate: {same}; "
+          f"of the single stream: {scaling[1]['identical_to_generate']}")
     plot(scaling, args.plot)
     print(f"plot: {args.plot}")
     return {"decode_attention": args.attention,
             "decode16_identical_to_generate": same,
+            "decode1_identical_to_generate": scaling[1]["identical_to_generate"],
             "decode16_vs_decode1": scaling[16]["ours_tok_s"] / one,
             # Median over rounds of that round's 16-stream against its 1-stream tokens/s
             # (the two ran seconds apart in every round).
