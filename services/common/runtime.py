@@ -50,10 +50,23 @@ _cluster_token = ""  # this process's cluster token (set by ServiceRuntime)
 
 # KV travels outside gRPC, so messages stay small; this bounds a malicious or buggy peer.
 MAX_MESSAGE_BYTES = 64 << 20
+# Our channels ping every 10 s while a call is open (CHANNEL_OPTIONS), and clients in
+# other languages keep pinging on a silent stream. A server with gRPC's defaults accepts
+# a ping only every 5 min while it sends no data and answers repeated early ones with
+# GOAWAY "too_many_pings": a stream silent for ~25 s (a request waiting in the forwarding
+# queue, a drain, a long prefill) ended UNAVAILABLE "Too many pings". Accept pings every
+# 5 s, also between calls, which admits any client pinging at our rate or slower
+# (tests/integration/test_keepalive.py).
+SERVER_PING_MIN_MS = 5_000
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # The recv variant alone is not enough: grpc-core's server also checks the second
+    # (measured: GOAWAY at ~25 s with only the first set).
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_PING_MIN_MS),
+    ("grpc.http2.min_ping_interval_without_data_ms", SERVER_PING_MIN_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
