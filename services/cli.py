@@ -17,7 +17,6 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 GENERATE_EPILOG = """\
@@ -33,12 +32,9 @@ the server-sent events show as they come):
 
 
 def _grpc_channel(address: str, tls_ca: str) -> Any:
-    import grpc
+    from services.common.auth import gateway_channel
 
-    if not tls_ca:
-        return grpc.aio.insecure_channel(address)
-    return grpc.aio.secure_channel(
-        address, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+    return gateway_channel(address, tls_ca)
 
 
 class _Flags:

@@ -45,7 +45,6 @@ import random
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Sequence
 from heapq import heappush
-from itertools import islice
 
 from bench.sim import hook
 from bench.sim.decode import FluidDecode
@@ -71,6 +70,7 @@ from bench.sim.state import (
     Group,
     Prefill,
     Req,
+    lru_touch,
 )
 from services.cluster import slotoffer
 from services.engine.mock import LatencyModel
@@ -490,30 +490,7 @@ class Simulator(DecodeSide, ControlSide, BaselineSide):
                               r))
 
     def _cached(self, p: Prefill, r: Req) -> int:
-        cache = p.cache
-        hit = 0
-        # One pass: the leading hits move to the LRU's end, then every id from the first miss
-        # on is (re)inserted at the end; the same order as "count the leading hits, then
-        # touch every id", since touching an id never changes whether another is cached.
-        # A plain dict keeps insertion order: delete and re-insert moves a key to the end,
-        # and the least recently used are its first keys (faster than an OrderedDict here).
-        it = iter(r.hash_ids)
-        for h in it:
-            if h in cache:
-                hit += 1
-                del cache[h]
-                cache[h] = None
-            else:
-                cache[h] = None
-                break
-        pop = cache.pop
-        for h in it:
-            pop(h, None)
-            cache[h] = None
-        excess = len(cache) - self._cache_cap
-        if excess > 0:
-            for h in list(islice(cache, excess)):
-                del cache[h]
+        hit = lru_touch(p.cache, r.hash_ids, self._cache_cap)
         return min(hit * HASH_BLOCK_TOKENS, (r.n - 1) // 64 * 64)
 
     def _prefill_failed(self, r: Req) -> None:

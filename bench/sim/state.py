@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from bench.sim.decode import FluidDecode
 from bench.sim.model import SimRequest
@@ -15,6 +16,34 @@ from services.prefill import estimator as est
 
 NEW, TRYING, WAITING, LOCAL, PREFILL, DWAIT, FETCH, DECODE, DONE = range(9)
 HASH_BLOCK_TOKENS = 512  # a Mooncake hash id covers 512 tokens (bench/traces.py)
+
+
+def lru_touch(cache: dict[int, None], ids: Iterable[int], cap: int) -> int:
+    """A prefill's prefix-cache LRU: touch ``ids`` in order and return how many leading
+    ids were cached. One pass: the leading hits move to the LRU's end, then every id from
+    the first miss on is (re)inserted at the end; the same order as "count the leading
+    hits, then touch every id", since touching an id never changes whether another is
+    cached. A plain dict keeps insertion order: delete and re-insert moves a key to the
+    end, and the least recently used are its first keys (faster than an OrderedDict)."""
+    hit = 0
+    it = iter(ids)
+    for h in it:
+        if h in cache:
+            hit += 1
+            del cache[h]
+            cache[h] = None
+        else:
+            cache[h] = None
+            break
+    pop = cache.pop
+    for h in it:
+        pop(h, None)
+        cache[h] = None
+    excess = len(cache) - cap
+    if excess > 0:
+        for h in list(islice(cache, excess)):
+            del cache[h]
+    return hit
 
 
 class Req:

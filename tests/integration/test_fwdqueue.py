@@ -113,15 +113,23 @@ async def test_entries_of_a_dead_gateway_and_past_deadlines_get_no_offer(
     assert await a.depth(g) == 0  # the orphan and the expired entry were pruned
 
 
-async def test_a_waiter_that_lost_its_offered_slot_keeps_its_place(
-        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
-    client, a, b = gateways
+async def _r0_offered_p0_before_r1(client: object, a: ForwardingQueue,
+                                   b: ForwardingQueue) -> str:
+    """A new group where r0 (gateway a) and r1 (gateway b, later deadline) wait, and a
+    freed p0 has been offered to r0."""
     g = _group()
     now = time.time() * 1000
     await a.enter(g, "r0", now + 10_000)
     await b.enter(g, "r1", now + 20_000)
     await slotoffer.offer_slot(client, g, "p0")
     assert await asyncio.wait_for(a.wait(g, "r0"), 2) == "p0"
+    return g
+
+
+async def test_a_waiter_that_lost_its_offered_slot_keeps_its_place(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue]) -> None:
+    client, a, b = gateways
+    g = await _r0_offered_p0_before_r1(client, a, b)
     # r0's try was rejected (someone took the slot): it waits again, still first.
     again = asyncio.create_task(a.wait(g, "r0"))
     other = asyncio.create_task(b.wait(g, "r1"))
@@ -277,12 +285,7 @@ async def test_a_request_a_prefill_accepted_draws_no_more_offers(
     mark lasts), freed slots go to the requests still waiting."""
     client, a, b = gateways
     monkeypatch.setattr(slotoffer, "OFFER_TTL_MS", 50)
-    g = _group()
-    now = time.time() * 1000
-    await a.enter(g, "r0", now + 10_000)
-    await b.enter(g, "r1", now + 20_000)
-    await slotoffer.offer_slot(client, g, "p0")
-    assert await asyncio.wait_for(a.wait(g, "r0"), 2) == "p0"
+    g = await _r0_offered_p0_before_r1(client, a, b)
     a.drop(g, "r0")  # the prefill accepted r0; its first token is seconds away
     await a.settled()
     await asyncio.sleep(0.1)  # longer than the offer mark
