@@ -93,6 +93,7 @@ class Progress:
     group: str = ""  # the scenario group it was routed to (metrics)
     prompt_tokens: int = 0
     prefill_asked: bool = False  # a prefill may hold a reservation for it
+    prefill_done: bool = False  # a first-token-only prefill ended: it staged no KV
 
     def stage(self) -> str:
         """Where the request is, for the deadline metric: ttft, handoff or decode."""
@@ -246,7 +247,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     self.open_streams[progress.sse_prefill] -= 1
                 if progress.kv is not None and not progress.kv_consumed:
                     self._release_later(progress.kv, rid, "request ended before decode fetched")
-                elif progress.kv is None and progress.prefill_asked:
+                elif progress.kv is None and progress.prefill_asked \
+                        and not progress.prefill_done:
                     # A prefill may have staged KV whose KvRef never reached us (cancelled
                     # between reserve and kv_ready, or the prefill died): release by id.
                     self._release_request(rid, progress.group or self.default_group)
@@ -324,7 +326,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     yield refined
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     await faultpoints.pause("gateway.before_kv_read")
-                    kv_ready = await self._await_kv(call, instance_id, p)
+                    kv_ready = await self._await_kv(call, instance_id, p,
+                                                    required=not preq_first_only(req))
             except TimeoutError:
                 raise DeadlineExceeded("the deadline passed during the KV handoff") from None
         finally:
@@ -370,7 +373,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             scenario=group,
             ttft_deadline_unix_ms=int((time.time() + ttft_deadline - time.monotonic()) * 1e3)
             if ttft_deadline is not None else 0, refine_ratio=p.refine_ratio,
-            client_request_id=req.client_request_id, gateway_id=self.instance_id)
+            client_request_id=req.client_request_id, gateway_id=self.instance_id,
+            first_token_only=preq_first_only(req))
 
         def on_accepted() -> None:
             p.queue_ms = (time.monotonic() - p.t0) * 1e3
@@ -381,7 +385,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return got.first_token, got.call, got.instance_id
 
     @staticmethod
-    async def _await_kv(call: grpc.aio.UnaryStreamCall, instance_id: str, p: Progress) -> float:
+    async def _await_kv(call: grpc.aio.UnaryStreamCall, instance_id: str, p: Progress,
+                        required: bool = True) -> float:
+        """Read the prefill's stream to its end; the KV stage time. ``required=False``: a
+        first-token-only request, whose prefill stages no KV (0.0 then)."""
         stage_ms: float | None = None
         try:
             # Read to the end of the stream: the prefill counts the KV as handed off only
@@ -391,6 +398,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     p.kv = ev.kv_ready.kv
                     stage_ms = float(ev.kv_ready.kv_stage_ms)
             if stage_ms is None:
+                if not required:
+                    p.prefill_done = True
+                    return 0.0
                 raise Unavailable("prefill ended without handing off the KV",
                                   reason="KV_HANDOFF_MISSING")
             return stage_ms
@@ -462,6 +472,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.open_streams[inst.instance_id] -= 1
         if last_error is None or last_error.reason != "DECODE_SLOTS_FULL":
             raise last_error or Unavailable(f"no decode in group {group!r} took the request")
+
+
+def preq_first_only(req: ValidRequest) -> bool:
+    """No decode follows the first token: the prefill need not stage any KV. (A first
+    token that is EOS or hits a stop string is known only after the prefill.)"""
+    return req.max_tokens == 1
 
 
 def _loop_time(deadline: float | None) -> float | None:

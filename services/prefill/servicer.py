@@ -40,7 +40,7 @@ from services.kv import transfer_load
 from services.kv.wire import MAX_REQUEST_ID_BYTES
 from services.observe.telemetry import ATTR_PROMPT_TOKENS, ATTR_REQUEST_ID, tracer
 from services.prefill.estimator import PrefillEstimator
-from services.prefill.handoff import Handoff
+from services.prefill.handoff import Handoff, Staged
 
 if TYPE_CHECKING:
     from services.engine.base import KvState, OnLayer, Runner
@@ -158,11 +158,14 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         self._deadline_passed(request, "before")
         self._deadline_unreachable(request)
         await faultpoints.pause("prefill.before_reserve")
-        staged = await self.handoff.reserve(request, self.estimator)
-        if isinstance(staged, pb.PrefillRejected):
-            self.stats.rejected_total += 1
-            yield pb.PrefillResponse(rejected=staged)
-            return
+        staged: Staged | None = None
+        if not request.first_token_only:  # else no decode follows: no KV to stage
+            got = await self.handoff.reserve(request, self.estimator)
+            if isinstance(got, pb.PrefillRejected):
+                self.stats.rejected_total += 1
+                yield pb.PrefillResponse(rejected=got)
+                return
+            staged = got
         try:
             await faultpoints.pause("prefill.after_reserve")
             self.stats.accepted_total += 1
@@ -176,11 +179,13 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 span.set_attribute(ATTR_PROMPT_TOKENS, len(ids))
                 t0 = time.monotonic()
                 probe = probe_for(self.runner, request.refine_ratio)  # P/D-Device
-                if probe is None:
+                hook: tuple[object, ...] = ()
+                if probe is None and staged is not None:
                     await staged.open_layered(len(ids))
+                    hook = staged.hook()
                 first, cache = await self.thread.run(
                     probe.wrap(self._compute) if probe else self._compute,
-                    ids, params, probe is None, *(staged.hook() if probe is None else ()))
+                    ids, params, probe is None, *hook)
                 prefill_ms = (time.monotonic() - t0) * 1e3
             self.estimator.observe(len(ids), prefill_ms)
             self._deadline_passed(request, "after")
@@ -192,6 +197,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                     refined_prompt, probe, cache, ids, request.refine_ratio)
                 yield pb.PrefillResponse(refined=pb.RefinedPrompt(
                     token_ids=kept, method=method, refine_ms=refine_ms))
+            if staged is None:
+                return
             kv = await staged.push(cache, context.time_remaining())
             del cache
             await faultpoints.pause("prefill.after_push")
@@ -204,7 +211,8 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                 if not handed_off:
                     await staged.release("cancelled before handoff")
         except BaseException:
-            await staged.release("prefill failed or was cancelled")
+            if staged is not None:
+                await staged.release("prefill failed or was cancelled")
             raise
         # From here the gateway owns the KV: it releases it by handle, or by request id if
         # the KvRef never reached it.

@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve/v1/prefill_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x95\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1d\n\x15ttft_deadline_unix_ms\x18\x04 \x01(\x03\x12\x10\n\x08scenario\x18\x05 \x01(\t\x12\x31\n\x0e\x61\x64mission_mode\x18\x06 \x01(\x0e\x32\x19.pdserve.v1.AdmissionMode\x12\x14\n\x0crefine_ratio\x18\x07 \x01(\x02\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x12\n\ngateway_id\x18\t \x01(\t\"8\n\x0fPrefillAccepted\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\"L\n\x0fPrefillRejected\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"2\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\"=\n\x07KvReady\x12\x1d\n\x02kv\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.KvRef\x12\x13\n\x0bkv_stage_ms\x18\x02 \x01(\x01\"E\n\rRefinedPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\trefine_ms\x18\x03 \x01(\x01\"\x82\x02\n\x0fPrefillResponse\x12/\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.PrefillAcceptedH\x00\x12/\n\x08rejected\x18\x02 \x01(\x0b\x32\x1b.pdserve.v1.PrefillRejectedH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\'\n\x08kv_ready\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.KvReadyH\x00\x12,\n\x07refined\x18\x05 \x01(\x0b\x32\x19.pdserve.v1.RefinedPromptH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16GetPrefillStatsRequest\"\xf4\x01\n\x17GetPrefillStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x12\n\nbusy_slots\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x16\n\x0e\x61\x63\x63\x65pted_total\x18\x05 \x01(\x04\x12\x16\n\x0erejected_total\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x08 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\t \x01(\x04\x12\x19\n\x11unreachable_total\x18\n \x01(\x04*l\n\rAdmissionMode\x12\x1e\n\x1a\x41\x44MISSION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44MISSION_MODE_QUEUE\x10\x01\x12!\n\x1d\x41\x44MISSION_MODE_REJECT_IF_BUSY\x10\x02*\xa2\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECT_REASON_SLOTS_FULL\x10\x01\x12\x1d\n\x19REJECT_REASON_KV_CAPACITY\x10\x02\x12\x1a\n\x16REJECT_REASON_DRAINING\x10\x03\x12\x1a\n\x16REJECT_REASON_DEADLINE\x10\x04\x32\xb2\x01\n\x0ePrefillService\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse0\x01\x12Z\n\x0fGetPrefillStats\x12\".pdserve.v1.GetPrefillStatsRequest\x1a#.pdserve.v1.GetPrefillStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve/v1/prefill_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xaf\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x1d\n\x15ttft_deadline_unix_ms\x18\x04 \x01(\x03\x12\x10\n\x08scenario\x18\x05 \x01(\t\x12\x31\n\x0e\x61\x64mission_mode\x18\x06 \x01(\x0e\x32\x19.pdserve.v1.AdmissionMode\x12\x14\n\x0crefine_ratio\x18\x07 \x01(\x02\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x12\n\ngateway_id\x18\t \x01(\t\x12\x18\n\x10\x66irst_token_only\x18\n \x01(\x08\"8\n\x0fPrefillAccepted\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\"L\n\x0fPrefillRejected\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.pdserve.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"2\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\"=\n\x07KvReady\x12\x1d\n\x02kv\x18\x01 \x01(\x0b\x32\x11.pdserve.v1.KvRef\x12\x13\n\x0bkv_stage_ms\x18\x02 \x01(\x01\"E\n\rRefinedPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\trefine_ms\x18\x03 \x01(\x01\"\x82\x02\n\x0fPrefillResponse\x12/\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.PrefillAcceptedH\x00\x12/\n\x08rejected\x18\x02 \x01(\x0b\x32\x1b.pdserve.v1.PrefillRejectedH\x00\x12-\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\'\n\x08kv_ready\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.KvReadyH\x00\x12,\n\x07refined\x18\x05 \x01(\x0b\x32\x19.pdserve.v1.RefinedPromptH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16GetPrefillStatsRequest\"\xf4\x01\n\x17GetPrefillStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x12\n\nbusy_slots\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x16\n\x0e\x61\x63\x63\x65pted_total\x18\x05 \x01(\x04\x12\x16\n\x0erejected_total\x18\x06 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x08 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\t \x01(\x04\x12\x19\n\x11unreachable_total\x18\n \x01(\x04*l\n\rAdmissionMode\x12\x1e\n\x1a\x41\x44MISSION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x44MISSION_MODE_QUEUE\x10\x01\x12!\n\x1d\x41\x44MISSION_MODE_REJECT_IF_BUSY\x10\x02*\xa2\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REJECT_REASON_SLOTS_FULL\x10\x01\x12\x1d\n\x19REJECT_REASON_KV_CAPACITY\x10\x02\x12\x1a\n\x16REJECT_REASON_DRAINING\x10\x03\x12\x1a\n\x16REJECT_REASON_DEADLINE\x10\x04\x32\xb2\x01\n\x0ePrefillService\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse0\x01\x12Z\n\x0fGetPrefillStats\x12\".pdserve.v1.GetPrefillStatsRequest\x1a#.pdserve.v1.GetPrefillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.prefill_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADMISSIONMODE']._serialized_start=1209
-  _globals['_ADMISSIONMODE']._serialized_end=1317
-  _globals['_REJECTREASON']._serialized_start=1320
-  _globals['_REJECTREASON']._serialized_end=1482
+  _globals['_ADMISSIONMODE']._serialized_start=1235
+  _globals['_ADMISSIONMODE']._serialized_end=1343
+  _globals['_REJECTREASON']._serialized_start=1346
+  _globals['_REJECTREASON']._serialized_end=1508
   _globals['_PREFILLREQUEST']._serialized_start=74
-  _globals['_PREFILLREQUEST']._serialized_end=351
-  _globals['_PREFILLACCEPTED']._serialized_start=353
-  _globals['_PREFILLACCEPTED']._serialized_end=409
-  _globals['_PREFILLREJECTED']._serialized_start=411
-  _globals['_PREFILLREJECTED']._serialized_end=487
-  _globals['_FIRSTTOKEN']._serialized_start=489
-  _globals['_FIRSTTOKEN']._serialized_end=539
-  _globals['_KVREADY']._serialized_start=541
-  _globals['_KVREADY']._serialized_end=602
-  _globals['_REFINEDPROMPT']._serialized_start=604
-  _globals['_REFINEDPROMPT']._serialized_end=673
-  _globals['_PREFILLRESPONSE']._serialized_start=676
-  _globals['_PREFILLRESPONSE']._serialized_end=934
-  _globals['_GETPREFILLSTATSREQUEST']._serialized_start=936
-  _globals['_GETPREFILLSTATSREQUEST']._serialized_end=960
-  _globals['_GETPREFILLSTATSRESPONSE']._serialized_start=963
-  _globals['_GETPREFILLSTATSRESPONSE']._serialized_end=1207
-  _globals['_PREFILLSERVICE']._serialized_start=1485
-  _globals['_PREFILLSERVICE']._serialized_end=1663
+  _globals['_PREFILLREQUEST']._serialized_end=377
+  _globals['_PREFILLACCEPTED']._serialized_start=379
+  _globals['_PREFILLACCEPTED']._serialized_end=435
+  _globals['_PREFILLREJECTED']._serialized_start=437
+  _globals['_PREFILLREJECTED']._serialized_end=513
+  _globals['_FIRSTTOKEN']._serialized_start=515
+  _globals['_FIRSTTOKEN']._serialized_end=565
+  _globals['_KVREADY']._serialized_start=567
+  _globals['_KVREADY']._serialized_end=628
+  _globals['_REFINEDPROMPT']._serialized_start=630
+  _globals['_REFINEDPROMPT']._serialized_end=699
+  _globals['_PREFILLRESPONSE']._serialized_start=702
+  _globals['_PREFILLRESPONSE']._serialized_end=960
+  _globals['_GETPREFILLSTATSREQUEST']._serialized_start=962
+  _globals['_GETPREFILLSTATSREQUEST']._serialized_end=986
+  _globals['_GETPREFILLSTATSRESPONSE']._serialized_start=989
+  _globals['_GETPREFILLSTATSRESPONSE']._serialized_end=1233
+  _globals['_PREFILLSERVICE']._serialized_start=1511
+  _globals['_PREFILLSERVICE']._serialized_end=1689
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ REJECT_REASON_DRAINING: RejectReason
 REJECT_REASON_DEADLINE: RejectReason
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ttft_deadline_unix_ms", "scenario", "admission_mode", "refine_ratio", "client_request_id", "gateway_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "ttft_deadline_unix_ms", "scenario", "admission_mode", "refine_ratio", "client_request_id", "gateway_id", "first_token_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class PrefillRequest(_message.Message):
     REFINE_RATIO_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -50,7 +51,8 @@ class PrefillRequest(_message.Message):
     refine_ratio: float
     client_request_id: str
     gateway_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ttft_deadline_unix_ms: _Optional[int] = ..., scenario: _Optional[str] = ..., admission_mode: _Optional[_Union[AdmissionMode, str]] = ..., refine_ratio: _Optional[float] = ..., client_request_id: _Optional[str] = ..., gateway_id: _Optional[str] = ...) -> None: ...
+    first_token_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ttft_deadline_unix_ms: _Optional[int] = ..., scenario: _Optional[str] = ..., admission_mode: _Optional[_Union[AdmissionMode, str]] = ..., refine_ratio: _Optional[float] = ..., client_request_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., first_token_only: _Optional[bool] = ...) -> None: ...
 
 class PrefillAccepted(_message.Message):
     __slots__ = ("instance_id", "queue_ms")
