@@ -28,7 +28,7 @@ async def _held_after(c: Cluster, within_s: float) -> int:
 
 
 async def test_one_token_stages_no_kv_and_matches_generate(cluster: Cluster, tiny: Any) -> None:
-    info, tok, model = tiny
+    _, tok, model = tiny
     prompt = "The first token alone, please"
     before = await cluster.kv_stats()
     ids, _, last = await cluster.generate(prompt=prompt, max_tokens=1)
