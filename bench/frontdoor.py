@@ -64,12 +64,13 @@ class Cell:
 class Cluster:
     """`pdserve up` from ``tree`` (this repo by default), owned by PID."""
 
-    def __init__(self, tree: Path, slots: int, env: dict[str, str]) -> None:
+    def __init__(self, tree: Path, slots: int, env: dict[str, str],
+                 profile: Path = PROFILE) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pdserve-frontdoor-"))
         self.out = open(self.dir / "up.out", "w+b")
         args = [sys.executable, "-m", "services.cli", "up", "--engine", "mock", "--profile",
-                str(PROFILE), "--prefill", "1", "--decode", "1", "--port", str(self.port),
+                str(profile), "--prefill", "1", "--decode", "1", "--port", str(self.port),
                 "--log-dir", str(self.dir)]
         if slots:
             args += ["--slots", str(slots)]
@@ -135,15 +136,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-async def drive(address: str, c: int, n: int, prompts: list[list[int]],
-                new_tokens: int) -> tuple[float, list[float], int]:
-    """n requests by c concurrent streams on one channel; wall time, TTFTs (ms), errors."""
+async def drive_times(address: str, c: int, n: int, prompts: list[list[int]], new_tokens: int
+                      ) -> tuple[float, list[tuple[float, list[float]]], int]:
+    """n requests by c concurrent streams on one channel: wall time, and for each request
+    that got all its tokens, its send time and the arrival time of each token message
+    (perf_counter); and the errors."""
     import grpc
 
     from pdserve.v1 import generation_service_pb2 as pb
     from pdserve.v1 import generation_service_pb2_grpc as pb_grpc
 
-    ttfts: list[float] = []
+    done: list[tuple[float, list[float]]] = []
     errors = 0
     next_i = iter(range(n))
     async with grpc.aio.insecure_channel(address) as ch:
@@ -155,28 +158,35 @@ async def drive(address: str, c: int, n: int, prompts: list[list[int]],
                 req = pb.GenerateRequest(prompt_token_ids=prompts[i % len(prompts)],
                                          max_tokens=new_tokens)
                 t0 = time.perf_counter()
-                first = None
+                times: list[float] = []
                 got = 0
                 try:
                     async for msg in stub.Generate(req, timeout=60):
-                        if msg.token_ids and first is None:
-                            first = time.perf_counter() - t0
+                        if msg.token_ids:
+                            times.append(time.perf_counter())
                         got += len(msg.token_ids)
                 except grpc.aio.AioRpcError as e:
                     errors += 1
                     if errors == 1:
                         print(f"  first error: {e.code().name} {e.details()}", flush=True)
                     continue
-                if first is None or got != new_tokens:
+                if not times or got != new_tokens:
                     errors += 1
                     if errors == 1:
                         print(f"  first error: {got} of {new_tokens} tokens", flush=True)
                     continue
-                ttfts.append(first * 1e3)
+                done.append((t0, times))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(c)))
-        return time.perf_counter() - t0, ttfts, errors
+        return time.perf_counter() - t0, done, errors
+
+
+async def drive(address: str, c: int, n: int, prompts: list[list[int]],
+                new_tokens: int) -> tuple[float, list[float], int]:
+    """n requests by c concurrent streams on one channel; wall time, TTFTs (ms), errors."""
+    wall, done, errors = await drive_times(address, c, n, prompts, new_tokens)
+    return wall, [(times[0] - t0) * 1e3 for t0, times in done], errors
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -5,8 +5,10 @@ Redis as role "decode" with ``slots``, then serve until SIGTERM.
 
 Lifecycle of a request (``Decode``, server-streaming):
   1. Take a slot and reserve the request's blocks in the paged KV pool (prompt +
-     max_new_tokens) BEFORE the transfer starts; RESOURCE_EXHAUSTED when either is
-     full (the gateway picks another decode).
+     max_new_tokens) BEFORE the transfer starts. When either is full: RESOURCE_EXHAUSTED
+     at once (the gateway tries another decode), or, if the request says
+     ``wait_for_slot_ms``, wait that long in a FIFO for a slot (``slots.py``): the
+     request that frees one hands it over as it ends.
   2. Check that the KvRef names a kvstore registered in this decode's group (a forged
      KvRef never makes it dial an address of the caller's choice), then fetch the KV
      from the kvstore's data channel (single consumer), verify header,
@@ -46,6 +48,7 @@ from services.common.errors import (
     abort_with,
 )
 from services.common.runtime import ServiceRuntime, host_id, run_main
+from services.decode.slots import SlotWaiters
 from services.decode.steploop import DecodeSequence, StepLoop
 from services.engine.paged import PoolExhausted
 from services.engine.worker import WorkerConfig, worker_info
@@ -107,6 +110,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         self._calls = itertools.count()
         self.view: RegistryView | None = None  # the registry: which kvstores may be dialled
         self.stats = pb.GetDecodeStatsResponse(instance_id=runtime.instance_id, slots=cfg.slots)
+        self.waiters = SlotWaiters()
 
     async def _trusted_kv(self, kv: common_pb2.KvRef, rid: str) -> common_pb2.KvRef:
         """``kv`` with only the endpoints of a kvstore registered in this group (or in any
@@ -177,6 +181,43 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             raise ResourceExhausted(f"decode KV pool is full: {e}", reason="DECODE_SLOTS_FULL",
                                     metadata={"request_id": rid}) from e
 
+    def _take(self, request: pb.DecodeRequest, key: int) -> None:
+        """A slot, and the request's blocks when the KvRef says how many; raises
+        RESOURCE_EXHAUSTED (DECODE_SLOTS_FULL) when either is full."""
+        if len(self.active) >= self.cfg.slots:
+            raise ResourceExhausted(
+                f"all {self.cfg.slots} decode slots are busy", reason="DECODE_SLOTS_FULL",
+                metadata={"request_id": request.request_id})
+        self.active[key] = None
+        if request.kv.num_tokens:
+            try:
+                self.active[key] = self._reserve(request, int(request.kv.num_tokens))
+            except BaseException:
+                del self.active[key]
+                raise
+
+    async def _admit(self, request: pb.DecodeRequest, key: int) -> None:
+        """``_take``, waiting up to ``wait_for_slot_ms`` (FIFO) when this decode is full."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + request.wait_for_slot_ms / 1e3
+        handed = waited = False
+        while True:
+            if handed or not self.waiters:  # a newcomer queues behind earlier waiters
+                try:
+                    self._take(request, key)
+                    return
+                except ResourceExhausted:
+                    if loop.time() >= end:
+                        raise
+            left = end - loop.time()
+            if left <= 0:
+                self._take(request, key)  # raises: full, and the wait is over
+                return
+            if not waited:
+                waited = True
+                self.stats.slot_waits_total += 1
+            handed = await self.waiters.wait(left, front=handed)
+
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeResponse]:
@@ -186,16 +227,17 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         if not rid or not request.kv.handle or len(rid.encode()) > MAX_REQUEST_ID_BYTES:
             await abort_with(context, InvalidArgument(
                 f"request_id (1 to {MAX_REQUEST_ID_BYTES} bytes) and kv.handle are required"))
-        if len(self.active) >= self.cfg.slots:
-            await abort_with(context, ResourceExhausted(
-                f"all {self.cfg.slots} decode slots are busy", reason="DECODE_SLOTS_FULL",
-                metadata={"request_id": rid}))
         key = next(self._calls)
-        self.active[key] = None
-        table: BlockTable | None = None
         try:
-            if request.kv.num_tokens:
-                table = self.active[key] = self._reserve(request, int(request.kv.num_tokens))
+            await self._admit(request, key)
+        except ResourceExhausted as e:
+            self.stats.full_refusals_total += 1
+            await abort_with(context, e)
+        except PdserveError as e:
+            self.stats.failed_total += 1
+            await abort_with(context, e)
+        table: BlockTable | None = self.active[key]
+        try:
             t0 = time.monotonic()
             state, xfer, table = await self._fetch(request, table, key)
             fetch_ms = (time.monotonic() - t0) * 1e3
@@ -254,6 +296,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
             # flight: block contents are only written on the step thread, and a new
             # owner's RecvScatter runs after that step.
             self.pool.free(self.active.pop(key, None))
+            self.waiters.wake_one()  # the slot goes to the longest waiter, if any
 
     async def GetDecodeStats(
         self, request: pb.GetDecodeStatsRequest, context: grpc.aio.ServicerContext

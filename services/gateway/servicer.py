@@ -38,6 +38,7 @@ from services.cluster.registry import InstanceInfo, RegistryView
 from services.common import faultpoints
 from services.common.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     PdserveError,
     ResourceExhausted,
@@ -67,7 +68,8 @@ from services.observe.telemetry import (
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
-DECODE_RETRY_S = 0.05
+DECODE_RETRY_S = 0.05  # between rounds, only for decodes that predate wait_for_slot_ms
+DECODE_WAIT_S = 1.0  # longest wait at one full decode before every decode is asked again
 MISS_REFRESH_S = 1.0
 TOKENIZE_INLINE_CHARS = 4096  # longer text prompts are tokenized on a thread
 _FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -419,26 +421,37 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         give_up = time.monotonic() + self.admission.max_queue_s
         await faultpoints.pause("gateway.before_decode")
         while True:
-            async for out in self._decode_round(dreq, group, detok, p):
-                if out is None:  # a decode took it and finished
-                    return
-                yield out
-            # Every decode is full: the KV waits in the kvstore (under its lease) and the
-            # request retries shortly, within its deadline (P/D-Serve: prefill holds finished
-            # KV while it waits for an idle decoding instance).
+            # Round 1 asks every decode, refused at once when full. Round 2, when all were
+            # full, waits at the best-ranked one, which hands the request the next slot it
+            # frees (no polling); after DECODE_WAIT_S every decode is asked again.
+            for wait_s in (0.0, min(DECODE_WAIT_S, give_up - time.monotonic())):
+                if wait_s < 0:
+                    break
+                dreq.wait_for_slot_ms = int(wait_s * 1e3)
+                t_round = time.monotonic()
+                async for out in self._decode_round(dreq, group, detok, p,
+                                                    first_only=wait_s > 0):
+                    if out is None:  # a decode took it and finished
+                        return
+                    yield out
+            # Every decode is full: the KV waits in the kvstore (under its lease), within
+            # the request's deadline (P/D-Serve: prefill holds finished KV while it waits
+            # for an idle decoding instance).
             if time.monotonic() > give_up:
                 raise ResourceExhausted(f"no decode slot in group {group!r} freed in time",
                                         reason="DECODE_SLOTS_FULL")
-            await asyncio.sleep(DECODE_RETRY_S)
+            if time.monotonic() - t_round < wait_s / 2:  # it did not wait: an older decode
+                await asyncio.sleep(DECODE_RETRY_S)
 
     async def _decode_round(
         self, dreq: decode_service_pb2.DecodeRequest, group: str, detok: Detokenizer,
-        p: Progress,
+        p: Progress, first_only: bool = False,
     ) -> AsyncIterator[tuple[list[int], str, common_pb2.FinishReason, bool] | None]:
-        """Try each decode once. Yields token batches, then None once served; ends
-        without None when every decode was full."""
+        """Try each decode once (only the best-ranked with ``first_only``). Yields token
+        batches, then None once served; ends without None when every one was full."""
         last_error: PdserveError | None = None
-        for inst in await self._ranked("decode", group):
+        ranked = self._same_model(await self._ranked("decode", group), dreq.kv, group)
+        for inst in ranked[:1] if first_only else ranked:
             stub = decode_service_pb2_grpc.DecodeServiceStub(self.channel(inst.address))
             call = stub.Decode(dreq)
             self.open_streams[inst.instance_id] += 1
@@ -462,8 +475,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 return
             except grpc.aio.AioRpcError as e:
                 err = from_rpc_error(e, f"decode {inst.instance_id}")
+                # KV_MODEL_MISMATCH is refused before the fetch (the KV stays staged): a
+                # decode whose registry record lagged its weights; the next one may serve.
                 retryable = e.code() in (grpc.StatusCode.UNAVAILABLE,
-                                         grpc.StatusCode.RESOURCE_EXHAUSTED)
+                                         grpc.StatusCode.RESOURCE_EXHAUSTED) \
+                    or err.reason == "KV_MODEL_MISMATCH"
                 if started or not retryable or err.reason == "KV_FETCH_FAILED":
                     raise err from e
                 last_error = err
@@ -472,6 +488,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.open_streams[inst.instance_id] -= 1
         if last_error is None or last_error.reason != "DECODE_SLOTS_FULL":
             raise last_error or Unavailable(f"no decode in group {group!r} took the request")
+
+
+    @staticmethod
+    def _same_model(ranked: list[InstanceInfo], kv: common_pb2.KvRef,
+                    group: str) -> list[InstanceInfo]:
+        """Only decodes that serve the model which produced the KV: during a rolling
+        upgrade to new weights a group holds both, and a decode of the other model would
+        refuse the KV (KV_MODEL_MISMATCH) and fail a request another decode can serve.
+        An instance that advertises no fingerprint is kept (it checks the KvRef itself)."""
+        fp = kv.model_fingerprint
+        if not fp:
+            return ranked
+        same = [i for i in ranked if not i.model_fingerprint or i.model_fingerprint == fp]
+        if not same:
+            raise FailedPrecondition(
+                f"no decode in group {group!r} serves the model that prefilled this request "
+                f"({fp[:12]}); its {len(ranked)} decode(s) serve other weights",
+                reason="KV_MODEL_MISMATCH", metadata={"group": group})
+        return same
 
 
 def preq_first_only(req: ValidRequest) -> bool:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdserve/v1/decode_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xd3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x02kv\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.KvRef\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\"\x94\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bkv_fetch_ms\x18\x03 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12\x13\n\x0bkv_fallback\x18\x05 \x01(\x08\"\x17\n\x15GetDecodeStatsRequest\"\xdc\x01\n\x16GetDecodeStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x05 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\x07 \x01(\x04\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x04\x12\x1a\n\x12step_seconds_total\x18\t \x01(\x01\x32\xab\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12W\n\x0eGetDecodeStats\x12!.pdserve.v1.GetDecodeStatsRequest\x1a\".pdserve.v1.GetDecodeStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdserve/v1/decode_service.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xed\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x02kv\x18\x02 \x01(\x0b\x32\x11.pdserve.v1.KvRef\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x18\n\x10wait_for_slot_ms\x18\x08 \x01(\r\"\x94\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bkv_fetch_ms\x18\x03 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x04 \x01(\t\x12\x13\n\x0bkv_fallback\x18\x05 \x01(\x08\"\x17\n\x15GetDecodeStatsRequest\"\x93\x02\n\x16GetDecodeStatsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x04 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x05 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\x07 \x01(\x04\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x04\x12\x1a\n\x12step_seconds_total\x18\t \x01(\x01\x12\x18\n\x10slot_waits_total\x18\n \x01(\x04\x12\x1b\n\x13\x66ull_refusals_total\x18\x0b \x01(\x04\x32\xab\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12W\n\x0eGetDecodeStats\x12!.pdserve.v1.GetDecodeStatsRequest\x1a\".pdserve.v1.GetDecodeStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.decode_service_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=73
-  _globals['_DECODEREQUEST']._serialized_end=284
-  _globals['_DECODERESPONSE']._serialized_start=287
-  _globals['_DECODERESPONSE']._serialized_end=435
-  _globals['_GETDECODESTATSREQUEST']._serialized_start=437
-  _globals['_GETDECODESTATSREQUEST']._serialized_end=460
-  _globals['_GETDECODESTATSRESPONSE']._serialized_start=463
-  _globals['_GETDECODESTATSRESPONSE']._serialized_end=683
-  _globals['_DECODESERVICE']._serialized_start=686
-  _globals['_DECODESERVICE']._serialized_end=857
+  _globals['_DECODEREQUEST']._serialized_end=310
+  _globals['_DECODERESPONSE']._serialized_start=313
+  _globals['_DECODERESPONSE']._serialized_end=461
+  _globals['_GETDECODESTATSREQUEST']._serialized_start=463
+  _globals['_GETDECODESTATSREQUEST']._serialized_end=486
+  _globals['_GETDECODESTATSRESPONSE']._serialized_start=489
+  _globals['_GETDECODESTATSRESPONSE']._serialized_end=764
+  _globals['_DECODESERVICE']._serialized_start=767
+  _globals['_DECODESERVICE']._serialized_end=938
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "kv", "first_token_id", "sampling", "max_new_tokens", "stop_token_ids", "client_request_id")
+    __slots__ = ("request_id", "kv", "first_token_id", "sampling", "max_new_tokens", "stop_token_ids", "client_request_id", "wait_for_slot_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DecodeRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_SLOT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kv: _common_pb2.KvRef
     first_token_id: int
@@ -23,7 +24,8 @@ class DecodeRequest(_message.Message):
     max_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     client_request_id: str
-    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvRef, _Mapping]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    wait_for_slot_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[_common_pb2.KvRef, _Mapping]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., client_request_id: _Optional[str] = ..., wait_for_slot_ms: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "kv_fetch_ms", "kv_transport", "kv_fallback")
@@ -44,7 +46,7 @@ class GetDecodeStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetDecodeStatsResponse(_message.Message):
-    __slots__ = ("instance_id", "slots", "active", "kv_bytes_held", "completed_total", "cancelled_total", "failed_total", "steps_total", "step_seconds_total")
+    __slots__ = ("instance_id", "slots", "active", "kv_bytes_held", "completed_total", "cancelled_total", "failed_total", "steps_total", "step_seconds_total", "slot_waits_total", "full_refusals_total")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +56,8 @@ class GetDecodeStatsResponse(_message.Message):
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLOT_WAITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FULL_REFUSALS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     slots: int
     active: int
@@ -63,4 +67,6 @@ class GetDecodeStatsResponse(_message.Message):
     failed_total: int
     steps_total: int
     step_seconds_total: float
-    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., step_seconds_total: _Optional[float] = ...) -> None: ...
+    slot_waits_total: int
+    full_refusals_total: int
+    def __init__(self, instance_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., step_seconds_total: _Optional[float] = ..., slot_waits_total: _Optional[int] = ..., full_refusals_total: _Optional[int] = ...) -> None: ...
