@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import Any
 
 import grpc
@@ -146,13 +146,31 @@ class GroupOps:
             raise NotFound(f"no group {group!r} with prefill or decode members",
                            reason="UNKNOWN_GROUP")
         yield op.ev(f"scale in {group}: {len(members)} members leave routing and drain")
-        await asyncio.gather(*(self.act.drain(i.instance_id, fence=0, timeout_s=timeout_s)
-                               for i in members))
+        left = await asyncio.gather(*(self._unless_gone(
+            i.instance_id, self.act.drain(i.instance_id, fence=0, timeout_s=timeout_s))
+            for i in members))
         yield op.ev(f"{group} drained", "drain")
-        for i in members:
-            await self.act.release(i.instance_id, fence=0, timeout_s=timeout_s)
-            yield op.ev(f"{i.instance_id} released to the spare pool", "release", i.instance_id)
+        for i, there in zip(members, left, strict=True):
+            if there and await self._unless_gone(i.instance_id, self.act.release(
+                    i.instance_id, fence=0, timeout_s=timeout_s)):
+                yield op.ev(f"{i.instance_id} released to the spare pool", "release",
+                            i.instance_id)
+            else:
+                yield op.ev(f"{i.instance_id} was gone already (exited, or its lease lapsed)",
+                            "gone", i.instance_id)
         yield op.ev(f"group {group} removed", "done", done=True)
+
+    async def _unless_gone(self, instance_id: str, step: Awaitable[Any]) -> bool:
+        """Run one step on ``instance_id``; False when it failed because the instance is
+        gone (a dead member's record may outlive it by its lease): nothing is left to do
+        there, and the operation goes on with the others."""
+        try:
+            await step
+            return True
+        except ActuatorError:
+            if (await self.act.status(instance_id)).state is State.GONE:
+                return False
+            raise
 
     # -- rolling upgrade -------------------------------------------------------------
     async def upgrade(self, groups: list[str], settings: Mapping[str, str],
