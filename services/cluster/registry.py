@@ -75,6 +75,16 @@ redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 return 1
 """
+# Prune member ids whose record is gone, checked again inside the step: between a
+# lister's SMEMBERS and GET an instance may re-register (a role switch is LEAVE then
+# BEAT), and a plain SREM would drop its fresh membership until its next heartbeat.
+# Returns how many members are left. KEYS[1] members, KEYS[2..] their records (one slot).
+_PRUNE = """
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i - 1]) end
+end
+return redis.call('SCARD', KEYS[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -226,21 +236,23 @@ async def list_instances(client: Any, group: str | None = None) -> list[Instance
                 pipe.get(instance_key(g, i))
         raws = iter(await pipe.execute())
     out: list[InstanceInfo] = []
-    prune = []
+    prune: list[tuple[str, list[str]]] = []
     for g in groups:
         ids = ids_by_group[g]
         got = [next(raws) for _ in ids]
         dead = [i for i, raw in zip(ids, got, strict=True) if raw is None]
-        if dead:
-            prune.append((members_key(g), dead))
-        if len(dead) == len(ids):
-            prune.append((GROUPS_KEY, [g]))
+        if dead or not ids:
+            prune.append((g, dead))
         out.extend(InstanceInfo.from_json(raw) for raw in got if raw is not None)
     if prune:
-        async with client.pipeline(transaction=False) as pipe:
-            for key, names in prune:
-                pipe.srem(key, *names)
-            await pipe.execute()
+        script = client.register_script(_PRUNE)
+        for g, dead in prune:
+            left = await script(keys=[members_key(g), *(instance_key(g, i) for i in dead)],
+                                args=dead)
+            if not left:
+                # A group key is another slot, so this step is not atomic with the one
+                # above: a registration racing it re-adds the group at its next heartbeat.
+                await client.srem(GROUPS_KEY, g)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -52,4 +53,37 @@ async def test_groups_are_listed_separately(redis_url: str) -> None:
     assert {"reg-x", "reg-y"} <= groups
     for r in regs:
         await r.close()
+    await client.aclose()
+
+
+async def test_a_lister_never_prunes_a_registration_that_came_back(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A role switch is LEAVE then BEAT. A lister that read the member set before the
+    LEAVE and the record after it sees a dead id; if the instance registers again before
+    the prune, it must stay listed (it used to vanish until its next heartbeat)."""
+    from services.cluster import registry
+
+    client = connect(redis_url)
+    info = InstanceInfo("w-switch", "decode", "reg-race", "127.0.0.1:3", slots=2)
+    back = Registration(client, info, ttl_s=30, period_s=30)
+    # What the lister saw: the id in the member set, its record already gone (LEAVE).
+    await client.sadd(members_key("reg-race"), "w-switch")
+    real = client.register_script
+
+    def hooked(body: str) -> Any:
+        script = real(body)
+        if body != registry._PRUNE:
+            return script
+
+        async def prune_after_the_beat(**kw: Any) -> Any:
+            await back.start()  # the BEAT lands between the lister's GET and its prune
+            return await script(**kw)
+        return prune_after_the_beat
+
+    monkeypatch.setattr(client, "register_script", hooked)
+    assert await list_instances(client, "reg-race") == []  # this listing saw it dead
+    monkeypatch.undo()
+    listed = await list_instances(client, "reg-race")
+    assert [(i.instance_id, i.role) for i in listed] == [("w-switch", "decode")]
+    await back.close()
     await client.aclose()
