@@ -2,8 +2,9 @@
 ``kv_ready``; release on any failure or cancel.
 
 The reservation comes before the compute (P/D-Serve reserves for every admitted
-prompt that a decode continues; a ``first_token_only`` request stages nothing), so a full kvstore becomes a rejection the gateway can forward around, and its
-lease covers the compute ahead (``reservation_lease_ms``). With ``kv_layer_overlap``
+prompt that a decode continues; a ``first_token_only`` request stages nothing), so a
+full kvstore becomes a rejection the gateway can forward around, and its lease covers
+the compute ahead (``reservation_lease_ms``). With ``kv_layer_overlap``
 (tcp only) each layer is packed and sent as soon as the forward has computed it, and
 only the header is left after compute.
 """
