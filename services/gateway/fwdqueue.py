@@ -228,7 +228,10 @@ class ForwardingQueue:
             try:
                 got = await slotoffer.enter(self._client, group, m, deadline_ms,
                                             self._gateway_id, self._alive_until())
-                self._waiters[m].marked = bool(got)
+                # An offer may have come in during the round trip: its mark must stay, or
+                # the entry would keep Redis's offer mark (skipped by every offer for
+                # OFFER_TTL_MS) with no one to clear it, and wait for the safety poll.
+                self._waiters[m].marked |= bool(got)
                 return got
             except REDIS_ERRORS as e:
                 self._down(e)
@@ -239,7 +242,7 @@ class ForwardingQueue:
                      and not w.marked
                      and entry_order(Waiting(w.request_id, self._gateway_id, w.deadline_ms)) < me]
             got = None if ahead else ""
-        self._waiters[m].marked = bool(got)
+        self._waiters[m].marked |= bool(got)
         return got
 
     async def wait(self, group: str, request_id: str) -> str | None:

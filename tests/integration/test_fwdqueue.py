@@ -293,3 +293,36 @@ async def test_a_request_a_prefill_accepted_draws_no_more_offers(
     assert await asyncio.wait_for(b.wait(g, "r1"), 2) == "p1"
     await a.leave(g, "r0")  # idempotent
     await b.leave(g, "r1")
+
+
+async def test_an_offer_during_enter_keeps_its_mark_so_the_next_offer_still_comes(
+        gateways: tuple[object, ForwardingQueue, ForwardingQueue],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offer that reaches the gateway while its ENTER is still on the wire marks the
+    entry in Redis. If the try on it is then rejected (the slot was taken meanwhile), the
+    waiter must clear that mark before it waits again; otherwise every offer skips it for
+    OFFER_TTL_MS and it waits for the safety poll (seen as ~1 s stalls, 1 request in
+    ~1,500 at c = 8 with 4 slots)."""
+    client, a, _ = gateways
+    g = _group()
+    m = slotoffer.member("r-raced", a._gateway_id)
+    real_enter = slotoffer.enter
+
+    async def enter_then_offer(*args: object, **kw: object) -> str | None:
+        got = await real_enter(*args, **kw)  # type: ignore[arg-type]
+        assert await slotoffer.offer_slot(client, g, "p-raced") == m  # the offer, in flight
+        for _ in range(200):
+            if a._waiters[m].offers:
+                break
+            await asyncio.sleep(0.01)
+        return got
+
+    monkeypatch.setattr(slotoffer, "enter", enter_then_offer)
+    assert not await a.enter(g, "r-raced", time.time() * 1000 + 30_000)
+    monkeypatch.undo()
+    assert await a.wait(g, "r-raced") == "p-raced"  # the offer; its try is then rejected
+    waiting = asyncio.create_task(a.wait(g, "r-raced"))  # waits again, eligible again
+    await asyncio.sleep(0.1)  # far below OFFER_TTL_MS: a mark left behind would still hold
+    assert await slotoffer.offer_slot(client, g, "p-next") == m
+    assert await asyncio.wait_for(waiting, 2.0) == "p-next"
+    await a.leave(g, "r-raced")
