@@ -211,7 +211,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                         raise
             left = end - loop.time()
             if left <= 0:
-                self._take(request, key)  # raises: full, and the wait is over
+                self._take(request, key)  # no wait (left): one last try, raises when full
                 return
             if not waited:
                 waited = True
