@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from services.engine.paged import BlockAllocator, BlockTable
 
 log = logging.getLogger(__name__)
+MAX_SLOT_WAIT_S = 60.0  # caps a caller's wait_for_slot_ms (the call's deadline ends it too)
 _tracer = tracer(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
@@ -199,7 +200,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
     async def _admit(self, request: pb.DecodeRequest, key: int) -> None:
         """``_take``, waiting up to ``wait_for_slot_ms`` (FIFO) when this decode is full."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + request.wait_for_slot_ms / 1e3
+        end = loop.time() + min(request.wait_for_slot_ms / 1e3, MAX_SLOT_WAIT_S)
         handed = waited = False
         while True:
             if handed or not self.waiters:  # a newcomer queues behind earlier waiters

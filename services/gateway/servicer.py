@@ -489,7 +489,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if last_error is None or last_error.reason != "DECODE_SLOTS_FULL":
             raise last_error or Unavailable(f"no decode in group {group!r} took the request")
 
-
     @staticmethod
     def _same_model(ranked: list[InstanceInfo], kv: common_pb2.KvRef,
                     group: str) -> list[InstanceInfo]:
