@@ -203,17 +203,16 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         end = loop.time() + min(request.wait_for_slot_ms / 1e3, MAX_SLOT_WAIT_S)
         handed = waited = False
         while True:
-            if handed or not self.waiters:  # a newcomer queues behind earlier waiters
+            left = end - loop.time()
+            # A newcomer queues behind earlier waiters, unless it cannot wait at all.
+            if handed or left <= 0 or not self.waiters:
                 try:
                     self._take(request, key)
                     return
                 except ResourceExhausted:
-                    if loop.time() >= end:
+                    left = end - loop.time()
+                    if left <= 0:
                         raise
-            left = end - loop.time()
-            if left <= 0:
-                self._take(request, key)  # no wait (left): one last try, raises when full
-                return
             if not waited:
                 waited = True
                 self.stats.slot_waits_total += 1
