@@ -24,7 +24,8 @@ Fallback: a cloud error, a broken stream, no first token within ``cloud_timeout_
 or no further message within ``cloud_stall_s`` (a cloud gone silent without closing
 the connection) cancels the call, records why (``fallback``), and the device
 finishes the answer from its own prefill of P (or P' if it already had it) plus the
-tokens already received. The user's stream stays coherent either way.
+tokens already received. The user's stream stays coherent either way. A cloud error
+that arrives after the hand-off is still recorded; the device's own cancel is not one.
 """
 
 from __future__ import annotations
@@ -232,7 +233,14 @@ class ChatRun:
             self._cloud_news.set()
 
     def _fail(self, why: str) -> None:
-        if self.handed_off is not None or self.cloud_complete or self.stop_hit:
+        if self.cloud_complete:
+            return
+        if self.handed_off is not None or self.stop_hit:
+            # The answer no longer needs the cloud, but a cloud that refused or broke (a
+            # wrong API key, an outage) still shows: a device that prefills faster than
+            # the cloud answers would otherwise run every chat alone without a word.
+            self.fallback = f"{why}; the device had already taken over"
+            log.warning("request %s: %s", self.rid, self.fallback)
             return
         self.fallback = f"{why}; the device continues with local prefill"
         log.warning("request %s: %s", self.rid, self.fallback)

@@ -66,10 +66,14 @@ async def test_device_speaks_tls_and_api_key_to_the_gateway(
 
 async def test_a_wrong_key_is_a_visible_fallback(
         secure: tuple[Cluster, str], tiny) -> None:  # type: ignore[no-untyped-def]
+    # A device 80x slower than this host takes ~1 s to prefill the prompt, so the refusal
+    # (ms) is always first. A device that is faster than the refusal takes over and
+    # cancels the call first; CI once saw that race here as an empty fallback. The order
+    # "refused after the hand-off" is pinned in tests/unit/test_device_cloud_refusal.py.
     c, ca = secure
     _, tok, model = tiny
     cfg = device_main.DeviceConfig(model="tiny", cloud_address=c.gateway[0].address,
-                                   cloud_tls_ca=ca, cloud_api_key="wrong")
+                                   cloud_tls_ca=ca, cloud_api_key="wrong", speed_factor=80.0)
     ids, s = await _chat(cfg, pb.DEVICE_MODE_PD_DEVICE)
     assert ids == reference(model, tok.encode(PROMPT), 10)  # the device answers alone
     assert "UNAUTHENTICATED" in s.fallback and s.cloud_tokens == 0
