@@ -41,30 +41,43 @@ class Cluster:
     start_kvstore: bool = True
 
     async def __aenter__(self) -> Cluster:
+        self.channels: list[grpc.aio.Channel] = []
+        self.prefill_nodes: list[Any] = []
+        self.decode_nodes: list[Any] = []
+        self.gateway_nodes: list[Any] = []
+        self._kvstore_started = False
+        try:
+            await self._start()
+        except BaseException:  # a start that fails (a refused password) leaves nothing behind
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _start(self) -> None:
         base = dict(redis_url=self.redis_url, group=self.group, heartbeat_s=0.2,
                     registry_ttl_s=3.0, grace_s=0.5)
         self.kvstore = KvStoreService(KvStoreConfig(**base, **self.kvstore_overrides))
         if self.start_kvstore:
             await self.kvstore.start()
+            self._kvstore_started = True
         wcfg = WorkerConfig(**base, model=self.model, **self.worker_overrides)
-        self.prefill_nodes = [
-            await prefill_main.start(replace(wcfg, instance_id=f"p{i}-{self.group}"))
-            for i in range(self.prefills)]
-        self.decode_nodes = [
-            await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}"))
-            for i in range(self.decodes)]
+        for i in range(self.prefills):
+            self.prefill_nodes.append(
+                await prefill_main.start(replace(wcfg, instance_id=f"p{i}-{self.group}")))
+        for i in range(self.decodes):
+            self.decode_nodes.append(
+                await decode_main.start(replace(wcfg, instance_id=f"d{i}-{self.group}")))
         gcfg = gateway_main.GatewayConfig(**base, port=0, model=self.model, registry_poll_s=0.1,
                                           **{"http_port": 0, **self.gateway_overrides})
-        self.gateway_nodes = [
-            await gateway_main.start(replace(gcfg, instance_id=f"gw{i}-{self.group}"))
-            for i in range(self.gateways)]
+        for i in range(self.gateways):
+            self.gateway_nodes.append(
+                await gateway_main.start(replace(gcfg, instance_id=f"gw{i}-{self.group}")))
         self.gateway = self.gateway_nodes[0]
         for _, _, view in self.gateway_nodes:
             await view.refresh()
         self.channels = [new_channel(rt.address) for rt, _, _ in self.gateway_nodes]
         self.stubs = [generation_service_pb2_grpc.GenerationServiceStub(c) for c in self.channels]
         self.channel, self.stub = self.channels[0], self.stubs[0]
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         for ch in self.channels:
@@ -75,7 +88,7 @@ class Cluster:
             await decode_main.stop(rt, sv)
         for rt, sv in self.prefill_nodes:
             await prefill_main.stop(rt, sv)
-        if self.start_kvstore:
+        if self._kvstore_started:
             await self.kvstore.stop()
 
     async def generate(

@@ -333,7 +333,11 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, DecodeServicer]:
     if cfg.redis_url:
         servicer.view = RegistryView(runtime.redis)
         await servicer.view.start()
-    await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
+    try:
+        await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
+    except BaseException:  # refused (Redis credentials): stop what started
+        await stop(runtime, servicer)
+        raise
     return runtime, servicer
 
 

@@ -25,6 +25,7 @@ from services.cluster.registry import InstanceInfo, RegistryView
 from services.common.auth import ApiKeyInterceptor, parse_keys, server_credentials
 from services.common.config import ConfigError, ModelConfig, ServiceConfig
 from services.common.runtime import ServiceRuntime, host_id, run_main
+from services.common.tasks import cancel_and_wait
 from services.gateway.fwdqueue import ForwardingQueue
 from services.gateway.http import HttpDoor
 from services.gateway.scheduling import Policy
@@ -139,13 +140,17 @@ async def start(cfg: GatewayConfig) -> tuple[ServiceRuntime, GenerationServicer,
     runtime.register_metrics(lambda: {
         PREFIX + "open_streams": float(sum(servicer.open_streams.values())),
         PREFIX + "forward_queue_depth": dict(runtime.queue_depths)})  # per group
-    await runtime.serving(InstanceInfo(
-        instance_id=runtime.instance_id, role="gateway", group=cfg.group,
-        address=runtime.address, host_id=host_id(), started_unix=time.time()),
-        lambda: {"open_streams": float(sum(servicer.open_streams.values())),
-                 "rejections_total": float(servicer.admission.stats.rejections_total),
-                 "forwarded_total": float(servicer.admission.stats.forwarded_total),
-                 "queued_total": float(servicer.admission.stats.queued_total)})
+    try:
+        await runtime.serving(InstanceInfo(
+            instance_id=runtime.instance_id, role="gateway", group=cfg.group,
+            address=runtime.address, host_id=host_id(), started_unix=time.time()),
+            lambda: {"open_streams": float(sum(servicer.open_streams.values())),
+                     "rejections_total": float(servicer.admission.stats.rejections_total),
+                     "forwarded_total": float(servicer.admission.stats.forwarded_total),
+                     "queued_total": float(servicer.admission.stats.queued_total)})
+    except BaseException:  # refused (Redis credentials): stop what started
+        await stop(runtime, servicer, view)
+        raise
     if cfg.control_period_s > 0:
         from services.control.actuators_local import WorkerActuator
         from services.control.leader import LeaderElector
@@ -163,8 +168,10 @@ async def stop(runtime: ServiceRuntime, servicer: GenerationServicer, view: Regi
     # The HTTP door drains alongside gRPC's grace period.
     door = asyncio.get_running_loop().create_task(
         runtime.http.stop() if runtime.http is not None else asyncio.sleep(0))
-    if runtime.poller is not None:
-        runtime.poller.cancel()
+    # Awaited, with the cancel repeated: a cancel that lands as redis-py's write fails
+    # (the client closing) is swallowed on Python 3.11, and a poller left running kept
+    # polling a closed client and hung the event loop's final cancel-all.
+    await cancel_and_wait(runtime.poller)
 
     async def cleanup() -> None:
         await door

@@ -222,7 +222,11 @@ class KvStoreService:
             transports=tuple(e.transport for e in endpoints),
             host_id=host_id(), started_unix=time.time(),
         )
-        await self.runtime.serving(info, self._load)
+        try:
+            await self.runtime.serving(info, self._load)
+        except BaseException:  # refused (Redis credentials): stop what started
+            await self.stop()
+            raise
 
     def _endpoints(self, data_address: str) -> list[common_pb2.KvEndpoint]:
         """What this kvstore serves, in its own preference order (clients use theirs)."""

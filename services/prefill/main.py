@@ -72,7 +72,11 @@ async def start(cfg: WorkerConfig) -> tuple[ServiceRuntime, PrefillServicer]:
     await runtime.start(lambda s: pb_grpc.add_PrefillServiceServicer_to_server(servicer, s))
     handoff.view = RegistryView(runtime.redis)
     await handoff.view.start()
-    await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
+    try:
+        await runtime.serving(worker_info(runtime, cfg, runner.fingerprint), servicer.load)
+    except BaseException:  # refused (Redis credentials): stop what started
+        await stop(runtime, servicer)
+        raise
     servicer.offer_free_slots()  # requests may be waiting in the group's queue already
     return runtime, servicer
 

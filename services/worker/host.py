@@ -144,10 +144,21 @@ class StepThread(ModelThread):
 
 @dataclass(eq=False)  # hashed by identity: a set of calls in flight
 class _Call:
-    """One proxied call in flight; ``aborted`` once a drain timed out on it."""
+    """One proxied call in flight; ``aborted`` once a drain timed out on it.
+    ``interruptible`` while its task awaits the role's own stream (not grpc's send)."""
 
     task: asyncio.Task[Any] | None
     aborted: bool = False
+    interruptible: bool = False
+
+    def abort(self) -> None:
+        """End the call with INSTANCE_DRAINED. Only a task waiting on the role's stream is
+        cancelled: a cancel that lands in grpc's own send of a message ends the RPC with
+        no status at all (grpc.aio takes it for the client's cancel), and the caller then
+        waits forever. A call between messages sees ``aborted`` when its send returns."""
+        self.aborted = True
+        if self.task is not None and self.interruptible:
+            self.task.cancel("instance drained")
 
 
 @dataclass
@@ -324,10 +335,8 @@ class RoleHost:
         await self._wait_empty(timeout_s)
         if self._calls:  # no migration (P/D-Serve): end them with a clear status
             for call in list(self._calls):
-                call.aborted = True
                 self.aborted_on_drain_total += 1
-                if call.task is not None:
-                    call.task.cancel("instance drained")
+                call.abort()
             await self._wait_empty(5.0)
         self.state = State.DRAINED
         self.last = dataclasses.replace(self.last, drain_ms=(time.monotonic() - t0) * 1e3)
@@ -451,7 +460,14 @@ class Relay:
         async with self.host.tracked() as call:
             try:
                 async with contextlib.aclosing(inner) as it:  # type: ignore[type-var]
-                    async for msg in it:
+                    while not call.aborted:
+                        call.interruptible = True
+                        try:
+                            msg = await anext(it)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            call.interruptible = False
                         yield msg
             except asyncio.CancelledError:
                 if not call.aborted:
@@ -459,12 +475,12 @@ class Relay:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                from services.common.errors import abort_with
+            from services.common.errors import abort_with
 
-                await abort_with(context, Aborted(
-                    f"{what} on {self.host.runtime.instance_id} was ended: the instance was "
-                    "drained for a role switch or scale-in and does not migrate requests",
-                    reason="INSTANCE_DRAINED"))
+            await abort_with(context, Aborted(
+                f"{what} on {self.host.runtime.instance_id} was ended: the instance was "
+                "drained for a role switch or scale-in and does not migrate requests",
+                reason="INSTANCE_DRAINED"))
 
 
 def not_prefill(host: RoleHost) -> ppb.PrefillResponse:
