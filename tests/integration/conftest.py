@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,6 +12,25 @@ import torch
 from services.model.info import ModelInfo
 from services.model.tokenizer import TextTokenizer
 from tests.cluster import Cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def _no_task_outlives_its_module() -> AsyncIterator[None]:
+    """Whatever a module starts on the shared event loop it stops, tasks and all. A task
+    left behind (a poller that swallowed its cancel, a service whose start failed
+    half-way) used to surface only as the session's final cancel-all hanging until the
+    timeout, with no word about which task."""
+    before = asyncio.all_tasks()
+    yield
+    me = asyncio.current_task()
+    give_up = time.monotonic() + 3.0
+    while True:
+        left = [t for t in asyncio.all_tasks() if t is not me and t not in before]
+        if not left or time.monotonic() > give_up:
+            break
+        await asyncio.sleep(0.05)
+    assert not left, "tasks left running: " + "; ".join(
+        f"{t.get_name()} {t.get_coro()!r}"[:200] for t in left[:10])
 
 
 @pytest.fixture(scope="module")
