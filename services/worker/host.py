@@ -68,6 +68,7 @@ IDLE = "idle"  # registry role of a worker that serves no role (the spare pool)
 # Registry role while leaving a role (draining, drained, loading the next): neither
 # routable (gateways pick "prefill"/"decode") nor a spare (the controller picks "idle").
 DRAINING = "draining"
+STUCK_SEND_S = 5.0  # after a drain's abort, a call still in a send this long is cancelled
 ROLES = ("prefill", "decode")
 _WORKER_SLOTS_DEFAULT = WorkerConfig.__dataclass_fields__["slots"].default
 
@@ -337,7 +338,15 @@ class RoleHost:
             for call in list(self._calls):
                 self.aborted_on_drain_total += 1
                 call.abort()
-            await self._wait_empty(5.0)
+            await self._wait_empty(STUCK_SEND_S)
+            for call in list(self._calls):
+                # Still in a send: its caller stopped reading. Ending it without a status
+                # is the lesser harm; its KV and slot are freed by the cancel.
+                log.warning("worker %s: a call's send has not returned in %.0f s; cancelled",
+                            self.runtime.instance_id, STUCK_SEND_S)
+                if call.task is not None:
+                    call.task.cancel("instance drained")
+            await self._wait_empty(1.0)
         self.state = State.DRAINED
         self.last = dataclasses.replace(self.last, drain_ms=(time.monotonic() - t0) * 1e3)
         log.info("worker %s drained from %s@%s in %.0f ms", self.runtime.instance_id,

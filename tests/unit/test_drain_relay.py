@@ -112,3 +112,35 @@ async def test_a_call_that_ends_before_any_drain_is_untouched() -> None:
     role.more.set()
     got = await _serve(Relay(host), role, sending, release)  # type: ignore[arg-type]
     assert got == [1, 2] and role.closed and not host.calls[0].aborted
+
+
+async def test_a_drain_ends_every_call_even_one_whose_caller_stopped_reading(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole drain (RoleHost._drain, registry calls off): a call waiting for its next
+    token ends with the status; a call stuck in a send longer than STUCK_SEND_S is
+    cancelled as the last resort, so the drain ends and nothing stays tracked."""
+    from services.worker import host as host_mod
+
+    monkeypatch.setattr(host_mod, "STUCK_SEND_S", 0.05)
+    rt = SimpleNamespace(redis=None, instance_id="w1", registration=None)
+    host = host_mod.RoleHost(host_mod.HostConfig(), rt)  # type: ignore[arg-type]
+    host.removed = True  # no registry records: _register returns at once
+    host.state = host_mod.State.SERVING
+    relay = Relay(host)
+    waiting, stuck = _Role(), _Role()
+    s1, never = asyncio.Event(), asyncio.Event()
+    s2, release = asyncio.Event(), asyncio.Event()
+    release.set()
+    stuck_task = asyncio.create_task(_serve(relay, stuck, s1, never))
+    waiting_task = asyncio.create_task(_serve(relay, waiting, s2, release))
+    await s1.wait()
+    await s2.wait()
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(host._drain(0.01), 5.0)
+    assert host.state is host_mod.State.DRAINED and host.in_flight == 0
+    assert host.aborted_on_drain_total == 2
+    with pytest.raises(_Aborted) as e:
+        await waiting_task
+    _drained(e)
+    assert stuck_task.cancelled() and stuck.closed and waiting.closed
+    host.steps.stop()
