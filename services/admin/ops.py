@@ -38,6 +38,37 @@ from services.control.actuators_local import IDLE, WorkerActuator, mark_removed
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
+
+
+def next_roll_role(old: Mapping[str, int], new: Mapping[str, int], surge: bool) -> str:
+    """The role to roll next when a group changes weights (pure).
+
+    A gateway pairs a prefill's KV only with decodes of the same weights, so requests are
+    served while some revision has both a prefill and a decode. Pick a role whose step
+    keeps such a pair after it and, for an in-place reload (no spare, ``surge`` False),
+    while the member is away; among those, one that completes the new revision's first
+    pair, else the role with more members still on the old weights. ``old``: members of
+    each role left to roll; ``new``: those already rolled. Every shape but 1p1d has such
+    an order with a spare, and every shape of at least 2p2d has one in place; a 1p1d group
+    has one step with no pair (in place: each reload)."""
+    def pair(o: Mapping[str, int], n: Mapping[str, int]) -> bool:
+        return (o["prefill"] > 0 and o["decode"] > 0) or (n["prefill"] > 0 and n["decode"] > 0)
+
+    best: tuple[tuple[bool, bool, bool, int], str] | None = None
+    for r in ROLES:
+        if old.get(r, 0) <= 0:
+            continue
+        other = "decode" if r == "prefill" else "prefill"
+        o = {**{x: old.get(x, 0) for x in ROLES}, r: old[r] - 1}
+        n = {x: new.get(x, 0) for x in ROLES}
+        away = surge or pair(o, n)
+        after = pair(o, {**n, r: n[r] + 1})
+        key = (after and away, after, n[r] == 0 and n[other] > 0, old[r])
+        if best is None or key > best[0]:
+            best = (key, r)
+    if best is None:
+        raise ValueError("no member left to roll")
+    return best[1]
 Events = AsyncGenerator[apb.OpEvent, None]
 
 
@@ -186,12 +217,22 @@ class GroupOps:
             shape = (sum(i.role == "prefill" for i in members),
                      sum(i.role == "decode" for i in members))
             yield op.ev(f"upgrading group {g} ({shape[0]}p{shape[1]}d), one member at a time")
-            for m in sorted(members, key=lambda i: (i.role, i.instance_id)):
+            todo = sorted(members, key=lambda i: (i.role, i.instance_id))
+            done = dict.fromkeys(ROLES, 0)
+            while todo:
                 spare = None
                 try:
                     spare = (await self.spares(1))[0]
                 except FailedPrecondition:
                     pass
+                m = todo[0]
+                if "model" in settings and all(i.role in ROLES for i in todo):
+                    # New weights: keep a prefill/decode pair serving (next_roll_role).
+                    left = {r: sum(i.role == r for i in todo) for r in ROLES}
+                    role = next_roll_role(left, done, surge=spare is not None)
+                    m = next(i for i in todo if i.role == role)
+                todo.remove(m)
+                done[m.role] = done.get(m.role, 0) + 1
                 if spare is not None:  # surge: the group never drops below its shape
                     await self.act.assign(spare.instance_id, m.role, g, fence=0,
                                           timeout_s=timeout_s, settings=dict(settings))

@@ -192,3 +192,17 @@ def rank_decodes(
     fallback = {c.instance_id: c.kv_fallback_rate for c in candidates}
     return [by_id[iid] for iid in pick_decodes(index.ranked(tie_break), open_streams, slots,
                                                fallback)]
+
+
+def servable_prefills(prefills: Sequence[str], decodes: Iterable[str]) -> list[int]:
+    """Indexes of the prefills (given by model fingerprint) whose KV some decode takes.
+
+    During a roll to new weights a group holds both revisions, and a prefill of a revision
+    no decode serves would compute KV that every decode refuses (KV_MODEL_MISMATCH). An
+    empty fingerprint means unknown and matches anything. If no prefill matches, all are
+    kept: the request then fails with that status rather than with none."""
+    fps = set(decodes)
+    if not fps or "" in fps:
+        return list(range(len(prefills)))
+    keep = [i for i, fp in enumerate(prefills) if not fp or fp in fps]
+    return keep or list(range(len(prefills)))

@@ -51,7 +51,12 @@ from services.control.loop import ControlLoop
 from services.gateway import assist
 from services.gateway.admission import PrefillAdmission
 from services.gateway.fwdqueue import ForwardingQueue
-from services.gateway.policy import Candidate, rank_decodes, rank_least_open_streams
+from services.gateway.policy import (
+    Candidate,
+    rank_decodes,
+    rank_least_open_streams,
+    servable_prefills,
+)
 from services.gateway.scheduling import Policy
 from services.gateway.validation import ValidRequest, validate
 from services.model.info import ModelInfo
@@ -168,6 +173,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if not found:
             raise Unavailable(f"no {role} instance is registered in scenario group {group!r}",
                               reason=f"NO_{role.upper()}", metadata={"group": group})
+        if role == "prefill":
+            found = [found[k] for k in servable_prefills(
+                [i.model_fingerprint for i in found],
+                (i.model_fingerprint for i in self.view.instances(role="decode", group=group)))]
         by_id = {i.instance_id: i for i in found}
         cands = [Candidate(i.instance_id, i.slots,
                            kv_fallback_rate=i.load.get("kv_fallback_rate", 0.0)) for i in found]

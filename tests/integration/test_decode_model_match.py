@@ -56,3 +56,23 @@ async def test_decodes_of_other_weights_are_skipped_then_refused(redis_url: str)
         assert error_info(exc.value).reason == "KV_MODEL_MISMATCH"  # type: ignore[union-attr]
         assert "no decode in group" in (exc.value.details() or "")
         assert await _idle(c) == 0  # the staged KV was released
+
+
+async def test_a_prefill_whose_weights_no_decode_serves_is_not_asked(redis_url: str) -> None:
+    """Mid-roll, a prefill already on new weights has no decode of its own yet: the gateway
+    sends every request to the prefill whose KV a decode takes, and none fails."""
+    async with Cluster(redis_url, prefills=2, decodes=1) as c:
+        rt, servicer = c.prefill_nodes[0]
+        servicer.handoff.runner.fingerprint = OTHER_WEIGHTS
+        reg = rt.registration
+        assert reg is not None
+        reg._info = dataclasses.replace(reg._info, model_fingerprint=OTHER_WEIGHTS)
+        await reg.beat()
+        for _, _, view in c.gateway_nodes:
+            await view.refresh()
+        for k in range(6):  # rotation would pick prefill 0 for about half of them
+            ids, _, last = await c.generate(prompt=f"rolling prefills {k}", max_tokens=4)
+            assert ids and last.finish_reason
+        stats = await c.prefill_stats()
+        assert stats[0].accepted_total == 0 and stats[1].accepted_total == 6
+        assert await _idle(c) == 0
