@@ -18,9 +18,10 @@ pytestmark = pytest.mark.integration
 OTHER_WEIGHTS = "f" * 64
 
 
-async def _serve_other_weights(c: Cluster, i: int) -> None:
-    """Decode ``i`` now serves (and advertises) other weights, as an upgraded one would."""
-    rt, servicer = c.decode_nodes[i]
+async def _serve_other_weights(c: Cluster, i: int, role: str = "decode") -> None:
+    """Decode (or prefill) ``i`` now serves and advertises other weights, as an upgraded
+    one would."""
+    rt, servicer = (c.decode_nodes if role == "decode" else c.prefill_nodes)[i]
     servicer.runner.fingerprint = OTHER_WEIGHTS
     reg = rt.registration
     assert reg is not None
@@ -62,14 +63,7 @@ async def test_a_prefill_whose_weights_no_decode_serves_is_not_asked(redis_url: 
     """Mid-roll, a prefill already on new weights has no decode of its own yet: the gateway
     sends every request to the prefill whose KV a decode takes, and none fails."""
     async with Cluster(redis_url, prefills=2, decodes=1) as c:
-        rt, servicer = c.prefill_nodes[0]
-        servicer.handoff.runner.fingerprint = OTHER_WEIGHTS
-        reg = rt.registration
-        assert reg is not None
-        reg._info = dataclasses.replace(reg._info, model_fingerprint=OTHER_WEIGHTS)
-        await reg.beat()
-        for _, _, view in c.gateway_nodes:
-            await view.refresh()
+        await _serve_other_weights(c, 0, role="prefill")
         for k in range(6):  # rotation would pick prefill 0 for about half of them
             ids, _, last = await c.generate(prompt=f"rolling prefills {k}", max_tokens=4)
             assert ids and last.finish_reason
