@@ -69,6 +69,8 @@ def next_roll_role(old: Mapping[str, int], new: Mapping[str, int], surge: bool) 
     if best is None:
         raise ValueError("no member left to roll")
     return best[1]
+
+
 Events = AsyncGenerator[apb.OpEvent, None]
 
 
