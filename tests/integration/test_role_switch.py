@@ -148,7 +148,10 @@ async def test_drain_timeout_ends_requests_with_a_clear_status(
         if isinstance(o, grpc.aio.AioRpcError):
             info = error_info(o)
             reasons.append(info.reason if info else o.code().name)
-    assert reasons and set(reasons) <= {"INSTANCE_DRAINED", "DECODE_SLOTS_FULL"}
+    # A request still in its prefill when the only decode left routing finds none in the
+    # group (UNAVAILABLE NO_DECODE, its staged KV released): also a clear status. CI saw
+    # two of the three end so once, the prefills being slower than the drain there.
+    assert reasons and set(reasons) <= {"INSTANCE_DRAINED", "DECODE_SLOTS_FULL", "NO_DECODE"}
     assert "INSTANCE_DRAINED" in reasons
     async with grpc.aio.insecure_channel(w1.runtime.address) as ch:
         stats = await decode_service_pb2_grpc.DecodeServiceStub(ch).GetDecodeStats(
