@@ -228,13 +228,12 @@ class GroupOps:
                 except FailedPrecondition:
                     pass
                 m = todo[0]
-                if "model" in settings and all(i.role in ROLES for i in todo):
-                    # New weights: keep a prefill/decode pair serving (next_roll_role).
+                if "model" in settings:  # new weights: keep a prefill/decode pair serving
                     left = {r: sum(i.role == r for i in todo) for r in ROLES}
                     role = next_roll_role(left, done, surge=spare is not None)
                     m = next(i for i in todo if i.role == role)
                 todo.remove(m)
-                done[m.role] = done.get(m.role, 0) + 1
+                done[m.role] += 1
                 if spare is not None:  # surge: the group never drops below its shape
                     await self.act.assign(spare.instance_id, m.role, g, fence=0,
                                           timeout_s=timeout_s, settings=dict(settings))

@@ -235,15 +235,15 @@ class ChatRun:
     def _fail(self, why: str) -> None:
         if self.cloud_complete:
             return
-        if self.handed_off is not None or self.stop_hit:
-            # The answer no longer needs the cloud, but a cloud that refused or broke (a
-            # wrong API key, an outage) still shows: a device that prefills faster than
-            # the cloud answers would otherwise run every chat alone without a word.
-            self.fallback = f"{why}; the device had already taken over"
-            log.warning("request %s: %s", self.rid, self.fallback)
-            return
-        self.fallback = f"{why}; the device continues with local prefill"
+        # After the hand-off the answer no longer needs the cloud, but a cloud that refused
+        # or broke (a wrong API key, an outage) still shows: a device that prefills faster
+        # than the cloud answers would otherwise run every chat alone without a word.
+        taken = self.handed_off is not None or self.stop_hit
+        self.fallback = f"{why}; " + ("the device had already taken over" if taken
+                                      else "the device continues with local prefill")
         log.warning("request %s: %s", self.rid, self.fallback)
+        if taken:
+            return
         self._stop_cloud()
         self.cloud_finished = True
 

@@ -194,15 +194,19 @@ def rank_decodes(
                                                fallback)]
 
 
+def same_weights(a: str, b: str) -> bool:
+    """Two model fingerprints that may name the same weights: equal, or one unknown
+    (empty; that instance checks a KvRef's fingerprint itself)."""
+    return not a or not b or a == b
+
+
 def servable_prefills(prefills: Sequence[str], decodes: Iterable[str]) -> list[int]:
     """Indexes of the prefills (given by model fingerprint) whose KV some decode takes.
 
     During a roll to new weights a group holds both revisions, and a prefill of a revision
-    no decode serves would compute KV that every decode refuses (KV_MODEL_MISMATCH). An
-    empty fingerprint means unknown and matches anything. If no prefill matches, all are
-    kept: the request then fails with that status rather than with none."""
+    no decode serves would compute KV that every decode refuses (KV_MODEL_MISMATCH). If no
+    prefill matches, all are kept: the request then fails with that status rather than
+    with none."""
     fps = set(decodes)
-    if not fps or "" in fps:
-        return list(range(len(prefills)))
-    keep = [i for i, fp in enumerate(prefills) if not fp or fp in fps]
+    keep = [i for i, fp in enumerate(prefills) if any(same_weights(fp, d) for d in fps)]
     return keep or list(range(len(prefills)))

@@ -55,6 +55,7 @@ from services.gateway.policy import (
     Candidate,
     rank_decodes,
     rank_least_open_streams,
+    same_weights,
     servable_prefills,
 )
 from services.gateway.scheduling import Policy
@@ -503,12 +504,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     group: str) -> list[InstanceInfo]:
         """Only decodes that serve the model which produced the KV: during a rolling
         upgrade to new weights a group holds both, and a decode of the other model would
-        refuse the KV (KV_MODEL_MISMATCH) and fail a request another decode can serve.
-        An instance that advertises no fingerprint is kept (it checks the KvRef itself)."""
+        refuse the KV (KV_MODEL_MISMATCH) and fail a request another decode can serve."""
         fp = kv.model_fingerprint
-        if not fp:
-            return ranked
-        same = [i for i in ranked if not i.model_fingerprint or i.model_fingerprint == fp]
+        same = [i for i in ranked if same_weights(i.model_fingerprint, fp)]
         if not same:
             raise FailedPrecondition(
                 f"no decode in group {group!r} serves the model that prefilled this request "
